@@ -1,0 +1,158 @@
+"""Fused k-nearest-neighbour search: distance tiles + a running top-k, never an n x n matrix.
+
+Tie rule (the one the PyTorch reference uses): neighbours are ordered by (squared distance, index),
+so among equally distant points the smaller index wins. The kernel packs each candidate into one
+int64 key ``(float_bits(d2) << 32) | index``; for d2 >= 0 the IEEE bit pattern is monotone, so one
+integer min/max compares lexicographically by (distance, index) and no tie can be ambiguous.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_MAX_KEY = 0x7FFFFFFFFFFFFFFF
+_INF_BITS = 0x7F800000
+_EMPTY_BASE = 1 << 30  # index part of an empty slot; real indices are < 2**30
+
+
+@triton.jit
+def _knn_fwd_kernel(
+    x_ptr,  # [B, N, D] fp32/fp16/bf16: points
+    sqn_ptr,  # [B, N] fp32: squared norms of the points
+    out_ptr,  # [B, N, KP] int64: packed (d2, index) keys of the KC best candidates, unsorted
+    N,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_xd,
+    stride_sb,
+    stride_ob,
+    stride_on,
+    KC: tl.constexpr,  # candidates kept per row
+    KP: tl.constexpr,  # KC rounded up to a power of two (slots >= KC are padding)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter, or fp32 inputs)
+    PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 tiles: "ieee" or "tf32"
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    offs_d = tl.arange(0, BLOCK_D)
+    x_b = x_ptr + b * stride_xb
+    sq_r = tl.load(sqn_ptr + b * stride_sb + rows, mask=row_ok, other=0.0)
+
+    slot = tl.arange(0, KP)
+    # Real slots start as distinct "infinitely far" keys so exactly one slot is the worst; padding
+    # slots hold -1, which is never the worst and so never replaced.
+    empty = (tl.full([KP], _INF_BITS, tl.int64) << 32) | (_EMPTY_BASE + slot).to(tl.int64)
+    best = tl.where(slot < KC, empty, -1)
+    best = tl.broadcast_to(best[None, :], [BLOCK_M, KP])
+
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            d_ok = dd < D
+            a = tl.load(
+                x_b + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            bt = tl.load(
+                x_b + cols[None, :] * stride_xn + dd[:, None] * stride_xd,
+                mask=col_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            if DOT_FP32:
+                acc += tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
+            else:
+                acc += tl.dot(a, bt)
+        sq_c = tl.load(sqn_ptr + b * stride_sb + cols, mask=col_ok, other=0.0)
+        d2 = sq_r[:, None] + sq_c[None, :] - 2.0 * acc
+        # max(., 0) kills cancellation below zero; "+ 0.0" turns -0.0 into +0.0 so the bits are monotone.
+        d2 = tl.maximum(d2, 0.0) + 0.0
+        bits = d2.to(tl.int32, bitcast=True).to(tl.int64)
+        key = (bits << 32) | cols[None, :].to(tl.int64)
+        valid = col_ok[None, :] & (cols[None, :] != rows[:, None]) & row_ok[:, None]
+        key = tl.where(valid, key, _MAX_KEY)
+
+        # Only as many extraction rounds as the row with the most improving candidates needs:
+        # after the first tiles this is usually 0 and the whole merge is skipped.
+        worst = tl.max(best, axis=1)
+        n_better = tl.sum((key < worst[:, None]).to(tl.int32), axis=1)
+        n_rounds = tl.minimum(tl.max(n_better, axis=0), KC)
+        for _ in range(0, n_rounds):
+            cand = tl.min(key, axis=1)
+            worst = tl.max(best, axis=1)
+            take = cand < worst
+            hit = (best == worst[:, None]) & take[:, None]
+            best = tl.where(hit, cand[:, None], best)
+            key = tl.where(key == cand[:, None], _MAX_KEY, key)
+
+    out = out_ptr + b * stride_ob + rows[:, None] * stride_on + slot[None, :]
+    tl.store(out, best, mask=row_ok[:, None] & (slot[None, :] < KC))
+
+
+def knn_fwd(points: torch.Tensor, k: int, precision: str = "ieee"):
+    """Launch the fused kNN kernel.
+
+    Args:
+        points: ``[B, N, D]`` fp32/fp16/bf16 on a CUDA device (or CPU under ``TRITON_INTERPRET=1``).
+        k: neighbours per point, ``1 <= k <= min(N - 1, 64)``.
+        precision: ``"ieee"`` (exact fp32 products) or ``"tf32"`` for fp32 inputs on tensor cores.
+
+    Returns:
+        ``(d2, idx)``: ``[B, N, k]`` fp32 squared distances (as computed by the kernel's
+        ``|x|^2 + |y|^2 - 2 x.y`` expansion, clamped at 0) and int64 indices, sorted by
+        (distance, index).
+    """
+    if points.dim() != 3:
+        raise ValueError(f"points must be [B, N, D], got {tuple(points.shape)}")
+    B, N, D = points.shape
+    if not 1 <= k <= min(N - 1, 64):
+        raise ValueError(f"knn_fwd needs 1 <= k <= min(N - 1, 64), got k={k}, N={N}")
+    if N >= _EMPTY_BASE:
+        raise ValueError(f"knn_fwd supports N < 2**30 points per set, got {N}")
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    points = points.contiguous()
+    sqn = points.float().pow(2).sum(-1).contiguous()
+    kp = triton.next_power_of_2(k)
+    out = torch.empty((B, N, kp), dtype=torch.int64, device=points.device)
+    block_d = min(64, triton.next_power_of_2(D))
+    if _INTERPRET:  # the interpreter pays per op, not per element: few large blocks
+        block_m, block_n, warps = 64, 128, 4
+    else:
+        block_m, block_n, warps = 64, 64, 4
+    grid = (triton.cdiv(N, block_m), B)
+    with torch.device(points.device) if points.is_cuda else _nullctx():
+        _knn_fwd_kernel[grid](
+            points, sqn, out, N, D,
+            points.stride(0), points.stride(1), points.stride(2),
+            sqn.stride(0), out.stride(0), out.stride(1),
+            KC=k, KP=kp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            DOT_FP32=_INTERPRET or points.dtype == torch.float32,
+            PRECISION=precision,
+            num_warps=warps,
+        )
+    keys = out[..., :k].sort(dim=-1).values  # int64 order == (distance, index) order
+    idx = keys & 0xFFFFFFFF
+    d2 = (keys >> 32).to(torch.int32).view(torch.float32)
+    return d2, idx
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,43 @@
+"""reta_fast: fast, tested RETA dataset distillation (Retrieval and Topology Alignment, CVPR 2026).
+
+Public API of the topology engine (METHOD.md section 4):
+
+* :func:`mutual_knn_graph` - batched mutual k-NN graphs (Triton-fused search on the GPU);
+* :func:`persistence_pairs` - H0/H1 pairings of flag complexes (native union-find + reduction);
+* :func:`persistence_diagrams` - differentiable diagrams gathered at those pairings;
+* :func:`persistence_image` - differentiable persistence images;
+* :class:`TopologyAlignmentLoss` - the PTA loss, all classes in one batched pass.
+"""
+from ._ext import has_native
+from .knn import KNNGraph, edge_lengths, knn, knn_ref, mutual_knn_graph, mutual_knn_ref
+from .persistence import (
+    PersistenceDiagrams,
+    PersistencePairs,
+    diagrams_from_pairs,
+    persistence_diagrams,
+    persistence_pairs,
+    persistence_pairs_ref,
+)
+from .pimage import persistence_image, persistence_image_ref
+from .topo_loss import TopologyAlignmentLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KNNGraph",
+    "PersistenceDiagrams",
+    "PersistencePairs",
+    "TopologyAlignmentLoss",
+    "diagrams_from_pairs",
+    "edge_lengths",
+    "has_native",
+    "knn",
+    "knn_ref",
+    "mutual_knn_graph",
+    "mutual_knn_ref",
+    "persistence_diagrams",
+    "persistence_image",
+    "persistence_image_ref",
+    "persistence_pairs",
+    "persistence_pairs_ref",
+]

@@ -1,0 +1,61 @@
+"""Argument checks shared by the public API: each error names the argument and the problem."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+__all__ = [
+    "check_points",
+    "check_k",
+    "check_finite",
+    "check_same_device",
+    "check_positive_int",
+]
+
+
+def check_points(points, name: str = "points") -> torch.Tensor:
+    """Validate a point cloud ``[n, d]`` or a batch ``[b, n, d]``; return it as ``[b, n, d]``."""
+    if not isinstance(points, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(points).__name__}")
+    if not points.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {points.dtype}")
+    if points.dim() == 2:
+        points = points.unsqueeze(0)
+    elif points.dim() != 3:
+        raise ValueError(f"{name} must have shape [n, d] or [b, n, d], got {tuple(points.shape)}")
+    b, n, d = points.shape
+    if b == 0:
+        raise ValueError(f"{name} holds no point sets (batch size 0): every class needs points")
+    if n < 2:
+        raise ValueError(f"{name} must hold at least 2 points per set, got n={n}")
+    if d == 0:
+        raise ValueError(f"{name} has feature dimension 0")
+    check_finite(points, name)
+    return points
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    # Host synchronisation: one scalar read per call, the price of never returning a silent NaN.
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
+
+
+def check_positive_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_k(k) -> int:
+    return check_positive_int(k, "k", 1)
+
+
+def check_same_device(*named: tuple[str, torch.Tensor]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")

@@ -1,0 +1,119 @@
+"""TopologyAlignmentLoss: exactness, batching, pairing reuse, gradients and that it optimises."""
+import pytest
+import torch
+
+import reta_fast as rf
+from conftest import assert_close
+
+GRID = dict(h0_range=(0.0, 1.5), h1_pers_range=(0.0, 0.5), h1_birth_range=(0.0, 1.5))
+
+
+def feats(c, n, d, seed, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(c, 3, d, generator=g)
+    idx = torch.randint(0, 3, (c, n), generator=g)
+    return torch.gather(centres, 1, idx[..., None].expand(c, n, d)) + spread * 0.3 * torch.randn(c, n, d, generator=g)
+
+
+def test_identical_sets_give_zero_and_different_sets_positive():
+    real = feats(3, 40, 16, 0)
+    loss = rf.TopologyAlignmentLoss(k=6)
+    assert float(loss(real.clone(), real)) == 0.0
+    assert float(loss(feats(3, 40, 16, 1, spread=3.0), real)) > 0.0
+
+
+def test_batched_equals_sum_over_classes():
+    syn, real = feats(4, 30, 8, 2), feats(4, 30, 8, 3)
+    full = rf.TopologyAlignmentLoss(k=5, **GRID)(syn, real)
+    parts = sum(rf.TopologyAlignmentLoss(k=5, **GRID)(syn[c: c + 1], real[c: c + 1]) for c in range(4))
+    assert_close(full, parts, atol=1e-6, rtol=1e-5, what="batched loss")
+    mean = rf.TopologyAlignmentLoss(k=5, reduction="mean", **GRID)(syn, real)
+    assert_close(mean, full / 4, atol=1e-7, rtol=1e-5, what="mean reduction")
+
+
+def test_set_reference_equals_passing_real():
+    syn, real = feats(2, 30, 8, 4), feats(2, 30, 8, 5)
+    a = rf.TopologyAlignmentLoss(k=5)
+    b = rf.TopologyAlignmentLoss(k=5)
+    b.set_reference(real)
+    la, lb = a(syn, real), b(syn)
+    assert_close(la, lb, atol=1e-7, rtol=1e-6, what="cached reference")
+    assert a.grid == b.grid
+
+
+def test_gradcheck_float64():
+    syn = feats(2, 10, 3, 6).double().requires_grad_()
+    real = feats(2, 10, 3, 7).double()
+    loss = rf.TopologyAlignmentLoss(k=3, **GRID)
+    assert torch.autograd.gradcheck(lambda s: loss(s, real), (syn,))
+
+
+def test_pairing_reuse_skips_the_search(monkeypatch):
+    from reta_fast import topo_loss
+
+    calls = []
+    real_fn = topo_loss.mutual_knn_graph
+    monkeypatch.setattr(topo_loss, "mutual_knn_graph", lambda *a, **k: calls.append(1) or real_fn(*a, **k))
+    syn, real = feats(2, 30, 8, 8), feats(2, 30, 8, 9)
+    reuse = rf.TopologyAlignmentLoss(k=5, refresh_every=3, **GRID)
+    fresh = rf.TopologyAlignmentLoss(k=5, **GRID)
+    reuse.set_reference(real)
+    fresh.set_reference(real)
+    calls.clear()
+    values = [reuse(syn) for _ in range(4)]
+    assert len(calls) == 2  # calls 0 and 3 refresh; 1 and 2 re-gather on stored pairings
+    for v in values:  # unchanged features: reusing the pairings changes nothing
+        assert_close(v, fresh(syn), atol=1e-7, rtol=1e-6, what="reused pairings")
+    # Moved features between refreshes: the loss follows the moved lengths on the old pairings.
+    moved = syn + 0.01 * torch.randn_like(syn)
+    reuse._calls = 1
+    stored = reuse(moved)
+    assert float(stored) != float(fresh(syn))
+
+
+def test_joint_pass_with_reuse_and_real_each_step():
+    syn, real = feats(3, 25, 8, 10), feats(3, 25, 8, 11)
+    a = rf.TopologyAlignmentLoss(k=5, refresh_every=2, **GRID)
+    b = rf.TopologyAlignmentLoss(k=5, **GRID)
+    for _ in range(3):
+        assert_close(a(syn, real), b(syn, real), atol=1e-7, rtol=1e-6, what="joint pass")
+
+
+def test_minimising_pta_aligns_topology():
+    torch.manual_seed(0)
+    real = feats(2, 40, 8, 12)
+    syn = (feats(2, 40, 8, 13, spread=0.2)).requires_grad_()
+    loss = rf.TopologyAlignmentLoss(k=6)
+    loss.set_reference(real)
+    opt = torch.optim.Adam([syn], lr=0.1)
+    first = float(loss(syn).detach())
+    for _ in range(40):
+        opt.zero_grad()
+        value = loss(syn)
+        value.backward()
+        assert torch.isfinite(syn.grad).all()
+        opt.step()
+    assert float(loss(syn).detach()) < 0.2 * first
+
+
+def test_bad_input():
+    loss = rf.TopologyAlignmentLoss(k=5)
+    syn = feats(2, 20, 4, 0)
+    with pytest.raises(ValueError, match="real features are required"):
+        loss(syn)
+    with pytest.raises(ValueError, match="class-balanced"):
+        loss(syn, feats(3, 20, 4, 1))
+    with pytest.raises(ValueError, match="dtype and device"):
+        loss(syn, feats(2, 20, 4, 1).double())
+    with pytest.raises(ValueError, match="syn contains"):
+        bad = syn.clone()
+        bad[0, 0, 0] = float("nan")
+        loss(bad, syn)
+    with pytest.raises(ValueError, match="reduction"):
+        rf.TopologyAlignmentLoss(reduction="max")
+    with pytest.raises(ValueError, match="k must be"):
+        rf.TopologyAlignmentLoss(k=0)
+    ref = rf.TopologyAlignmentLoss(k=5)
+    ref.set_reference(syn)
+    with pytest.raises(ValueError, match="classes"):
+        ref(feats(3, 20, 4, 2))

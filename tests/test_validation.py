@@ -1,0 +1,75 @@
+"""Bad input gets a clear ValueError/TypeError naming the argument; valid corner cases work."""
+import pytest
+import torch
+
+import reta_fast as rf
+
+BACKENDS = ["reference"] + (["native"] if rf.has_native() else [])
+
+
+@pytest.mark.parametrize("bad,exc,msg", [
+    (torch.tensor([[0.0, float("nan")], [1.0, 1.0]]), ValueError, "points contains 1 NaN"),
+    (torch.tensor([[0.0, float("inf")], [1.0, 1.0]]), ValueError, "points contains"),
+    (torch.zeros(1, 3), ValueError, "at least 2 points"),
+    (torch.zeros(0, 5, 3), ValueError, "batch size 0"),
+    (torch.zeros(5), ValueError, r"\[n, d\] or \[b, n, d\]"),
+    (torch.zeros(4, 3, dtype=torch.int64), TypeError, "floating-point"),
+    ([[0.0, 1.0]], TypeError, "torch.Tensor"),
+])
+def test_points_errors(bad, exc, msg):
+    with pytest.raises(exc, match=msg):
+        rf.mutual_knn_graph(bad, 2)
+    with pytest.raises(exc, match=msg):
+        rf.persistence_diagrams(bad, 2)
+
+
+@pytest.mark.parametrize("k,exc", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_k_errors(k, exc):
+    with pytest.raises(exc, match="k must"):
+        rf.mutual_knn_graph(torch.randn(5, 2), k)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        rf.mutual_knn_graph(torch.randn(5, 2), 2, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        rf.persistence_pairs(torch.tensor([[0, 1]]), torch.tensor([1.0]), 2, backend="fast")
+
+
+E = torch.tensor([[0, 1], [1, 2]])
+W = torch.tensor([0.5, 0.7])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("edges,weights,n,kw,exc,msg", [
+    (E, torch.tensor([0.5, float("nan")]), 3, {}, ValueError, "weights contains"),
+    (E, torch.tensor([0.5, float("-inf")]), 3, {}, ValueError, "weights contains"),
+    (torch.tensor([[0, 3]]), torch.tensor([1.0]), 3, {}, ValueError, r"edges\[0\] = \[0, 3\] is out of range"),
+    (torch.tensor([[-1, 1]]), torch.tensor([1.0]), 3, {}, ValueError, "out of range"),
+    (torch.tensor([[1, 1]]), torch.tensor([1.0]), 3, {}, ValueError, "self-loop"),
+    (torch.tensor([[0, 1], [1, 0]]), W, 3, {}, ValueError, "duplicate edge"),
+    (E.float(), W, 3, {}, TypeError, "edges must be an integer"),
+    (E, torch.tensor([1, 2]), 3, {}, TypeError, "weights must be a floating"),
+    (E, W[:1], 3, {}, ValueError, r"weights must have shape \[E\]"),
+    (E[:, :1], W, 3, {}, ValueError, r"edges must have shape \[E, 2\]"),
+    (E, W, 3, {"offsets": [0, 1]}, ValueError, "offsets must"),
+    (E, W, [3], {"offsets": [0, 1, 2]}, ValueError, "num_nodes has 1 entries but there are 2 graphs"),
+    (E, W, 3, {"maxdim": 2}, ValueError, "maxdim"),
+    (E, W.to("meta"), 3, {}, ValueError, "weights is on meta"),
+])
+def test_pairs_errors(backend, edges, weights, n, kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        rf.persistence_pairs(edges, weights, n, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_length_edges_and_duplicates_are_valid(backend):
+    x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [3.0, 0.0]])
+    dg = rf.persistence_diagrams(x, 3, backend=backend)
+    assert sorted(dg.h0[:, 1].tolist()) == [0.0, 0.0, 3.0]
+
+
+def test_int32_edges_accepted():
+    p32 = rf.persistence_pairs(E.int(), W, 3)
+    p64 = rf.persistence_pairs(E, W.double(), 3)
+    assert torch.equal(p32.h0, p64.h0)

@@ -20,6 +20,7 @@ from .persistence import (
 )
 from .pimage import persistence_image, persistence_image_ref
 from .topo_loss import TopologyAlignmentLoss
+from . import models
 
 __version__ = "0.1.0"
 

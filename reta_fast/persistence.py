@@ -106,6 +106,9 @@ def _check_graph_input(edges, weights, num_nodes, offsets):
     if weights.shape != (edges.shape[0],):
         raise ValueError(f"weights must have shape [E] = [{edges.shape[0]}], got {tuple(weights.shape)}")
     check_finite(weights, "weights")
+    if weights.numel() and bool((weights < 0).any()):
+        # An edge entering before its vertices (at 0) is not a filtration.
+        raise ValueError("weights must be >= 0 (edge lengths), got a negative value")
     if offsets is None:
         offsets_t = torch.tensor([0, edges.shape[0]], dtype=torch.int64)
     else:

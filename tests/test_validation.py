@@ -44,6 +44,7 @@ W = torch.tensor([0.5, 0.7])
 @pytest.mark.parametrize("edges,weights,n,kw,exc,msg", [
     (E, torch.tensor([0.5, float("nan")]), 3, {}, ValueError, "weights contains"),
     (E, torch.tensor([0.5, float("-inf")]), 3, {}, ValueError, "weights contains"),
+    (E, torch.tensor([0.5, -0.1]), 3, {}, ValueError, "weights must be >= 0"),
     (torch.tensor([[0, 3]]), torch.tensor([1.0]), 3, {}, ValueError, r"edges\[0\] = \[0, 3\] is out of range"),
     (torch.tensor([[-1, 1]]), torch.tensor([1.0]), 3, {}, ValueError, "out of range"),
     (torch.tensor([[1, 1]]), torch.tensor([1.0]), 3, {}, ValueError, "self-loop"),

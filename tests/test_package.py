@@ -1,0 +1,72 @@
+"""Install-level checks: the extension, the announced fallback, the CLI and the benchmark harness."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import reta_fast as rf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, env=None, timeout=600):
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run(args, capture_output=True, text=True, env=e, timeout=timeout, cwd=str(ROOT / "tests"))
+
+
+@pytest.mark.skipif(os.environ.get("RETA_FAST_REQUIRE_EXTENSION") != "1",
+                    reason="only where the install is required to have built the extension (CI)")
+def test_native_extension_is_loaded():
+    assert rf.has_native()
+    from reta_fast import _C
+
+    assert "C++17" in _C.build_info or "c++17" in _C.build_info.lower() or _C.build_info
+
+
+def test_no_extension_env_forces_reference_path_with_a_warning():
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import reta_fast as rf\n"
+        "print('NATIVE', rf.has_native())\n"
+        "print('WARNED', any('reference path' in str(x.message) for x in w))\n"
+        "p = rf.persistence_pairs(torch.tensor([[0, 1], [1, 2]]), torch.tensor([0.5, 0.7]), 3)\n"
+        "print('H0', p.h0.tolist())\n"
+        "try:\n"
+        "    rf.persistence_pairs(torch.tensor([[0, 1]]), torch.tensor([0.5]), 2, backend='native')\n"
+        "except RuntimeError as e:\n"
+        "    print('RAISED', 'native' in str(e))\n"
+    )
+    r = _run([sys.executable, "-c", code], env={"RETA_FAST_NO_EXTENSION": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "NATIVE False" in r.stdout and "WARNED True" in r.stdout
+    assert "H0 [0, 1]" in r.stdout and "RAISED True" in r.stdout
+
+
+def test_cli_demo_runs():
+    r = _run([sys.executable, "-m", "reta_fast.cli", "demo", "--classes", "2", "--points", "24", "--dim", "8",
+              "--steps", "4", "--k", "4"])
+    assert r.returncode == 0, r.stderr
+    assert "PTA loss" in r.stdout and "lower" in r.stdout
+    bad = _run([sys.executable, "-m", "reta_fast.cli", "demo", "--points", "0"])
+    assert bad.returncode == 2 and "--points must be >= 1" in bad.stderr
+
+
+def test_bench_quick_writes_well_formed_results(tmp_path):
+    r = _run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--budget", "0.05",
+              "--only", "h0_batch", "--only", "persistence_image", "--out", str(tmp_path)],
+             env={"TRITON_INTERPRET": "0"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["rows"]
+    assert {row["op"] for row in rows} == {"h0_batch", "persistence_image"}
+    for row in rows:
+        assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"] + 1e-9
+        assert row["git"] and row["device"] == "cpu" and row["torch"]
+    assert (tmp_path / "results.csv").read_text().startswith("op,")
+    assert "| op | size |" in (tmp_path / "table.md").read_text()

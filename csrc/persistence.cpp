@@ -217,6 +217,10 @@ class GraphSolver {
       if (!std::isfinite(weights_[e]))
         fail("weights[" + std::to_string(first_ + e) + "] = " + std::to_string(weights_[e]) +
              " (graph " + std::to_string(g_) + ") is not finite");
+      // An edge entering before its vertices (at 0) would not be a filtration.
+      if (weights_[e] < 0)
+        fail("weights[" + std::to_string(first_ + e) + "] = " + std::to_string(weights_[e]) +
+             " (graph " + std::to_string(g_) + ") is negative: edge lengths must be >= 0");
       ++row_start[u + 1];
       ++row_start[v + 1];
     }

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import _ext
-from ._validate import check_finite, check_points, check_positive_int
+from ._validate import check_points, check_positive_int
 from .knn import KNNGraph, mutual_knn_graph
 
 __all__ = [
@@ -90,7 +90,11 @@ class PersistenceDiagrams(NamedTuple):
 # input checks
 
 
-def _check_graph_input(edges, weights, num_nodes, offsets):
+def _check_graph_input(edges, weights, num_nodes, offsets, per_edge: bool):
+    """Check types, shapes, devices, offsets and node counts; with ``per_edge`` also every edge
+    (range, self-loops, duplicates) and weight (finite, >= 0). The native core runs the per-edge
+    checks itself in one linear pass, with the same messages, so the Python side skips them there.
+    """
     if not isinstance(edges, torch.Tensor):
         raise TypeError(f"edges must be a torch.Tensor, got {type(edges).__name__}")
     if not isinstance(weights, torch.Tensor):
@@ -105,10 +109,6 @@ def _check_graph_input(edges, weights, num_nodes, offsets):
         raise ValueError(f"edges must have shape [E, 2], got {tuple(edges.shape)}")
     if weights.shape != (edges.shape[0],):
         raise ValueError(f"weights must have shape [E] = [{edges.shape[0]}], got {tuple(weights.shape)}")
-    check_finite(weights, "weights")
-    if weights.numel() and bool((weights < 0).any()):
-        # An edge entering before its vertices (at 0) is not a filtration.
-        raise ValueError("weights must be >= 0 (edge lengths), got a negative value")
     if offsets is None:
         offsets_t = torch.tensor([0, edges.shape[0]], dtype=torch.int64)
     else:
@@ -131,25 +131,40 @@ def _check_graph_input(edges, weights, num_nodes, offsets):
         raise ValueError(f"num_nodes has {nodes.numel()} entries but there are {B} graphs")
     if bool((nodes < 0).any()):
         raise ValueError("num_nodes must be >= 0")
+    # Host synchronisation: the pairings are computed on the CPU.
     e = edges.detach().to("cpu", torch.int64)
-    if e.numel():
-        gid = torch.repeat_interleave(torch.arange(B), offsets_t.diff())
-        hi = nodes[gid]
-        bad = (e < 0).any(1) | (e[:, 0] >= hi) | (e[:, 1] >= hi)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise ValueError(
-                f"edges[{i}] = {e[i].tolist()} is out of range for graph {int(gid[i])} with "
-                f"{int(hi[i])} nodes"
-            )
-        if bool((e[:, 0] == e[:, 1]).any()):
-            i = int((e[:, 0] == e[:, 1]).nonzero()[0])
-            raise ValueError(f"edges[{i}] = {e[i].tolist()} is a self-loop")
-        lo_, hi_ = e.min(1).values, e.max(1).values
-        key = (gid * (int(nodes.max()) + 1) + lo_) * (int(nodes.max()) + 1) + hi_
-        if torch.unique(key).numel() != key.numel():
-            raise ValueError("edges contains a duplicate edge within a graph")
-    return e, weights.detach().to("cpu", torch.float64), offsets_t, nodes
+    w = weights.detach().to("cpu", torch.float64)
+    if per_edge:
+        _check_edges(e, w, offsets_t, nodes)
+    return e, w, offsets_t, nodes
+
+
+def _check_edges(e, w, offsets_t, nodes) -> None:
+    """Per-edge checks of the reference path (messages as the native core's)."""
+    if not e.numel():
+        return
+    B = offsets_t.numel() - 1
+    gid = torch.repeat_interleave(torch.arange(B), offsets_t.diff())
+    hi = nodes[gid]
+    desc = lambda i: f"edges[{i}] = ({int(e[i, 0])}, {int(e[i, 1])}) of graph {int(gid[i])}"  # noqa: E731
+    bad = (e < 0).any(1) | (e[:, 0] >= hi) | (e[:, 1] >= hi)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{desc(i)} has an endpoint outside [0, {int(hi[i])}) (num_nodes[{int(gid[i])}] = {int(hi[i])})")
+    loops = e[:, 0] == e[:, 1]
+    if bool(loops.any()):
+        raise ValueError(f"{desc(int(loops.nonzero()[0]))} is a self-loop")
+    bad_w = ~torch.isfinite(w)
+    if bool(bad_w.any()):
+        i = int(bad_w.nonzero()[0])
+        raise ValueError(f"weights[{i}] = {float(w[i])} (graph {int(gid[i])}) is not finite")
+    if bool((w < 0).any()):
+        i = int((w < 0).nonzero()[0])
+        raise ValueError(f"weights[{i}] = {float(w[i])} (graph {int(gid[i])}) is negative: edge lengths must be >= 0")
+    m = int(nodes.max()) + 1
+    key = (gid * m + e.min(1).values) * m + e.max(1).values
+    if torch.unique(key).numel() != key.numel():
+        raise ValueError("edges: duplicate edge within a graph (two edges join the same vertices)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +224,7 @@ def _h1_gudhi(e: np.ndarray, w: np.ndarray, lo: int, hi: int, n: int):
 def persistence_pairs_ref(edges, weights, num_nodes, maxdim: int = 1, offsets=None) -> PersistencePairs:
     """Reference pairings: Python union-find (H0) and GUDHI (H1); same arguments as
     :func:`persistence_pairs`."""
-    e_t, w_t, offsets_t, nodes = _check_graph_input(edges, weights, num_nodes, offsets)
+    e_t, w_t, offsets_t, nodes = _check_graph_input(edges, weights, num_nodes, offsets, per_edge=True)
     return _pairs_reference(e_t.numpy(), w_t.numpy(), offsets_t, nodes, maxdim)
 
 
@@ -270,8 +285,9 @@ def persistence_pairs(
         raise ValueError(f"maxdim must be 0 or 1, got {maxdim!r}")
     if backend not in ("auto", "native", "reference"):
         raise ValueError(f"backend must be 'auto', 'native' or 'reference', got {backend!r}")
-    e_t, w_t, offsets_t, nodes = _check_graph_input(edges, weights, num_nodes, offsets)
-    if backend == "reference" or (backend == "auto" and not _ext.has_native()):
+    use_native = backend == "native" or (backend == "auto" and _ext.has_native())
+    e_t, w_t, offsets_t, nodes = _check_graph_input(edges, weights, num_nodes, offsets, per_edge=not use_native)
+    if not use_native:
         return _pairs_reference(e_t.numpy(), w_t.numpy(), offsets_t, nodes, maxdim)
     C = _ext.require_native("persistence_pairs")
     r = C.persistence_pairs(e_t.numpy(), w_t.numpy(), offsets_t.numpy(), nodes.numpy(), maxdim)

@@ -42,11 +42,12 @@ W = torch.tensor([0.5, 0.7])
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("edges,weights,n,kw,exc,msg", [
-    (E, torch.tensor([0.5, float("nan")]), 3, {}, ValueError, "weights contains"),
-    (E, torch.tensor([0.5, float("-inf")]), 3, {}, ValueError, "weights contains"),
-    (E, torch.tensor([0.5, -0.1]), 3, {}, ValueError, "weights must be >= 0"),
-    (torch.tensor([[0, 3]]), torch.tensor([1.0]), 3, {}, ValueError, r"edges\[0\] = \[0, 3\] is out of range"),
-    (torch.tensor([[-1, 1]]), torch.tensor([1.0]), 3, {}, ValueError, "out of range"),
+    (E, torch.tensor([0.5, float("nan")]), 3, {}, ValueError, r"weights\[1\] = nan \(graph 0\) is not finite"),
+    (E, torch.tensor([0.5, float("-inf")]), 3, {}, ValueError, "is not finite"),
+    (E, torch.tensor([0.5, -0.1]), 3, {}, ValueError, r"weights\[1\] = -0.1.* is negative"),
+    (torch.tensor([[0, 3]]), torch.tensor([1.0]), 3, {}, ValueError,
+     r"edges\[0\] = \(0, 3\) of graph 0 has an endpoint outside \[0, 3\)"),
+    (torch.tensor([[-1, 1]]), torch.tensor([1.0]), 3, {}, ValueError, "outside"),
     (torch.tensor([[1, 1]]), torch.tensor([1.0]), 3, {}, ValueError, "self-loop"),
     (torch.tensor([[0, 1], [1, 0]]), W, 3, {}, ValueError, "duplicate edge"),
     (E.float(), W, 3, {}, TypeError, "edges must be an integer"),

@@ -107,13 +107,13 @@ def knn_fwd(points: torch.Tensor, k: int, precision: str = "ieee"):
 
     Args:
         points: ``[B, N, D]`` fp32/fp16/bf16 on a CUDA device (or CPU under ``TRITON_INTERPRET=1``).
-        k: neighbours per point, ``1 <= k <= min(N - 1, 64)``.
-        precision: ``"ieee"`` (exact fp32 products) or ``"tf32"`` for fp32 inputs on tensor cores.
+        k: candidates per point, ``1 <= k <= min(N - 1, 64)``.
+        precision: ``"ieee"`` (exact fp32 products) or ``"tf32"`` (tensor cores for fp32 inputs;
+            the caller re-ranks exactly, see ``reta_fast.knn``).
 
     Returns:
-        ``(d2, idx)``: ``[B, N, k]`` fp32 squared distances (as computed by the kernel's
-        ``|x|^2 + |y|^2 - 2 x.y`` expansion, clamped at 0) and int64 indices, sorted by
-        (distance, index).
+        ``(d2, idx)``: ``[B, N, k]`` fp32 squared distances as the kernel computed them
+        (``|x|^2 + |y|^2 - 2 x.y``, clamped at 0) and int64 indices, sorted by (distance, index).
     """
     if points.dim() != 3:
         raise ValueError(f"points must be [B, N, D], got {tuple(points.shape)}")
@@ -128,13 +128,13 @@ def knn_fwd(points: torch.Tensor, k: int, precision: str = "ieee"):
     sqn = points.float().pow(2).sum(-1).contiguous()
     kp = triton.next_power_of_2(k)
     out = torch.empty((B, N, kp), dtype=torch.int64, device=points.device)
-    block_d = min(64, triton.next_power_of_2(D))
+    block_d = max(16, min(64, triton.next_power_of_2(D)))  # tl.dot needs K >= 16
     if _INTERPRET:  # the interpreter pays per op, not per element: few large blocks
         block_m, block_n, warps = 64, 128, 4
     else:
         block_m, block_n, warps = 64, 64, 4
     grid = (triton.cdiv(N, block_m), B)
-    with torch.device(points.device) if points.is_cuda else _nullctx():
+    with torch.cuda.device(points.device) if points.is_cuda else _nullctx():
         _knn_fwd_kernel[grid](
             points, sqn, out, N, D,
             points.stride(0), points.stride(1), points.stride(2),

@@ -9,7 +9,7 @@ Public API of the topology engine (METHOD.md section 4):
 * :class:`TopologyAlignmentLoss` - the PTA loss, all classes in one batched pass.
 """
 from ._ext import has_native
-from .knn import KNNGraph, edge_lengths, knn, knn_ref, mutual_knn_graph, mutual_knn_ref
+from .knn import KNNGraph, edge_lengths, knn, knn_ref, mutual_knn_graph, mutual_knn_ref, rerank_certified
 from .persistence import (
     PersistenceDiagrams,
     PersistencePairs,
@@ -41,4 +41,5 @@ __all__ = [
     "persistence_image_ref",
     "persistence_pairs",
     "persistence_pairs_ref",
+    "rerank_certified",
 ]

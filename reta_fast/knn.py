@@ -25,12 +25,18 @@ import torch
 
 from ._validate import check_k, check_points
 
-__all__ = ["KNNGraph", "mutual_knn_graph", "knn_ref", "mutual_knn_ref", "knn", "edge_lengths"]
+__all__ = ["KNNGraph", "mutual_knn_graph", "knn_ref", "mutual_knn_ref", "knn", "edge_lengths", "rerank_certified"]
 
 # Largest k the fused kernel keeps in registers; larger k uses the torch backend.
 TRITON_MAX_K = 64
-# Rows per chunk of the torch backend: bounds its temporary to CHUNK x n distances.
+# Elements per temporary of the torch backend and of the exact re-rank (chunks of rows).
 TORCH_CHUNK_ELEMS = 1 << 24
+# Extra candidates a low-precision search keeps for the exact re-rank.
+CANDIDATE_MARGIN = 8
+# Bound on |approx - exact| / (|x_i|^2 + max_j |x_j|^2) of a tf32 distance tile: inputs rounded to
+# 10 mantissa bits (2^-11 relative each) give |x.y| errors <= 2^-10 |x||y| plus fp32 accumulation
+# (D 2^-24); d2 carries twice that, and 2 x |x||y| <= |x|^2 + |y|^2. Twice the resulting 2^-10.
+TF32_REL_ERR = 2.0**-9
 
 
 class KNNGraph(NamedTuple):
@@ -89,8 +95,25 @@ def mutual_knn_ref(points: torch.Tensor, k: int) -> list[set[tuple[int, int]]]:
 # backends for the directed k-NN
 
 
+def _knn_rows_torch(x: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact neighbours of the query ``rows`` of one set ``x`` ``[N, D]`` (``sq``: its squared
+    norms): ``addmm`` + ``topk``, then exact tie resolution by index at the k-th distance."""
+    d2 = torch.addmm(sq[None, :] + sq[rows, None], x[rows], x.T, alpha=-2.0).clamp_(min=0.0)
+    d2[torch.arange(rows.numel(), device=x.device), rows] = float("inf")
+    vals, idx = torch.topk(d2, k, dim=1, largest=False, sorted=False)
+    # topk does not promise the smaller index among equal values. Rows whose k-th value is shared
+    # with an element outside the selection are re-solved with a stable sort; in the others the
+    # selected set is exact and only needs ordering by (value, index).
+    kth = vals.max(dim=1, keepdim=True).values
+    tied = ((d2 <= kth).sum(1) > k).nonzero().flatten()  # host sync (nonzero)
+    if tied.numel():
+        idx[tied] = torch.sort(d2[tied], dim=1, stable=True).indices[:, :k]
+    idx = torch.sort(idx, dim=1).values
+    return torch.gather(idx, 1, torch.sort(torch.gather(d2, 1, idx), dim=1, stable=True).indices)
+
+
 def _knn_torch(points: torch.Tensor, k: int) -> torch.Tensor:
-    """Row-chunked ``addmm`` + ``topk``; exact tie resolution by index at the k-th distance."""
+    """Row-chunked exact k-NN: the temporary is at most ``TORCH_CHUNK_ELEMS`` distances."""
     B, N, _ = points.shape
     x = points if points.dtype in (torch.float32, torch.float64) else points.float()
     sq = x.pow(2).sum(-1)
@@ -98,23 +121,49 @@ def _knn_torch(points: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty((B, N, k), dtype=torch.int64, device=points.device)
     for b in range(B):
         for r0 in range(0, N, chunk):
-            r1 = min(N, r0 + chunk)
-            d2 = torch.addmm(sq[b, None, :] + sq[b, r0:r1, None], x[b, r0:r1], x[b].T, alpha=-2.0)
-            d2.clamp_(min=0.0)
-            rows = torch.arange(r0, r1, device=points.device)
-            d2[rows - r0, rows] = float("inf")
-            vals, idx = torch.topk(d2, k, dim=1, largest=False, sorted=False)
-            # topk does not promise the smaller index among equal values. Rows whose k-th value is
-            # shared with an element outside the selection are re-solved with a stable sort; in
-            # the others the selected set is exact and only needs ordering by (value, index).
-            kth = vals.max(dim=1, keepdim=True).values
-            tied = ((d2 <= kth).sum(1) > k).nonzero().flatten()
-            if tied.numel():
-                idx[tied] = torch.sort(d2[tied], dim=1, stable=True).indices[:, :k]
-            idx = torch.sort(idx, dim=1).values
-            idx = torch.gather(idx, 1, torch.sort(torch.gather(d2, 1, idx), dim=1, stable=True).indices)
-            out[b, r0:r1] = idx
+            rows = torch.arange(r0, min(N, r0 + chunk), device=points.device)
+            out[b, r0:r0 + rows.numel()] = _knn_rows_torch(x[b], sq[b], rows, k)
     return out
+
+
+def _pack(d2: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered by (d2, idx) for fp32 ``d2 >= 0`` (IEEE bits are monotone there)."""
+    return ((d2 + 0.0).view(torch.int32).to(torch.int64) << 32) | idx
+
+
+def rerank_certified(points: torch.Tensor, cand_d2: torch.Tensor, cand: torch.Tensor, k: int,
+                     rel_err: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k-NN from approximate candidates, with a certificate per row.
+
+    ``cand`` ``[B, N, KC]`` are the best ``KC > k`` candidates by approximate squared distances
+    ``cand_d2`` (sorted ascending), each within ``rel_err * (|x_i|^2 + max_j |x_j|^2)`` of exact.
+    Candidates are re-ranked by exact fp32 distances (from difference vectors). A row is certain
+    when its exact k-th distance is below the smallest value any non-candidate can have exactly,
+    ``cand_d2[..., -1] - bound``; the others are recomputed exactly. Returns ``(idx [B, N, k],
+    n_recomputed_rows)``.
+    """
+    B, N, KC = cand.shape
+    D = points.shape[2]
+    x = points.float()
+    sq = x.pow(2).sum(-1)
+    exact = torch.empty((B, N, KC), dtype=torch.float32, device=x.device)
+    chunk = max(1, TORCH_CHUNK_ELEMS // max(KC * D, 1))
+    for b in range(B):
+        for r0 in range(0, N, chunk):
+            r1 = min(N, r0 + chunk)
+            exact[b, r0:r1] = (x[b, r0:r1, None, :] - x[b][cand[b, r0:r1]]).pow(2).sum(-1)
+    keys = torch.sort(_pack(exact, cand), dim=-1).values[..., :k]
+    idx = keys & 0xFFFFFFFF
+    if KC >= N - 1:  # every other point was a candidate: nothing can be missing
+        return idx, torch.zeros((), dtype=torch.int64)
+    kth = (keys[..., -1] >> 32).to(torch.int32).view(torch.float32)
+    bound = rel_err * (sq + sq.amax(dim=1, keepdim=True)) + 1e-30
+    unsure = ~(kth < cand_d2[..., -1] - bound)
+    bad = unsure.nonzero()  # host sync: rows that need the exact fallback
+    for b in bad[:, 0].unique().tolist():
+        rows = bad[bad[:, 0] == b, 1]
+        idx[b, rows] = _knn_rows_torch(x[b], sq[b], rows, k)
+    return idx, torch.tensor(bad.shape[0])
 
 
 def _triton_usable(points: torch.Tensor) -> tuple[bool, str]:
@@ -128,20 +177,28 @@ def _triton_usable(points: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
-def knn(points: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
+def knn(points: torch.Tensor, k: int, backend: str = "auto", precision: str = "ieee") -> torch.Tensor:
     """Directed k-NN indices ``[B, N, k]`` (int64, sorted by (distance, index)); no gradient.
 
-    ``points`` is ``[B, N, D]`` with ``1 <= k <= N - 1``.
+    ``points`` is ``[B, N, D]`` with ``1 <= k <= N - 1``. ``precision="tf32"`` lets the Triton
+    kernel search ``k + CANDIDATE_MARGIN`` candidates on tensor cores and re-rank them exactly
+    (:func:`rerank_certified`): same neighbours as ``"ieee"``, rows it cannot certify are recomputed.
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
     with torch.no_grad():
         if backend != "torch":
             ok, why = _triton_usable(points)
             if ok and k <= TRITON_MAX_K and points.dtype != torch.float64:
                 from .kernels import knn_fwd
 
-                return knn_fwd(points, k)[1]
+                if precision == "ieee" or points.dtype != torch.float32:
+                    return knn_fwd(points, k)[1]
+                kc = min(points.shape[1] - 1, k + CANDIDATE_MARGIN, TRITON_MAX_K)
+                d2, cand = knn_fwd(points, kc, precision="tf32")
+                return rerank_certified(points, d2, cand, k, TF32_REL_ERR)[0]
             if backend == "triton":
                 if not ok:
                     raise RuntimeError(f"backend='triton' requested but {why}")
@@ -215,13 +272,15 @@ def _mutual_from_knn(nbr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return edges, offsets
 
 
-def mutual_knn_graph(points: torch.Tensor, k: int, backend: str = "auto") -> KNNGraph:
+def mutual_knn_graph(points: torch.Tensor, k: int, backend: str = "auto", precision: str = "ieee") -> KNNGraph:
     """Mutual k-NN graph of each point set (METHOD.md section 4).
 
     Args:
         points: ``[n, d]`` or ``[b, n, d]`` floating tensor, finite, ``n >= 2`` (one graph per set).
         k: neighbours per point, ``>= 1``; ``k >= n - 1`` gives every pair.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the neighbour search (module docstring).
+        precision: ``"ieee"`` or ``"tf32"`` (Triton search on tensor cores + exact re-rank, see
+            :func:`knn`); the neighbours are the same.
 
     Returns:
         :class:`KNNGraph` with edges ``i < j`` sorted per graph and lengths differentiable
@@ -235,7 +294,7 @@ def mutual_knn_graph(points: torch.Tensor, k: int, backend: str = "auto") -> KNN
         edges = iu.repeat(B, 1)
         offsets = torch.arange(B + 1, dtype=torch.int64) * iu.shape[0]
     else:
-        nbr = knn(pts.detach(), k, backend=backend)
+        nbr = knn(pts.detach(), k, backend=backend, precision=precision)
         edges, offsets = _mutual_from_knn(nbr)
     lengths = edge_lengths(pts, edges, offsets)
     return KNNGraph(edges, lengths, offsets, N)

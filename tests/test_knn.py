@@ -100,3 +100,32 @@ def test_triton_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="k <= 64"):
         rf.knn(x, 70, backend="triton")
     assert rf.knn(x, 70, backend="auto").shape == (1, 100, 70)  # auto falls back to torch
+
+
+@pytest.mark.parametrize("noise,expect_fallback", [(1e-7, False), (0.05, True)])
+def test_rerank_certified_recovers_exact_neighbours(noise, expect_fallback):
+    # Simulate a low-precision search: candidate distances off by up to `noise` of the bound's
+    # scale; the exact re-rank plus certificate must still give the reference neighbours, and
+    # rows it cannot certify must be recomputed rather than returned wrong.
+    x = _clustered(2, 300, 16, seed=11)
+    k, kc = 5, 9
+    xd = x.double()
+    d2 = (xd.unsqueeze(2) - xd.unsqueeze(1)).pow(2).sum(-1)
+    sq = xd.pow(2).sum(-1)
+    scale = sq[..., None] + sq.amax(1)[:, None, None]
+    g = torch.Generator().manual_seed(0)
+    approx = d2 + noise * scale * (2 * torch.rand(d2.shape, generator=g, dtype=torch.float64) - 1)
+    approx.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    order = torch.sort(approx, dim=-1, stable=True).indices[..., :kc]
+    cand_d2 = torch.gather(approx, 2, order).float()
+    idx, n_fixed = rf.rerank_certified(x, cand_d2, order, k, rel_err=noise * 1.01)
+    assert torch.equal(idx, rf.knn_ref(x, k))
+    assert (int(n_fixed) > 0) == expect_fallback
+
+
+@needs_triton
+def test_triton_tf32_path_matches_reference():
+    x = _clustered(2, 70, 12, seed=5)
+    assert torch.equal(rf.knn(x, 6, backend="triton", precision="tf32"), rf.knn_ref(x, 6))
+    with pytest.raises(ValueError, match="precision"):
+        rf.knn(x, 6, precision="fp8")

@@ -8,7 +8,11 @@ Filtration and tie rule (the native core, the reference and the docs agree on it
 
 Pairings are integer edge indices, computed without gradient. Diagrams are built by gathering the
 differentiable edge lengths at those indices, so gradients flow to the points through the gather
-(the pytorch-topological / GUDHI-TF approach); no custom backward is involved.
+(the pytorch-topological / GUDHI-TF approach). For point clouds the filtration order comes from the
+cheap detached weights of :func:`reta_fast.knn.edge_weights` (exact up to ~1e-7 relative in d^2), and
+exact differentiable lengths are computed only at the O(n) edges the diagrams read
+(:func:`paired_lengths`), so a near-tie may pair differently than exact arithmetic would, moving a
+diagram point by at most that rounding error (stability of persistence).
 
 * H0: Kruskal with union-find. Each merging edge is the death of a component born at 0. The number
   of components that never merge is returned per graph.
@@ -24,14 +28,14 @@ pick a different but equally valid edge for a pair).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from . import _ext
 from ._validate import check_points, check_positive_int
-from .knn import KNNGraph, mutual_knn_graph
+from .knn import KNNGraph, edge_lengths, edge_weights, mutual_knn_edges
 
 __all__ = [
     "PersistencePairs",
@@ -40,6 +44,8 @@ __all__ = [
     "persistence_pairs_ref",
     "persistence_diagrams",
     "diagrams_from_pairs",
+    "paired_lengths",
+    "cap_edges_of",
 ]
 
 
@@ -74,7 +80,9 @@ class PersistenceDiagrams(NamedTuple):
         h0_offsets: ``[B + 1]`` int64 (CPU).
         h1: ``[M1, 2]`` (birth, death) points (essential loops appended per graph likewise).
         h1_offsets: ``[B + 1]`` int64 (CPU).
-        graph: the :class:`KNNGraph` the diagrams were computed on.
+        graph: the :class:`KNNGraph` the diagrams were computed on; its ``lengths`` are exact and
+            differentiable at the edges the diagrams read, and the detached filtration weights of
+            :func:`reta_fast.knn.edge_weights` elsewhere.
         pairs: the :class:`PersistencePairs` gathered from.
     """
 
@@ -327,17 +335,48 @@ def _with_essential(points, offsets, extra, extra_offsets):
     return merged, new_off
 
 
+def cap_edges_of(weights: torch.Tensor, edge_offsets: torch.Tensor) -> torch.Tensor:
+    """Per graph, the global index of its longest edge by ``weights`` (smallest index among equal
+    ones), or -1 for a graph without edges: ``[B]`` int64 on the device of ``weights``."""
+    dev = weights.device
+    B = edge_offsets.numel() - 1
+    gid = _segment_ids(edge_offsets, dev)
+    top = torch.full((B,), float("-inf"), dtype=weights.dtype, device=dev)
+    top = top.scatter_reduce(0, gid, weights, reduce="amax", include_self=True)
+    E = weights.numel()
+    cand = torch.where(weights == top[gid], torch.arange(E, device=dev), E)
+    first = torch.full((B,), E, dtype=torch.int64, device=dev).scatter_reduce(0, gid, cand, reduce="amin")
+    return torch.where(first < E, first, -1)
+
+
+def paired_lengths(points, edges, edge_offsets, weights, pairs: PersistencePairs, cap_edges=None):
+    """Edge lengths ``[E]`` for the diagrams: exact and differentiable (difference vectors through
+    :func:`reta_fast.edge_lengths`) at every edge the pairings and ``cap_edges`` read, the detached
+    ``weights`` elsewhere. Only the O(n) paired edges pay for an ``[*, D]`` gather and its backward.
+    """
+    dev = points.device
+    parts = [pairs.h0, pairs.h1.reshape(-1), pairs.h1_essential]
+    if cap_edges is not None:
+        parts.append(cap_edges[cap_edges >= 0].cpu())
+    used = torch.unique(torch.cat(parts)).to(dev)
+    gid = _segment_ids(edge_offsets, dev)[used]
+    exact = edge_lengths(points, edges[used], edge_offsets, graph_ids=gid)
+    return weights.detach().to(points.dtype).index_put((used,), exact)
+
+
 def diagrams_from_pairs(
     lengths: torch.Tensor,
     edge_offsets: torch.Tensor,
     pairs: PersistencePairs,
     essential: Union[None, str, float] = None,
+    cap_edges: Optional[torch.Tensor] = None,
 ):
     """Gather differentiable diagrams from edge ``lengths`` ``[E]`` at integer ``pairs``.
 
     ``essential`` decides what happens to classes that never die: ``None`` drops them, ``"max"``
-    gives them the death value of the longest edge of their graph (differentiable), a float gives
-    that fixed death (raised to the birth value where it would fall below it).
+    gives them the death value of the longest edge of their graph (differentiable; ``cap_edges``
+    ``[B]`` names that edge, default: :func:`cap_edges_of` ``(lengths)``), a float gives that fixed
+    death (raised to the birth value where it would fall below it).
 
     Returns ``(h0 [M0, 2], h0_offsets, h1 [M1, 2], h1_offsets)``.
     """
@@ -352,10 +391,11 @@ def diagrams_from_pairs(
     if isinstance(essential, str):
         if essential != "max":
             raise ValueError(f"essential must be None, 'max' or a float, got {essential!r}")
-        gid = _segment_ids(edge_offsets, dev)
-        cap = torch.full((B,), float("-inf"), dtype=lengths.dtype, device=dev)
-        cap = cap.scatter_reduce(0, gid, lengths, reduce="amax", include_self=True)
-        cap = torch.where(torch.isfinite(cap), cap, torch.zeros_like(cap))  # graphs without edges
+        if cap_edges is None:
+            cap_edges = cap_edges_of(lengths.detach(), edge_offsets)
+        cap_edges = cap_edges.to(dev)
+        # Graphs without edges (-1) get a cap of 0: their components are born and die at 0.
+        cap = torch.where(cap_edges >= 0, lengths[cap_edges.clamp_min(0)], torch.zeros((), dtype=lengths.dtype, device=dev))
     else:
         cap = torch.full((B,), float(essential), dtype=lengths.dtype, device=dev)
     comps = pairs.components
@@ -392,10 +432,11 @@ def persistence_diagrams(
         ``points`` with gradients flowing to ``points``.
     """
     pts = check_points(points)
-    graph = mutual_knn_graph(pts, k, backend=knn_backend)
-    pairs = persistence_pairs(
-        graph.edges, graph.lengths.detach(), graph.num_nodes, maxdim=maxdim,
-        offsets=graph.offsets, backend=backend,
-    )
-    h0, h0_off, h1, h1_off = diagrams_from_pairs(graph.lengths, graph.offsets, pairs, essential)
-    return PersistenceDiagrams(h0, h0_off, h1, h1_off, graph, pairs)
+    k = check_positive_int(k, "k")
+    edges, offsets = mutual_knn_edges(pts, k, backend=knn_backend)
+    weights = edge_weights(pts, edges, offsets)
+    pairs = persistence_pairs(edges, weights, pts.shape[1], maxdim=maxdim, offsets=offsets, backend=backend)
+    caps = cap_edges_of(weights, offsets) if essential == "max" else None
+    lengths = paired_lengths(pts, edges, offsets, weights, pairs, caps)
+    h0, h0_off, h1, h1_off = diagrams_from_pairs(lengths, offsets, pairs, essential, caps)
+    return PersistenceDiagrams(h0, h0_off, h1, h1_off, KNNGraph(edges, lengths, offsets, pts.shape[1]), pairs)

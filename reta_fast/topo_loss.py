@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validate import check_points, check_positive_int
-from .knn import edge_lengths, mutual_knn_graph
-from .persistence import diagrams_from_pairs, persistence_pairs
+from .knn import edge_weights, mutual_knn_edges
+from .persistence import cap_edges_of, diagrams_from_pairs, paired_lengths, persistence_pairs
 from .pimage import persistence_image
 
 __all__ = ["TopologyAlignmentLoss"]
@@ -100,17 +100,18 @@ class TopologyAlignmentLoss(nn.Module):
         return F.normalize(x, dim=-1) if self.normalize else x
 
     def _diagrams(self, x: torch.Tensor, reuse: bool):
-        """Diagrams of ``[B, n, d]``; with ``reuse``, on the stored graph and pairings."""
+        """Diagrams of ``[B, n, d]``; with ``reuse``, on the stored graph and pairings (only the
+        paired edges' lengths are recomputed)."""
         if reuse:
-            edges, offsets, pairs, _ = self._pairs_cache
-            lengths = edge_lengths(x, edges, offsets)
+            edges, offsets, weights, pairs, caps, _ = self._pairs_cache
         else:
-            graph = mutual_knn_graph(x, self.k, backend=self.knn_backend)
-            edges, offsets, lengths = graph.edges, graph.offsets, graph.lengths
-            pairs = persistence_pairs(edges, lengths.detach(), graph.num_nodes, maxdim=1,
-                                      offsets=offsets, backend=self.backend)
-        dg = diagrams_from_pairs(lengths, offsets, pairs, self.essential)
-        return dg, (edges, offsets, pairs)
+            edges, offsets = mutual_knn_edges(x, self.k, backend=self.knn_backend)
+            weights = edge_weights(x, edges, offsets)
+            pairs = persistence_pairs(edges, weights, x.shape[1], maxdim=1, offsets=offsets, backend=self.backend)
+            caps = cap_edges_of(weights, offsets) if self.essential == "max" else None
+        lengths = paired_lengths(x, edges, offsets, weights, pairs, caps)
+        dg = diagrams_from_pairs(lengths, offsets, pairs, self.essential, caps)
+        return dg, (edges, offsets, weights, pairs, caps)
 
     def _set_grid(self, h0, h1) -> None:
         with torch.no_grad():
@@ -151,7 +152,7 @@ class TopologyAlignmentLoss(nn.Module):
         reuse = (
             self._pairs_cache is not None
             and self._calls % self.refresh_every != 0
-            and self._pairs_cache[3] == tuple(xs.shape)
+            and self._pairs_cache[-1] == tuple(xs.shape)
         )
         if real is not None:
             xr = self._prep(real, "real")
@@ -170,8 +171,8 @@ class TopologyAlignmentLoss(nn.Module):
         if real is not None and not reuse:
             # One batched k-NN + one native call for both sides: [syn; real].
             both = torch.cat([xs, xr.detach()])
-            dg, (edges, offsets, pairs) = self._diagrams(both, reuse=False)
-            self._cache_syn(edges, offsets, pairs, C, xs.shape)
+            dg, state = self._diagrams(both, reuse=False)
+            self._cache_syn(*state, C, xs.shape)
             h0, h0_off, h1, h1_off = dg
             if self.grid["h0"] is None or self.grid["h1p"] is None or self.grid["h1b"] is None:
                 self._set_grid(h0[h0_off[C]:].detach(), h1[h1_off[C]:].detach())
@@ -188,15 +189,15 @@ class TopologyAlignmentLoss(nn.Module):
                 i0r, i1r = self._ref_images
                 if i0r.shape[0] != C:
                     raise ValueError(f"syn has {C} classes but the reference has {i0r.shape[0]}")
-            dgs, (edges, offsets, pairs) = self._diagrams(xs, reuse=reuse)
+            dgs, state = self._diagrams(xs, reuse=reuse)
             if not reuse:
-                self._pairs_cache = (edges, offsets, pairs, tuple(xs.shape))
+                self._pairs_cache = (*state, tuple(xs.shape))
             i0s, i1s = self._images(dgs, xs.shape[1])
         self._calls += 1
         per_class = (i0s - i0r).pow(2).flatten(1).sum(1) + self.gamma * (i1s - i1r).pow(2).flatten(1).sum(1)
         return per_class.sum() if self.reduction == "sum" else per_class.mean()
 
-    def _cache_syn(self, edges, offsets, pairs, C, shape):
+    def _cache_syn(self, edges, offsets, weights, pairs, caps, C, shape):
         """Keep the synthetic half of a joint [syn; real] graph and pairings for reuse."""
         e_end = int(offsets[C])
         sub = lambda flat, off: (flat[: int(off[C])], off[: C + 1])  # noqa: E731
@@ -204,4 +205,5 @@ class TopologyAlignmentLoss(nn.Module):
         h1, h1o = sub(pairs.h1, pairs.h1_offsets)
         ess, esso = sub(pairs.h1_essential, pairs.h1_essential_offsets)
         syn_pairs = type(pairs)(h0, h0o, pairs.components[:C], h1, h1o, ess, esso)
-        self._pairs_cache = (edges[:e_end], offsets[: C + 1], syn_pairs, tuple(shape))
+        caps = None if caps is None else caps[:C]
+        self._pairs_cache = (edges[:e_end], offsets[: C + 1], weights[:e_end], syn_pairs, caps, tuple(shape))

@@ -152,3 +152,22 @@ def test_essential_handling():
         assert float(fixed.h0[fixed.h0_offsets[g + 1] - 1, 1]) == 10.0
     with pytest.raises(ValueError, match="essential"):
         rf.persistence_diagrams(x, 3, essential="min")
+
+
+def test_point_cloud_diagrams_match_gudhi_on_exact_lengths(rng):
+    # persistence_diagrams orders edges by the cheap Gram weights and gathers exact lengths: the
+    # diagrams must equal GUDHI's on the exact lengths up to that rounding.
+    x = torch.from_numpy(rng.normal(size=(3, 60, 16))).float()
+    dg = rf.persistence_diagrams(x, 8)
+    exact = rf.mutual_knn_graph(x, 8)
+    for g in range(3):
+        sl = slice(int(exact.offsets[g]), int(exact.offsets[g + 1]))
+        ref = gudhi_diagrams(exact.edges[sl], exact.lengths.detach()[sl].double(), 60)
+        h0 = dg.h0[dg.h0_offsets[g]: dg.h0_offsets[g + 1]].detach().double()
+        h1 = dg.h1[dg.h1_offsets[g]: dg.h1_offsets[g + 1]].detach().double()
+        h1 = h1[h1[:, 1] > h1[:, 0]]
+        assert_close(torch.sort(h0[:, 1]).values, torch.tensor([d for _, d in ref[0][0]]), atol=1e-5, what="H0")
+        ours1 = sorted(map(tuple, h1.tolist()))
+        assert len(ours1) == len(ref[1][0])
+        assert_close(torch.tensor(ours1).reshape(-1, 2), torch.tensor(ref[1][0]).reshape(-1, 2), atol=1e-5, what="H1")
+        assert int(dg.pairs.components[g]) == ref[0][1]

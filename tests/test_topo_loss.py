@@ -52,8 +52,8 @@ def test_pairing_reuse_skips_the_search(monkeypatch):
     from reta_fast import topo_loss
 
     calls = []
-    real_fn = topo_loss.mutual_knn_graph
-    monkeypatch.setattr(topo_loss, "mutual_knn_graph", lambda *a, **k: calls.append(1) or real_fn(*a, **k))
+    real_fn = topo_loss.mutual_knn_edges
+    monkeypatch.setattr(topo_loss, "mutual_knn_edges", lambda *a, **k: calls.append(1) or real_fn(*a, **k))
     syn, real = feats(2, 30, 8, 8), feats(2, 30, 8, 9)
     reuse = rf.TopologyAlignmentLoss(k=5, refresh_every=3, **GRID)
     fresh = rf.TopologyAlignmentLoss(k=5, **GRID)

@@ -98,13 +98,24 @@ def stamp(device: str) -> dict:
         triton_v = None
     import reta_fast
 
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else _cpu_model()
     return {
         "device": device, "device_name": name, "cpus": os.cpu_count(), "torch": torch.__version__,
         "triton": triton_v, "numpy": numpy.__version__, "python": platform.python_version(),
         "reta_fast": reta_fast.__version__, "native": reta_fast.has_native(), "git": sha,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _fmt_cfg(cfg: dict) -> str:
@@ -118,7 +129,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--out", default=None, help="results folder (default bench/out/<timestamp>)")
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per impl and size")
+    ap.add_argument("--render", metavar="RESULTS_JSON", help="only re-draw table.md from saved results")
     args = ap.parse_args(argv)
+    if args.render:
+        path = Path(args.render)
+        table = markdown_table(json.loads(path.read_text())["rows"])
+        (path.parent / "table.md").write_text(table + "\n")
+        print(table)
+        return 0
 
     import torch
 
@@ -158,7 +176,8 @@ def main(argv=None) -> int:
             ours_name = next(iter(case.impls))
             for r in rows:
                 if r["op"] == name and r["config"] == _fmt_cfg(cfg):
-                    r["speedup_of_ours"] = (r["median_ms"] / 1e3) / results[ours_name] if r["impl"] != ours_name else 1.0
+                    r["speedup_of_ours"] = (r["median_ms"] / 1e3) / results[ours_name]
+                    r["is_ours_first"] = r["impl"] == ours_name
             print(f"- {name} [{_fmt_cfg(cfg)}] done", flush=True)
     table = markdown_table(rows)
     print("\n" + table)
@@ -182,8 +201,12 @@ def markdown_table(rows: List[dict]) -> str:
         rate = "" if r["rate"] is None else f"{_si(r['rate'])} {r['unit']}"
         peak = "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
         sp = r.get("speedup_of_ours", 1.0)
-        vs = "—" if sp == 1.0 and r["impl"].startswith("reta_fast") else (
-            f"**{sp:.1f}× faster**" if sp >= 1 else f"{1 / sp:.1f}× SLOWER")
+        if r.get("is_ours_first"):
+            vs = "—"
+        elif r["impl"].startswith("reta_fast"):  # another setting of ours: time relative to the first
+            vs = f"(variant of ours: {sp:.2f}× its time)"
+        else:
+            vs = f"**{sp:.1f}× faster**" if sp >= 1 else f"{1 / sp:.1f}× SLOWER"
         lines.append(f"| {r['op']} | {r['config']} | {r['impl']} | {r['median_ms']:.3f} "
                      f"({r['p20_ms']:.3f}–{r['p80_ms']:.3f}) | {rate} | {peak} | {vs} |")
     return "\n".join(lines)

@@ -103,33 +103,42 @@ def mutual_knn_ref(points: torch.Tensor, k: int) -> list[set[tuple[int, int]]]:
 
 
 def _knn_rows_torch(x: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact neighbours of the query ``rows`` of one set ``x`` ``[N, D]`` (``sq``: its squared
-    norms), ``1 <= k <= N - 1``: ``addmm`` + ``topk``, then exact tie resolution by index."""
-    d2 = torch.addmm(sq[None, :] + sq[rows, None], x[rows], x.T, alpha=-2.0).clamp_(min=0.0)
-    d2[torch.arange(rows.numel(), device=x.device), rows] = float("inf")
-    # One extra neighbour shows whether the k-th distance is tied with the next one: only then can
-    # topk's arbitrary choice among equal values differ from the rule (smaller index first), and
-    # only those rows are re-solved with a stable sort.
-    vals, idx = torch.topk(d2, k + 1, dim=1, largest=False, sorted=True)
-    tied = (vals[:, k - 1] == vals[:, k]).nonzero().flatten()  # host sync (nonzero)
-    idx = idx[:, :k]
+    """Exact neighbours of the query ``rows`` in each of ``G`` sets ``x`` ``[G, N, D]`` (``sq``:
+    squared norms ``[G, N]``), ``1 <= k <= N - 1``: returns ``[G, len(rows), k]``.
+
+    ``baddbmm`` + ``topk``; one extra neighbour shows whether the k-th distance is tied with the
+    next one, and only such rows (where topk's arbitrary choice among equal values could break the
+    rule "smaller index first") are re-solved with a stable sort.
+    """
+    G, N, _ = x.shape
+    R = rows.numel()
+    d2 = torch.baddbmm(sq[:, None, :] + sq[:, rows, None], x[:, rows], x.transpose(1, 2), alpha=-2.0)
+    d2.clamp_(min=0.0)
+    d2[:, torch.arange(R, device=x.device), rows] = float("inf")
+    vals, idx = torch.topk(d2, k + 1, dim=2, largest=False, sorted=True)
+    idx = idx[..., :k]
+    tied = (vals[..., k - 1] == vals[..., k]).nonzero()  # host sync (nonzero)
     if tied.numel():
-        idx[tied] = torch.sort(d2[tied], dim=1, stable=True).indices[:, :k]
-    idx = torch.sort(idx, dim=1).values  # then order by (value, index)
-    return torch.gather(idx, 1, torch.sort(torch.gather(d2, 1, idx), dim=1, stable=True).indices)
+        g, r = tied[:, 0], tied[:, 1]
+        idx[g, r] = torch.sort(d2[g, r], dim=1, stable=True).indices[:, :k]
+    idx = torch.sort(idx, dim=2).values  # then order by (value, index)
+    return torch.gather(idx, 2, torch.sort(torch.gather(d2, 2, idx), dim=2, stable=True).indices)
 
 
 def _knn_torch(points: torch.Tensor, k: int) -> torch.Tensor:
-    """Row-chunked exact k-NN: the temporary is at most ``TORCH_CHUNK_ELEMS`` distances."""
+    """Exact k-NN in blocks of (sets, rows) whose distance temporary is at most
+    ``TORCH_CHUNK_ELEMS``: many small sets share one batched GEMM, a large set is cut in rows."""
     B, N, _ = points.shape
     x = points if points.dtype in (torch.float32, torch.float64) else points.float()
     sq = x.pow(2).sum(-1)
-    chunk = max(1, min(N, TORCH_CHUNK_ELEMS // max(N, 1)))
     out = torch.empty((B, N, k), dtype=torch.int64, device=points.device)
-    for b in range(B):
-        for r0 in range(0, N, chunk):
-            rows = torch.arange(r0, min(N, r0 + chunk), device=points.device)
-            out[b, r0:r0 + rows.numel()] = _knn_rows_torch(x[b], sq[b], rows, k)
+    rows_per = max(1, min(N, TORCH_CHUNK_ELEMS // N))
+    sets_per = max(1, TORCH_CHUNK_ELEMS // (N * N)) if rows_per == N else 1
+    for b0 in range(0, B, sets_per):
+        b1 = min(B, b0 + sets_per)
+        for r0 in range(0, N, rows_per):
+            rows = torch.arange(r0, min(N, r0 + rows_per), device=points.device)
+            out[b0:b1, r0:r0 + rows.numel()] = _knn_rows_torch(x[b0:b1], sq[b0:b1], rows, k)
     return out
 
 
@@ -169,7 +178,7 @@ def rerank_certified(points: torch.Tensor, cand_d2: torch.Tensor, cand: torch.Te
     bad = unsure.nonzero()  # host sync: rows that need the exact fallback
     for b in bad[:, 0].unique().tolist():
         rows = bad[bad[:, 0] == b, 1]
-        idx[b, rows] = _knn_rows_torch(x[b], sq[b], rows, k)
+        idx[b, rows] = _knn_rows_torch(x[b:b + 1], sq[b:b + 1], rows, k)[0]
     return idx, torch.tensor(bad.shape[0])
 
 
@@ -223,23 +232,28 @@ def knn(points: torch.Tensor, k: int, backend: str = "auto", precision: str = "i
 
 
 class _EdgeLength(torch.autograd.Function):
-    """``||x[src] - x[dst]||`` over flat points ``[M, D]``; gradient 0 at zero length."""
+    """``||x[src] - x[dst]||`` over flat points ``[M, D]``; gradient 0 at zero length.
+
+    The ``[E, D]`` differences are kept for the backward rather than gathered again: callers pass
+    only the O(n) edges a diagram reads, so the memory is small and the second gather is saved.
+    """
 
     @staticmethod
     def forward(ctx, x, src, dst):
         diff = x[src] - x[dst]
         length = diff.norm(dim=1)
-        ctx.save_for_backward(x, src, dst, length)
+        ctx.save_for_backward(src, dst, diff, length)
+        ctx.num_points = x.shape[0]
         ctx.mark_non_differentiable(src, dst)
         return length
 
     @staticmethod
     def backward(ctx, grad):
-        x, src, dst, length = ctx.saved_tensors
+        src, dst, diff, length = ctx.saved_tensors
         # d|u|/du = u/|u|; at |u| = 0 take the 0 subgradient (duplicate points stay put).
         scale = torch.where(length > 0, grad / length.clamp_min(torch.finfo(length.dtype).tiny), 0.0)
-        g = (x[src] - x[dst]) * scale[:, None]
-        gx = torch.zeros_like(x)
+        g = diff * scale[:, None]
+        gx = torch.zeros((ctx.num_points, diff.shape[1]), dtype=diff.dtype, device=diff.device)
         gx.index_add_(0, src, g)
         gx.index_add_(0, dst, -g)
         return gx, None, None

@@ -266,6 +266,7 @@ void test_validation() {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   expect_invalid(Batch({Graph{3, {{0, 1}, {1, 2}}, {1, inf}}}), 1, "weights[1]");
   expect_invalid(Batch({Graph{3, {{0, 1}}, {nan}}}), 0, "not finite");
+  expect_invalid(Batch({Graph{3, {{0, 1}, {1, 2}}, {1, -0.5}}}), 1, "is negative: edge lengths must be >= 0");
   expect_invalid(Batch({ok, Graph{-1, {}, {}}}), 1, "num_nodes[1] = -1 is negative");
 
   Batch bad_offsets({ok, ok});
@@ -286,7 +287,7 @@ Graph random_graph(std::mt19937_64& rng, int max_n, bool integer_weights) {
   const double p = std::uniform_real_distribution<double>(0.1, 1.0)(rng);
   std::bernoulli_distribution keep(p);
   std::uniform_int_distribution<int> small(0, 3);
-  std::uniform_real_distribution<double> real(-1.0, 1.0);
+  std::uniform_real_distribution<double> real(0.0, 2.0);
   for (int64_t a = 0; a < g.n; ++a)
     for (int64_t b = a + 1; b < g.n; ++b)
       if (keep(rng)) {

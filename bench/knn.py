@@ -28,10 +28,10 @@ def cdist_topk(x: torch.Tensor, k: int):
 def setup(cfg: dict, device: str) -> Case:
     n, d, k = cfg["n"], cfg["d"], cfg["k"]
     x = clustered(1, n, d, device=device, seed=n)
-    impls = {
-        "reta_fast knn": lambda: rf.knn(x, k),
-        "chunked addmm+topk": lambda: chunked_addmm_topk(x[0], k),
-    }
+    impls = {"reta_fast knn": lambda: rf.knn(x, k)}
+    if device.startswith("cuda"):
+        impls["reta_fast knn, tf32 + exact re-rank"] = lambda: rf.knn(x, k, precision="tf32")
+    impls["chunked addmm+topk"] = lambda: chunked_addmm_topk(x[0], k)
     if n <= cfg.get("cdist_max", 50_000):
         impls["cdist+topk"] = lambda: cdist_topk(x[0], k)
     return Case(impls, unit="FLOP/s", work=2.0 * n * n * d,

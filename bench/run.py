@@ -130,11 +130,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="results folder (default bench/out/<timestamp>)")
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per impl and size")
     ap.add_argument("--render", metavar="RESULTS_JSON", help="only re-draw table.md from saved results")
+    ap.add_argument("--readme", metavar="README", help="with --render: put the table between the README's "
+                    "'<!-- bench:begin -->' and '<!-- bench:end -->' markers")
     args = ap.parse_args(argv)
     if args.render:
         path = Path(args.render)
-        table = markdown_table(json.loads(path.read_text())["rows"])
+        data = json.loads(path.read_text())
+        table = markdown_table(data["rows"])
         (path.parent / "table.md").write_text(table + "\n")
+        if args.readme:
+            _update_readme(Path(args.readme), path, data["meta"], table)
         print(table)
         return 0
 
@@ -210,6 +215,19 @@ def markdown_table(rows: List[dict]) -> str:
         lines.append(f"| {r['op']} | {r['config']} | {r['impl']} | {r['median_ms']:.3f} "
                      f"({r['p20_ms']:.3f}–{r['p80_ms']:.3f}) | {rate} | {peak} | {vs} |")
     return "\n".join(lines)
+
+
+def _update_readme(readme: Path, results: Path, meta: dict, table: str) -> None:
+    text = readme.read_text()
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} has no {begin} ... {end} markers")
+    rel = os.path.relpath(results, readme.parent)
+    head = (f"Measured by `python bench/run.py` on {meta['device_name']} ({meta['device']}, {meta['cpus']} cores), "
+            f"torch {meta['torch']}, git {meta['git']}, {meta['date'][:10]}; data: `{rel}`.")
+    new = f"{begin}\n{head}\n\n{table}\n{end}"
+    pre, rest = text.split(begin, 1)
+    readme.write_text(pre + new + rest.split(end, 1)[1])
 
 
 def _si(x: float) -> str:

@@ -1,9 +1,7 @@
 """Fused k-nearest-neighbour search: distance tiles + a running top-k, never an n x n matrix.
 
 Tie rule (the one the PyTorch reference uses): neighbours are ordered by (squared distance, index),
-so among equally distant points the smaller index wins. The kernel packs each candidate into one
-int64 key ``(float_bits(d2) << 32) | index``; for d2 >= 0 the IEEE bit pattern is monotone, so one
-integer min/max compares lexicographically by (distance, index) and no tie can be ambiguous.
+so among equally distant points the smaller index wins; see ``_topk.py`` for the packed keys.
 """
 from __future__ import annotations
 
@@ -13,10 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._topk import EMPTY_BASE, init_topk, merge_topk, pack_keys, unpack_keys
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_MAX_KEY = 0x7FFFFFFFFFFFFFFF
-_INF_BITS = 0x7F800000
-_EMPTY_BASE = 1 << 30  # index part of an empty slot; real indices are < 2**30
 
 
 @triton.jit
@@ -48,12 +45,7 @@ def _knn_fwd_kernel(
     x_b = x_ptr + b * stride_xb
     sq_r = tl.load(sqn_ptr + b * stride_sb + rows, mask=row_ok, other=0.0)
 
-    slot = tl.arange(0, KP)
-    # Real slots start as distinct "infinitely far" keys so exactly one slot is the worst; padding
-    # slots hold -1, which is never the worst and so never replaced.
-    empty = (tl.full([KP], _INF_BITS, tl.int64) << 32) | (_EMPTY_BASE + slot).to(tl.int64)
-    best = tl.where(slot < KC, empty, -1)
-    best = tl.broadcast_to(best[None, :], [BLOCK_M, KP])
+    best = init_topk(BLOCK_M, KP, KC)
 
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
@@ -78,26 +70,10 @@ def _knn_fwd_kernel(
                 acc += tl.dot(a, bt)
         sq_c = tl.load(sqn_ptr + b * stride_sb + cols, mask=col_ok, other=0.0)
         d2 = sq_r[:, None] + sq_c[None, :] - 2.0 * acc
-        # max(., 0) kills cancellation below zero; "+ 0.0" turns -0.0 into +0.0 so the bits are monotone.
-        d2 = tl.maximum(d2, 0.0) + 0.0
-        bits = d2.to(tl.int32, bitcast=True).to(tl.int64)
-        key = (bits << 32) | cols[None, :].to(tl.int64)
         valid = col_ok[None, :] & (cols[None, :] != rows[:, None]) & row_ok[:, None]
-        key = tl.where(valid, key, _MAX_KEY)
+        best = merge_topk(best, pack_keys(d2, cols[None, :], valid), KC)
 
-        # Only as many extraction rounds as the row with the most improving candidates needs:
-        # after the first tiles this is usually 0 and the whole merge is skipped.
-        worst = tl.max(best, axis=1)
-        n_better = tl.sum((key < worst[:, None]).to(tl.int32), axis=1)
-        n_rounds = tl.minimum(tl.max(n_better, axis=0), KC)
-        for _ in range(0, n_rounds):
-            cand = tl.min(key, axis=1)
-            worst = tl.max(best, axis=1)
-            take = cand < worst
-            hit = (best == worst[:, None]) & take[:, None]
-            best = tl.where(hit, cand[:, None], best)
-            key = tl.where(key == cand[:, None], _MAX_KEY, key)
-
+    slot = tl.arange(0, KP)
     out = out_ptr + b * stride_ob + rows[:, None] * stride_on + slot[None, :]
     tl.store(out, best, mask=row_ok[:, None] & (slot[None, :] < KC))
 
@@ -120,7 +96,7 @@ def knn_fwd(points: torch.Tensor, k: int, precision: str = "ieee"):
     B, N, D = points.shape
     if not 1 <= k <= min(N - 1, 64):
         raise ValueError(f"knn_fwd needs 1 <= k <= min(N - 1, 64), got k={k}, N={N}")
-    if N >= _EMPTY_BASE:
+    if N >= EMPTY_BASE.value:
         raise ValueError(f"knn_fwd supports N < 2**30 points per set, got {N}")
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
@@ -145,9 +121,7 @@ def knn_fwd(points: torch.Tensor, k: int, precision: str = "ieee"):
             num_warps=warps,
         )
     keys = out[..., :k].sort(dim=-1).values  # int64 order == (distance, index) order
-    idx = keys & 0xFFFFFFFF
-    d2 = (keys >> 32).to(torch.int32).view(torch.float32)
-    return d2, idx
+    return unpack_keys(keys)
 
 
 class _nullctx:

@@ -5,5 +5,6 @@ launch heuristics live. Importing this package requires triton; the public API i
 never imports it directly and falls back (loudly) to the PyTorch reference when it is missing.
 """
 from .knn import knn_fwd
+from .retrieve import retrieve_fwd
 
-__all__ = ["knn_fwd"]
+__all__ = ["knn_fwd", "retrieve_fwd"]

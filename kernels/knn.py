@@ -5,6 +5,7 @@ so among equally distant points the smaller index wins; see ``_topk.py`` for the
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -110,7 +111,7 @@ def knn_fwd(points: torch.Tensor, k: int, precision: str = "ieee"):
     else:
         block_m, block_n, warps = 64, 64, 4
     grid = (triton.cdiv(N, block_m), B)
-    with torch.cuda.device(points.device) if points.is_cuda else _nullctx():
+    with torch.cuda.device(points.device) if points.is_cuda else contextlib.nullcontext():
         _knn_fwd_kernel[grid](
             points, sqn, out, N, D,
             points.stride(0), points.stride(1), points.stride(2),
@@ -122,11 +123,3 @@ def knn_fwd(points: torch.Tensor, k: int, precision: str = "ieee"):
         )
     keys = out[..., :k].sort(dim=-1).values  # int64 order == (distance, index) order
     return unpack_keys(keys)
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

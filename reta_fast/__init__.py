@@ -7,6 +7,9 @@ Public API of the topology engine (METHOD.md section 4):
 * :func:`persistence_diagrams` - differentiable diagrams gathered at those pairings;
 * :func:`persistence_image` - differentiable persistence images;
 * :class:`TopologyAlignmentLoss` - the PTA loss, all classes in one batched pass.
+
+and of the retrieval engine (DRC, METHOD.md section 3): :func:`patch_complexity`, :func:`retrieve`
+(fused grouped fit-complexity search), :func:`residual_inject`.
 """
 from ._ext import has_native
 from .knn import KNNGraph, edge_lengths, knn, knn_ref, mutual_knn_graph, mutual_knn_ref, rerank_certified
@@ -19,6 +22,7 @@ from .persistence import (
     persistence_pairs_ref,
 )
 from .pimage import persistence_image, persistence_image_ref
+from .retrieval import patch_complexity, residual_inject, retrieve, retrieve_ref
 from .topo_loss import TopologyAlignmentLoss
 from . import models
 
@@ -42,4 +46,8 @@ __all__ = [
     "persistence_pairs",
     "persistence_pairs_ref",
     "rerank_certified",
+    "patch_complexity",
+    "residual_inject",
+    "retrieve",
+    "retrieve_ref",
 ]

@@ -1,0 +1,371 @@
+"""Dynamic Retrieval Connection (DRC, METHOD.md section 3): the complexity proxy, the grouped
+fit-complexity search and the residual injection.
+
+Retrieval semantics (defined by :func:`retrieve_ref`; every backend returns exactly its answer):
+for a synthetic image with feature ``q`` and class ``y``, the index into the pool of
+``argmin_o (1 - lam) ||q - z(o)||^2 + lam c(o)`` over the patches ``o`` of class ``y``, computed in
+float64; among equal scores the **smaller pool index** wins.
+
+The fast path searches the few best candidates per query in fp32 (the fused Triton kernel on the GPU,
+a per-class GEMM elsewhere), re-ranks them with the reference's float64 formula, and certifies each
+answer: when the float64 best is not below the smallest score an unseen patch could have (the last
+candidate's fp32 score minus an error bound), that query is recomputed by brute force over its class.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._validate import check_finite
+
+__all__ = ["patch_complexity", "retrieve", "retrieve_ref", "residual_inject"]
+
+# Candidates kept per query by the fp32 search before the float64 re-rank.
+RETRIEVE_CANDIDATES = 4
+# Scores from the fp32 expansion are within REL_ERR(D) * ((1 - lam)(|q|^2 + max|z|^2) + lam max c)
+# of float64: rounding of each product and of the D-term accumulation (D 2^-24 worst case), doubled.
+_FP32_REL = lambda d: 2.0 * (d + 8) * 2.0**-24  # noqa: E731
+# tf32 tiles round inputs to 10 mantissa bits (see reta_fast.knn.TF32_REL_ERR).
+_TF32_REL = lambda d: 2.0**-9 + _FP32_REL(d)  # noqa: E731
+
+
+# --------------------------------------------------------------------------------------------
+# complexity proxy
+
+
+def _gaussian_kernel(sigma: float, dtype, device) -> torch.Tensor:
+    radius = int(4.0 * sigma + 0.5)  # scipy.ndimage's truncate=4.0
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).to(dtype=dtype, device=device)
+
+
+def patch_complexity(images: torch.Tensor, sigma: float = 1.0, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Complexity proxy ``c(o) = Var_u ||grad (G_sigma * o)(u)||^2`` of each image (METHOD.md section 3).
+
+    Args:
+        images: ``[N, C, H, W]`` (or ``[C, H, W]``) float tensor, any device; finite.
+        sigma: Gaussian smoothing width in pixels (``0``: no smoothing). The kernel is truncated at
+            ``int(4 sigma + 0.5)`` pixels and borders are replicated (scipy's ``mode="nearest"``).
+        labels: optional ``[N]`` class labels; then the values are min-max scaled to ``[0, 1]``
+            within each class (a class whose values are all equal gets 0) [ours], so that the
+            retrieval weight ``lam`` is meaningful whatever the data set.
+
+    Returns:
+        ``[N]`` float32 (float64 for float64 input). The gradient is ``numpy.gradient``'s (central
+        differences inside, one-sided at the borders); ``||.||^2`` sums the channels; ``Var`` is the
+        population variance over the ``H x W`` positions.
+    """
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        raise TypeError("images must be a floating-point torch.Tensor")
+    x = images.unsqueeze(0) if images.dim() == 3 else images
+    if x.dim() != 4:
+        raise ValueError(f"images must have shape [N, C, H, W] or [C, H, W], got {tuple(images.shape)}")
+    if x.shape[2] < 2 or x.shape[3] < 2:
+        raise ValueError(f"images must be at least 2x2 pixels, got {tuple(x.shape[2:])}")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    check_finite(x, "images")
+    x = x if x.dtype == torch.float64 else x.float()
+    N, C, H, W = x.shape
+    if sigma > 0:
+        k = _gaussian_kernel(float(sigma), x.dtype, x.device)
+        r = (k.numel() - 1) // 2
+        flat = x.reshape(N * C, 1, H, W)
+        flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+        flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+        x = flat.reshape(N, C, H, W)
+    gy, gx = torch.gradient(x, dim=(2, 3))
+    energy = (gx.pow(2) + gy.pow(2)).sum(1)  # [N, H, W]
+    c = energy.flatten(1).var(1, unbiased=False)
+    if labels is None:
+        return c
+    labels = _check_labels(labels, N, "labels", device=c.device)
+    n_cls = int(labels.max()) + 1 if N else 0
+    lo = torch.full((n_cls,), float("inf"), dtype=c.dtype, device=c.device).scatter_reduce(0, labels, c, "amin")
+    hi = torch.full((n_cls,), float("-inf"), dtype=c.dtype, device=c.device).scatter_reduce(0, labels, c, "amax")
+    span = (hi - lo)[labels]
+    return torch.where(span > 0, (c - lo[labels]) / span.clamp_min(torch.finfo(c.dtype).tiny), torch.zeros_like(c))
+
+
+# --------------------------------------------------------------------------------------------
+# retrieval
+
+
+def _check_labels(labels, n: int, name: str, device=None, num_classes: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(f"{name} must have shape [{n}], got {tuple(labels.shape)}")
+    if device is not None and labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
+    if n and int(labels.min()) < 0:
+        raise ValueError(f"{name} contains a negative label ({int(labels.min())})")
+    if n and num_classes is not None and int(labels.max()) >= num_classes:
+        raise ValueError(f"{name} contains label {int(labels.max())} >= num_classes={num_classes}")
+    return labels.long()
+
+
+def _check_features(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point torch.Tensor")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape [n, D], got {tuple(x.shape)}")
+    check_finite(x, name)
+    return x
+
+
+def _validate_retrieval(query_feats, query_labels, pool_feats, pool_labels, pool_complexity, lam, num_classes):
+    q = _check_features(query_feats, "query_feats")
+    z = _check_features(pool_feats, "pool_feats")
+    if z.shape[0] == 0:
+        raise ValueError("the pool is empty (pool_feats has 0 rows)")
+    if q.shape[1] != z.shape[1]:
+        raise ValueError(f"feature dimensions differ: query_feats has D={q.shape[1]}, pool_feats has D={z.shape[1]}")
+    if z.device != q.device:
+        raise ValueError(f"pool_feats is on {z.device} but query_feats is on {q.device}")
+    ql = _check_labels(query_labels, q.shape[0], "query_labels", q.device, num_classes)
+    pl = _check_labels(pool_labels, z.shape[0], "pool_labels", q.device, num_classes)
+    if not isinstance(pool_complexity, torch.Tensor) or not pool_complexity.is_floating_point():
+        raise TypeError("pool_complexity must be a floating-point torch.Tensor")
+    if pool_complexity.shape != (z.shape[0],):
+        raise ValueError(f"pool_complexity must have shape [{z.shape[0]}], got {tuple(pool_complexity.shape)}")
+    if pool_complexity.device != q.device:
+        raise ValueError(f"pool_complexity is on {pool_complexity.device} but query_feats is on {q.device}")
+    check_finite(pool_complexity, "pool_complexity")
+    if bool((pool_complexity < 0).any()):
+        raise ValueError("pool_complexity must be >= 0 (the proxy is a variance)")
+    if not (isinstance(lam, (int, float)) and 0.0 <= lam <= 1.0):
+        raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
+    if q.shape[0]:
+        n_cls = int(max(int(ql.max()), int(pl.max()))) + 1
+        present = torch.bincount(pl, minlength=n_cls) > 0
+        missing = (~present[ql]).nonzero().flatten()
+        if missing.numel():
+            cls = sorted(set(ql[missing].tolist()))
+            raise ValueError(f"classes {cls[:10]} of query_labels have no patches in the pool")
+    return q, ql, z, pl, pool_complexity
+
+
+def _scores_f64(q: torch.Tensor, z: torch.Tensor, c: torch.Tensor, lam: float) -> torch.Tensor:
+    """The reference score ``(1 - lam) ||q - z||^2 + lam c`` in float64 (broadcasting on the last
+    dimension); reference and re-rank share it so equal inputs give bit-equal scores."""
+    return (1.0 - lam) * (q.double() - z.double()).pow(2).sum(-1) + lam * c.double()
+
+
+def retrieve_ref(query_feats, query_labels, pool_feats, pool_labels, pool_complexity, lam: float = 0.1,
+                 exclusive: bool = False) -> torch.Tensor:
+    """Brute-force reference of :func:`retrieve` (float64, materialises the B x P scores)."""
+    q, ql, z, pl, c = _validate_retrieval(query_feats, query_labels, pool_feats, pool_labels, pool_complexity, lam, None)
+    s = _scores_f64(q[:, None, :], z[None, :, :], c[None, :], lam)
+    s = torch.where(ql[:, None] == pl[None, :], s, float("inf"))
+    if not exclusive:
+        return s.argmin(dim=1)  # first minimum: the smaller pool index on ties
+    out = torch.empty(q.shape[0], dtype=torch.int64, device=q.device)
+    for i in range(q.shape[0]):  # greedy, queries in index order
+        j = int(s[i].argmin())
+        if not math.isfinite(float(s[i, j])):
+            raise ValueError(f"exclusive retrieval: class {int(ql[i])} has fewer patches than queries")
+        out[i] = j
+        s[:, j] = float("inf")
+    return out
+
+
+def _candidates_torch(q, qsq, z, bias, q_off, p_off, lam, kc):
+    """fp32 candidates per class (the CPU counterpart of the fused kernel)."""
+    B = q.shape[0]
+    score = torch.full((B, kc), float("inf"), dtype=torch.float32, device=q.device)
+    idx = torch.full((B, kc), -1, dtype=torch.int64, device=q.device)
+    qf, zf = q.float(), z.float()
+    for cls in range(q_off.numel() - 1):
+        a, b, pa, pb = int(q_off[cls]), int(q_off[cls + 1]), int(p_off[cls]), int(p_off[cls + 1])
+        if a == b:
+            continue
+        s = torch.addmm(qsq[a:b, None] + bias[None, pa:pb], qf[a:b], zf[pa:pb].T, alpha=-2.0 * (1.0 - lam))
+        m = min(kc, pb - pa)
+        v, i = torch.topk(s, m, dim=1, largest=False, sorted=True)
+        score[a:b, :m], idx[a:b, :m] = v, i + pa
+    return score, idx
+
+
+def _triton_ok(t: torch.Tensor) -> bool:
+    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+        return False
+    try:
+        from . import kernels  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def retrieve(
+    query_feats: torch.Tensor,
+    query_labels: torch.Tensor,
+    pool_feats,
+    pool_labels: Optional[torch.Tensor] = None,
+    pool_complexity: Optional[torch.Tensor] = None,
+    lam: float = 0.1,
+    exclusive: bool = False,
+    resolution: Optional[int] = None,
+    backend: str = "auto",
+    precision: str = "ieee",
+) -> torch.Tensor:
+    """DRC retrieval: for each query, the pool index of its class's best fit-complexity patch.
+
+    Args:
+        query_feats: ``[B, D]`` float features of the synthetic images (normalise them yourself,
+            as the pool's are: METHOD.md uses L2-normalised penultimate teacher features).
+        query_labels: ``[B]`` integer classes.
+        pool_feats: ``[P, D]`` float pool features, or a :class:`reta_fast.PatchPool` (then
+            ``pool_labels``/``pool_complexity`` come from it, at ``resolution``).
+        pool_labels: ``[P]`` integer classes of the pool patches.
+        pool_complexity: ``[P]`` float, ``>= 0`` (see :func:`patch_complexity`).
+        lam: weight of the complexity term, in ``[0, 1]`` (paper: 0.1).
+        exclusive: if True, patches are distinct within a class: queries, in index order, each take
+            their best patch not yet taken (greedy; ties by smaller pool index). Needs at least as
+            many patches as queries in every class.
+        backend: ``"auto"`` (fused Triton kernel on CUDA, per-class GEMM elsewhere), ``"triton"``,
+            ``"torch"``.
+        precision: ``"ieee"`` or ``"tf32"`` for the kernel's fp32 tiles; the answer is the same.
+
+    Returns:
+        ``[B]`` int64 indices into the pool, on the device of ``query_feats``; exactly
+        :func:`retrieve_ref`'s answer.
+    """
+    if hasattr(pool_feats, "retrieval_tensors"):
+        if pool_labels is not None or pool_complexity is not None:
+            raise ValueError("pass either a PatchPool or the three pool tensors, not both")
+        dev = query_feats.device if isinstance(query_feats, torch.Tensor) else "cpu"
+        pool_feats, pool_labels, pool_complexity = pool_feats.retrieval_tensors(resolution, device=dev)
+    elif pool_labels is None or pool_complexity is None:
+        raise ValueError("pool_labels and pool_complexity are required with pool_feats tensors")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    q, ql, z, pl, c = _validate_retrieval(query_feats, query_labels, pool_feats, pool_labels, pool_complexity, lam, None)
+    B, D = q.shape
+    if B == 0:
+        return torch.zeros(0, dtype=torch.int64, device=q.device)
+    if exclusive:
+        return _retrieve_exclusive(q, ql, z, pl, c, lam)
+    with torch.no_grad():
+        n_cls = int(max(int(ql.max()), int(pl.max()))) + 1  # host sync: the work list is built on the host
+        q_order = torch.sort(ql, stable=True).indices
+        p_order = torch.sort(pl, stable=True).indices  # stable: index order kept inside a class
+        q_off = torch.zeros(n_cls + 1, dtype=torch.int64)
+        p_off = torch.zeros(n_cls + 1, dtype=torch.int64)
+        q_off[1:] = torch.bincount(ql, minlength=n_cls).cumsum(0).cpu()
+        p_off[1:] = torch.bincount(pl, minlength=n_cls).cumsum(0).cpu()
+        qs, zs = q[q_order], z[p_order]
+        qsq = (1.0 - lam) * qs.float().pow(2).sum(1)
+        zsq = zs.float().pow(2).sum(1)
+        bias = (1.0 - lam) * zsq + lam * c[p_order].float()
+        kc = RETRIEVE_CANDIDATES
+        use_triton = backend == "triton" or (backend == "auto" and _triton_ok(q))
+        if use_triton:
+            if not _triton_ok(q):
+                raise RuntimeError("backend='triton' requested but Triton cannot run here (no CUDA device "
+                                   "and TRITON_INTERPRET unset, or triton missing)")
+            from .kernels import retrieve_fwd
+
+            approx, cand = retrieve_fwd(qs, qsq, zs, bias, q_off, p_off, lam, kc, precision)
+            cand = torch.where(cand < zs.shape[0], cand, -1)  # empty slots of classes smaller than kc
+            approx = torch.where(cand >= 0, approx, float("inf"))
+        else:
+            if q.is_cuda:
+                warnings.warn("reta_fast: triton unavailable; retrieve uses the per-class torch search", RuntimeWarning)
+            approx, cand = _candidates_torch(qs, qsq, zs, bias, q_off, p_off, lam, kc)
+        # float64 re-rank of the candidates with the reference formula
+        valid = cand >= 0
+        orig = torch.where(valid, p_order[cand.clamp_min(0)], 0)
+        exact = _scores_f64(qs[:, None, :], z[orig], c[orig], lam)
+        exact = torch.where(valid, exact, float("inf"))
+        # smallest (score, original index): order by index, then stable by score
+        by_idx = torch.sort(torch.where(valid, orig, z.shape[0]), dim=1)
+        ex_sorted = torch.gather(exact, 1, by_idx.indices)
+        first = torch.sort(ex_sorted, dim=1, stable=True).indices[:, 0]
+        best = torch.gather(by_idx.values, 1, first[:, None])[:, 0]
+        best_score = ex_sorted.gather(1, first[:, None])[:, 0]
+        # certificate: every unseen patch of the class scores >= approx[:, -1] - bound
+        rel = (_TF32_REL if (use_triton and precision == "tf32" and q.dtype == torch.float32) else _FP32_REL)(D)
+        zmax = torch.zeros(n_cls, dtype=torch.float32, device=q.device).scatter_reduce(0, pl, z.float().pow(2).sum(1), "amax")
+        cmax = torch.zeros(n_cls, dtype=torch.float32, device=q.device).scatter_reduce(0, pl, c.float(), "amax")
+        qcls = ql[q_order]
+        bound = rel * ((1.0 - lam) * (qs.float().pow(2).sum(1) + zmax[qcls]) + lam * cmax[qcls]) + 1e-30
+        class_size = (p_off[1:] - p_off[:-1]).to(q.device)[qcls]
+        complete = class_size <= kc
+        certain = complete | (best_score < (approx[:, -1].double() - bound.double()))
+        unsure = (~certain).nonzero().flatten()  # host sync: queries for the brute-force fallback
+        for i in unsure.tolist():
+            members = p_order[int(p_off[int(qcls[i])]): int(p_off[int(qcls[i]) + 1])]
+            s = _scores_f64(qs[i][None, :], z[members], c[members], lam)
+            best[i] = members[int(s.argmin())]
+        out = torch.empty_like(best)
+        out[q_order] = best
+        return out
+
+
+def _retrieve_exclusive(q, ql, z, pl, c, lam):
+    """Greedy assignment without replacement, class by class, with exact float64 scores."""
+    out = torch.empty(q.shape[0], dtype=torch.int64, device=q.device)
+    for cls in torch.unique(ql).tolist():  # host loop over the classes present
+        qi = (ql == cls).nonzero().flatten()
+        pi = (pl == cls).nonzero().flatten()
+        if pi.numel() < qi.numel():
+            raise ValueError(f"exclusive retrieval: class {cls} has {pi.numel()} patches for {qi.numel()} queries")
+        s = _scores_f64(q[qi][:, None, :], z[pi][None, :, :], c[pi][None, :], lam)
+        for r in range(qi.numel()):
+            j = int(s[r].argmin())
+            out[qi[r]] = pi[j]
+            s[:, j] = float("inf")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# residual connection
+
+
+def residual_inject(x: torch.Tensor, patches: torch.Tensor, alpha: float = 0.5,
+                    size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """The residual connection of METHOD.md section 2: ``alpha * resize(x) + (1 - alpha) * resize(patches)``.
+
+    Args:
+        x: ``[N, C, H, W]`` synthetic images.
+        patches: ``[N, C, h, w]`` retrieved (or anchor) patches, same normalisation as ``x``.
+        alpha: weight of the synthetic image, in ``[0, 1]`` (paper: 0.5).
+        size: output ``(H', W')`` (an int means square); default: ``x``'s size.
+
+    Both are resampled bilinearly (antialiased when shrinking). Returns ``[N, C, H', W']`` in
+    ``x``'s dtype; differentiable in both inputs.
+    """
+    for name, t in (("x", x), ("patches", patches)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 4:
+            raise ValueError(f"{name} must be a floating-point [N, C, H, W] tensor")
+    if x.shape[:2] != patches.shape[:2]:
+        raise ValueError(f"x and patches must agree in [N, C], got {tuple(x.shape[:2])} and {tuple(patches.shape[:2])}")
+    if x.device != patches.device:
+        raise ValueError(f"patches is on {patches.device} but x is on {x.device}")
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if size is None:
+        size = tuple(x.shape[2:])
+    elif isinstance(size, int):
+        size = (size, size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"size must be a positive int or (H, W), got {size!r}")
+
+    def resize(t):
+        if tuple(t.shape[2:]) == tuple(size):
+            return t
+        shrink = t.shape[2] > size[0] or t.shape[3] > size[1]
+        return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+    return alpha * resize(x) + (1.0 - alpha) * resize(patches.to(x.dtype))

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-MODULES = ["knn", "persistence", "pimage", "pta"]
+MODULES = ["knn", "persistence", "pimage", "pta", "retrieval"]
 
 
 @dataclass
@@ -74,7 +74,7 @@ def time_fn(fn, device: str, min_reps: int, budget_s: float):
         if time.perf_counter() - start > 4 * budget_s:
             break
     peak = (torch.cuda.max_memory_allocated() - base) if device.startswith("cuda") else None
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
     return statistics.median(times), q[1], q[7], len(times), peak
 
 

@@ -9,7 +9,7 @@ Public API of the topology engine (METHOD.md section 4):
 * :class:`TopologyAlignmentLoss` - the PTA loss, all classes in one batched pass.
 
 and of the retrieval engine (DRC, METHOD.md section 3): :func:`patch_complexity`, :func:`retrieve`
-(fused grouped fit-complexity search), :func:`residual_inject`.
+(fused grouped fit-complexity search), :func:`residual_inject`, :class:`PatchPool`.
 """
 from ._ext import has_native
 from .knn import KNNGraph, edge_lengths, knn, knn_ref, mutual_knn_graph, mutual_knn_ref, rerank_certified
@@ -23,6 +23,8 @@ from .persistence import (
 )
 from .pimage import persistence_image, persistence_image_ref
 from .retrieval import patch_complexity, residual_inject, retrieve, retrieve_ref
+from .pool import PatchPool
+from .data import ImageFolder
 from .topo_loss import TopologyAlignmentLoss
 from . import models
 
@@ -50,4 +52,6 @@ __all__ = [
     "residual_inject",
     "retrieve",
     "retrieve_ref",
+    "PatchPool",
+    "ImageFolder",
 ]

@@ -1,0 +1,392 @@
+"""Patch pools for DRC (METHOD.md section 3): per class, one square crop per real image, its
+L2-normalised penultimate teacher feature and its complexity at each resolution the recover schedule
+uses, stored on disk as memory-mappable arrays + a JSON manifest, built once and reused."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import ImageFolder, dataset_classes, dataset_targets, to_image_tensor
+from .retrieval import patch_complexity
+
+__all__ = ["PatchPool", "teacher_fingerprint", "teacher_features"]
+
+POOL_FORMAT = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_ARRAYS = ("patches", "feats", "labels", "complexity", "source_index")
+
+
+def teacher_fingerprint(teacher: torch.nn.Module) -> str:
+    """sha256 over the teacher's parameter and buffer names, shapes and values (hex, 16 chars)."""
+    h = hashlib.sha256()
+    for name, t in sorted(teacher.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16
+                 else t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def teacher_features(teacher: torch.nn.Module, x: torch.Tensor):
+    """``(logits [N, K], penultimate features [N, D])`` in one forward pass.
+
+    Uses ``teacher.features`` + ``teacher.fc``-style heads when the model has a ``features`` method
+    returning ``[N, D]``; otherwise the input of its last ``nn.Linear`` (the global-pooled features
+    of torchvision/timm classifiers).
+    """
+    linears = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError("the teacher has no nn.Linear head: cannot find its penultimate features")
+    store = {}
+    handle = linears[-1].register_forward_hook(lambda m, inp, out: store.__setitem__("f", inp[0]))
+    try:
+        logits = teacher(x)
+    finally:
+        handle.remove()
+    feats = store["f"].flatten(1)
+    return logits, feats
+
+
+class PatchPool:
+    """A patch pool on disk (see :meth:`build` and :meth:`load`).
+
+    Attributes (numpy memory maps, read-only):
+        patches: ``[P, S, S, 3]`` uint8 RGB crops at ``size`` S.
+        feats: ``[P, D]`` float32 L2-normalised penultimate teacher features.
+        labels: ``[P]`` int64 class indices (in ``classes`` order).
+        complexity: ``[P, R]`` float32 raw complexity at each of ``resolutions``.
+        source_index: ``[P]`` int64 index of each patch's image in the data set.
+        manifest: the parsed ``manifest.json``.
+    """
+
+    def __init__(self, path, manifest: dict, arrays: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        for k in _ARRAYS:
+            setattr(self, k, arrays[k])
+        self.classes = list(manifest["classes"])
+        self.resolutions = list(manifest["resolutions"])
+        self.size = int(manifest["size"])
+        self.mean = tuple(manifest["mean"])
+        self.std = tuple(manifest["std"])
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"PatchPool({str(self.path)!r}: {len(self)} patches, {len(self.classes)} classes, "
+                f"size {self.size}, resolutions {self.resolutions}, teacher {self.manifest['teacher']})")
+
+    # ----------------------------------------------------------------------------------------
+    def retrieval_tensors(self, resolution: Optional[int] = None, device="cpu"):
+        """``(feats [P, D] float32, labels [P] int64, complexity [P])`` for :func:`reta_fast.retrieve`;
+        complexity at ``resolution`` (default: the first), min-max scaled to [0, 1] per class."""
+        r = self.resolutions[0] if resolution is None else resolution
+        if r not in self.resolutions:
+            raise ValueError(f"resolution {r} not in this pool's resolutions {self.resolutions}")
+        labels = torch.tensor(np.asarray(self.labels)).to(device)  # copies: memmaps are read-only
+        raw = torch.tensor(np.asarray(self.complexity[:, self.resolutions.index(r)])).to(device)
+        lo = torch.full((len(self.classes),), float("inf"), device=device).scatter_reduce(0, labels, raw, "amin")
+        hi = torch.full((len(self.classes),), float("-inf"), device=device).scatter_reduce(0, labels, raw, "amax")
+        span = (hi - lo)[labels]
+        scaled = torch.where(span > 0, (raw - lo[labels]) / span.clamp_min(1e-30), torch.zeros_like(raw))
+        return torch.tensor(np.asarray(self.feats)).to(device), labels, scaled
+
+    def images(self, indices, device="cpu", normalize: bool = True) -> torch.Tensor:
+        """Patches ``[n, 3, S, S]`` as float (teacher-normalised with the pool's mean/std, or [0, 1])."""
+        idx = torch.as_tensor(indices, dtype=torch.int64).cpu().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(self.patches[idx])).to(device).permute(0, 3, 1, 2).float() / 255.0
+        if normalize:
+            m = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+            s = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+            x = (x - m) / s
+        return x
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path, teacher: Optional[torch.nn.Module] = None, classes: Optional[Sequence[str]] = None,
+             verify: bool = True) -> "PatchPool":
+        """Open a pool; refuse (ValueError) one built for another teacher or class order, or whose
+        files are missing, truncated or inconsistent with the manifest."""
+        path = Path(path)
+        mpath = path / "manifest.json"
+        if not mpath.is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a patch pool (no manifest.json)")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"pool manifest {str(mpath)!r} is unreadable: {exc}") from None
+        if manifest.get("format") != POOL_FORMAT:
+            raise ValueError(f"pool {str(path)!r} has format {manifest.get('format')!r}, expected {POOL_FORMAT}")
+        if teacher is not None and teacher_fingerprint(teacher) != manifest["teacher"]:
+            raise ValueError(f"pool {str(path)!r} was built for teacher {manifest['teacher']}, not for this teacher "
+                             f"({teacher_fingerprint(teacher)}): build a new pool for it")
+        if classes is not None and list(map(str, classes)) != manifest["classes"]:
+            raise ValueError(f"pool {str(path)!r} was built with another class order: {manifest['classes'][:5]}... "
+                             f"vs {list(map(str, classes))[:5]}...")
+        arrays = {}
+        for name in _ARRAYS:
+            f = path / f"{name}.npy"
+            meta = manifest["arrays"][name]
+            if not f.is_file():
+                raise ValueError(f"pool file {str(f)!r} is missing")
+            if f.stat().st_size != meta["bytes"]:
+                raise ValueError(f"pool file {str(f)!r} has {f.stat().st_size} bytes, the manifest says "
+                                 f"{meta['bytes']}: truncated or modified")
+            try:
+                arr = np.load(f, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"pool file {str(f)!r} is unreadable: {exc}") from None
+            if list(arr.shape) != meta["shape"] or str(arr.dtype) != meta["dtype"]:
+                raise ValueError(f"pool file {str(f)!r} holds {arr.dtype}{list(arr.shape)}, the manifest says "
+                                 f"{meta['dtype']}{meta['shape']}")
+            if verify and name != "patches" and _sha256(f) != meta["sha256"]:
+                raise ValueError(f"pool file {str(f)!r} does not match its checksum: modified or corrupt")
+            arrays[name] = arr
+        labels = np.asarray(arrays["labels"])
+        if labels.size and (labels.min() < 0 or labels.max() >= len(manifest["classes"])):
+            raise ValueError(f"pool {str(path)!r} has labels outside [0, {len(manifest['classes'])})")
+        return cls(path, manifest, arrays)
+
+    @classmethod
+    def build(
+        cls,
+        dataset,
+        teacher: torch.nn.Module,
+        out: os.PathLike,
+        per_class: int = 300,
+        size: int = 32,
+        resolutions: Sequence[int] = (32,),
+        candidates: int = 1,
+        crop_scale: tuple = (0.5, 1.0),
+        sigma: float = 1.0,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        batch_size: int = 128,
+        device="cpu",
+        seed: int = 0,
+        classes: Optional[Sequence[str]] = None,
+        dataset_name: Optional[str] = None,
+        progress: bool = True,
+    ) -> "PatchPool":
+        """Build a pool by streaming ``dataset`` once (memory independent of its size).
+
+        Args:
+            dataset: a torchvision-style data set (``ds[i] -> (image, label)``, PIL or tensor images)
+                or the path of an ImageFolder.
+            teacher: the frozen teacher (its own eval-mode normalisation: ``mean``/``std``).
+            out: pool folder; written under a temporary name and renamed when complete. An existing
+                complete pool with the same teacher, classes and parameters is loaded instead; any
+                other existing folder is refused, never overwritten.
+            per_class: images per class (METHOD.md [ours]: 300, RDED's mipc); fewer if a class is short.
+            size: side of the stored square crops.
+            resolutions: resolutions at which the complexity is precomputed (the recover schedule's).
+            candidates: 1 = the centred largest square; N > 1 = best of N random squares of side
+                ``crop_scale`` x the short side, ranked by teacher cross-entropy (RDED's realism score).
+            sigma: complexity smoothing (see :func:`reta_fast.patch_complexity`).
+            seed: which images (a seeded permutation) and which random crops.
+        """
+        t_start = time.perf_counter()
+        if isinstance(dataset, (str, os.PathLike)):
+            dataset_name = dataset_name or str(dataset)
+            dataset = ImageFolder(dataset)
+        for name, v, lo in (("per_class", per_class, 1), ("size", size, 2), ("candidates", candidates, 1),
+                            ("batch_size", batch_size, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        resolutions = [int(r) for r in resolutions]
+        if not resolutions or min(resolutions) < 2:
+            raise ValueError(f"resolutions must be a non-empty list of sizes >= 2, got {resolutions!r}")
+        if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale!r}")
+        targets = dataset_targets(dataset)
+        class_names = list(map(str, classes)) if classes is not None else dataset_classes(dataset, targets)
+        fp = teacher_fingerprint(teacher)
+        params = dict(per_class=per_class, size=size, resolutions=resolutions, candidates=candidates,
+                      crop_scale=list(crop_scale), sigma=sigma, mean=list(mean), std=list(std), seed=seed)
+        out = Path(out)
+        if out.exists():
+            if not (out / "manifest.json").is_file():
+                raise FileExistsError(f"{str(out)!r} exists and is not a patch pool: refusing to overwrite it")
+            pool = cls.load(out, teacher=teacher, classes=class_names)
+            stored = {k: pool.manifest["params"].get(k) for k in params}
+            if stored != json.loads(json.dumps(params)):
+                raise ValueError(f"pool {str(out)!r} was built with other parameters {stored}; asked for {params}")
+            return pool
+
+        n_cls = len(class_names)
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(dataset), generator=g).tolist()
+        if targets is not None:  # choose without decoding images
+            taken = [0] * n_cls
+            chosen = []
+            for i in order:
+                t = targets[i]
+                if not 0 <= t < n_cls:
+                    raise ValueError(f"dataset label {t} at index {i} is outside [0, {n_cls})")
+                if taken[t] < per_class:
+                    taken[t] += 1
+                    chosen.append(i)
+            order = chosen
+        capacity = min(len(order), per_class * n_cls)
+
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        teacher_was_training = teacher.training
+        try:
+            teacher.eval()
+            mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+            std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+            patches = np.lib.format.open_memmap(tmp / "patches.npy", "w+", np.uint8, (capacity, size, size, 3))
+            feats_list, labels, cx, src = [], [], [], []
+            count = [0] * n_cls
+            skipped = 0
+            n = 0
+            batch_imgs, batch_lab, batch_idx = [], [], []
+            iterator = order
+            if progress:
+                try:
+                    from tqdm.auto import tqdm
+
+                    iterator = tqdm(order, desc="pool", unit="img", leave=False)
+                except ImportError:
+                    pass
+
+            def flush():
+                nonlocal n
+                x = torch.stack(batch_imgs).to(device)  # [b, K, 3, S, S] in [0, 1]
+                b, K = x.shape[:2]
+                y = torch.tensor(batch_lab, device=device)
+                with torch.no_grad():
+                    if K > 1:  # RDED's realism score: the crop with the lowest teacher cross-entropy
+                        logits = teacher((x.flatten(0, 1) - mean_t) / std_t)
+                        ce = F.cross_entropy(logits.float(), y.repeat_interleave(K), reduction="none").view(b, K)
+                        pick = ce.argmin(1)
+                    else:
+                        pick = torch.zeros(b, dtype=torch.int64, device=device)
+                    best8 = (x[torch.arange(b, device=device), pick].clamp(0, 1) * 255).round()
+                    best = best8 / 255.0  # what is stored is what is described: features of the uint8 patch
+                    _, f = teacher_features(teacher, (best - mean_t) / std_t)
+                    f = F.normalize(f.float(), dim=1)
+                    comp = torch.stack([patch_complexity(_resize(best, r), sigma=sigma) for r in resolutions], 1)
+                patches[n:n + b] = best8.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                feats_list.append(f.cpu())
+                cx.append(comp.float().cpu())
+                labels.extend(batch_lab)
+                src.extend(batch_idx)
+                n += b
+                batch_imgs.clear(), batch_lab.clear(), batch_idx.clear()
+
+            for i in iterator:
+                if n + len(batch_imgs) >= capacity or all(c >= per_class for c in count):
+                    break
+                try:
+                    img, t = dataset[i]
+                    t = int(t)
+                    img = to_image_tensor(img)
+                except (OSError, ValueError, SyntaxError) as exc:  # unreadable/corrupt image files
+                    skipped += 1
+                    if skipped <= 3:
+                        warnings.warn(f"reta_fast: skipping unreadable image {i}: {exc}", RuntimeWarning)
+                    continue
+                if not 0 <= t < n_cls:
+                    raise ValueError(f"dataset label {t} at index {i} is outside [0, {n_cls})")
+                if count[t] >= per_class:
+                    continue
+                count[t] += 1
+                batch_imgs.append(_crops(img, size, candidates, crop_scale, g))
+                batch_lab.append(t)
+                batch_idx.append(i)
+                if len(batch_imgs) == batch_size:
+                    flush()
+            if batch_imgs:
+                flush()
+            if n == 0:
+                raise ValueError("no usable image in the data set: the pool would be empty")
+            del patches
+            if n < capacity:  # fewer images than planned (short classes, skipped files): shrink, in chunks
+                full = np.load(tmp / "patches.npy", mmap_mode="r")
+                small = np.lib.format.open_memmap(tmp / "patches_.npy", "w+", np.uint8, (n, size, size, 3))
+                for a in range(0, n, 4096):
+                    small[a:a + 4096] = full[a:min(n, a + 4096)]
+                small.flush()
+                del full, small
+                os.replace(tmp / "patches_.npy", tmp / "patches.npy")
+            np.save(tmp / "feats.npy", torch.cat(feats_list).numpy().astype(np.float32))
+            np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+            np.save(tmp / "complexity.npy", torch.cat(cx).numpy().astype(np.float32))
+            np.save(tmp / "source_index.npy", np.asarray(src, dtype=np.int64))
+            seconds = time.perf_counter() - t_start
+            arrays = {}
+            for name in _ARRAYS:
+                arr = np.load(tmp / f"{name}.npy", mmap_mode="r")
+                arrays[name] = dict(shape=list(arr.shape), dtype=str(arr.dtype),
+                                    bytes=(tmp / f"{name}.npy").stat().st_size,
+                                    sha256=None if name == "patches" else _sha256(tmp / f"{name}.npy"))
+                del arr
+            from . import __version__
+
+            manifest = dict(
+                format=POOL_FORMAT, reta_fast=__version__, teacher=fp, dataset=dataset_name or type(dataset).__name__,
+                dataset_size=len(dataset), classes=class_names, params=params, size=size, resolutions=resolutions,
+                mean=list(mean), std=list(std), counts=count, skipped_images=skipped,
+                build_seconds=round(seconds, 3), images_per_second=round(n / max(seconds, 1e-9), 1), arrays=arrays,
+            )
+            with open(tmp / "manifest.json", "w") as fh:
+                json.dump(manifest, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, out)  # atomic: a pool folder is either complete or absent
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            teacher.train(teacher_was_training)
+        if skipped:
+            warnings.warn(f"reta_fast: {skipped} unreadable image(s) skipped while building the pool", RuntimeWarning)
+        return cls.load(out)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _resize(x: torch.Tensor, r: int) -> torch.Tensor:
+    if x.shape[-1] == r and x.shape[-2] == r:
+        return x
+    return F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=x.shape[-1] > r)
+
+
+def _crops(img: torch.Tensor, size: int, candidates: int, scale, g: torch.Generator) -> torch.Tensor:
+    """``[K, 3, size, size]`` square crops: the centred largest one, or K random ones."""
+    _, H, W = img.shape
+    short = min(H, W)
+    out = []
+    for k in range(candidates):
+        if candidates == 1:
+            s, top, left = short, (H - short) // 2, (W - short) // 2
+        else:
+            frac = scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=g))
+            s = max(1, int(round(frac * short)))
+            top = int(torch.randint(0, H - s + 1, (), generator=g))
+            left = int(torch.randint(0, W - s + 1, (), generator=g))
+        crop = img[:, top:top + s, left:left + s].unsqueeze(0)
+        out.append(_resize(crop, size)[0])
+    return torch.stack(out)

@@ -40,10 +40,49 @@ def setup_complexity(cfg: dict, device: str) -> Case:
                 unit="images/s", work=cfg["images"])
 
 
+class _Synthetic:
+    """An in-memory data set of random uint8 images (the pool build's data loading is not measured
+    separately: images/s here is crop + teacher forward + complexity + writing)."""
+
+    def __init__(self, n, classes, res):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (n, 3, res, res), generator=g, dtype=torch.uint8)
+        self.targets = (torch.arange(n) % classes).tolist()
+        self.classes = [str(i) for i in range(classes)]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]
+
+
+def setup_pool(cfg: dict, device: str) -> Case:
+    import shutil
+    import tempfile
+
+    ds = _Synthetic(cfg["images"], cfg["classes"], cfg["res"])
+    teacher = rf.models.resnet18(num_classes=cfg["classes"], cifar_stem=cfg["res"] <= 64).to(device).eval()
+    root = tempfile.mkdtemp(prefix="reta-bench-pool-")
+    counter = iter(range(10**6))
+
+    def build():
+        out = f"{root}/p{next(counter)}"
+        rf.PatchPool.build(ds, teacher, out, per_class=cfg["images"] // cfg["classes"], size=cfg["res"],
+                           resolutions=(cfg["res"],), device=device, progress=False, batch_size=256)
+        shutil.rmtree(out)
+
+    return Case({"reta_fast PatchPool.build": build}, unit="images/s", work=cfg["images"],
+                note="ResNet-18 teacher; in-memory uint8 images")
+
+
 OPS = {
     "retrieve": Op(setup, sweep=[dict(classes=100, queries=50, patches=300, d=512)],
                    quick=[dict(classes=10, queries=10, patches=100, d=128)],
                    gpu_sweep=[dict(classes=1000, queries=50, patches=1500, d=512)]),
+    "pool_build": Op(setup_pool, sweep=[dict(images=2000, classes=10, res=32)],
+                     quick=[dict(images=200, classes=10, res=32)],
+                     gpu_sweep=[dict(images=20000, classes=100, res=32)]),
     "patch_complexity": Op(setup_complexity, sweep=[dict(images=3000, res=32), dict(images=300, res=224)],
                            quick=[dict(images=300, res=32)]),
 }

@@ -62,7 +62,7 @@ class PatchPool:
     """A patch pool on disk (see :meth:`build` and :meth:`load`).
 
     Attributes (numpy memory maps, read-only):
-        patches: ``[P, S, S, 3]`` uint8 RGB crops at ``size`` S.
+        patches: ``[P, S, S, 3]`` uint8 RGB crops at ``size`` S, sorted by class (stable).
         feats: ``[P, D]`` float32 L2-normalised penultimate teacher features.
         labels: ``[P]`` int64 class indices (in ``classes`` order).
         complexity: ``[P, R]`` float32 raw complexity at each of ``resolutions``.
@@ -250,7 +250,7 @@ class PatchPool:
             teacher.eval()
             mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
             std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-            patches = np.lib.format.open_memmap(tmp / "patches.npy", "w+", np.uint8, (capacity, size, size, 3))
+            patches = np.lib.format.open_memmap(tmp / "stream.npy", "w+", np.uint8, (capacity, size, size, 3))
             feats_list, labels, cx, src = [], [], [], []
             count = [0] * n_cls
             skipped = 0
@@ -317,18 +317,21 @@ class PatchPool:
             if n == 0:
                 raise ValueError("no usable image in the data set: the pool would be empty")
             del patches
-            if n < capacity:  # fewer images than planned (short classes, skipped files): shrink, in chunks
-                full = np.load(tmp / "patches.npy", mmap_mode="r")
-                small = np.lib.format.open_memmap(tmp / "patches_.npy", "w+", np.uint8, (n, size, size, 3))
-                for a in range(0, n, 4096):
-                    small[a:a + 4096] = full[a:min(n, a + 4096)]
-                small.flush()
-                del full, small
-                os.replace(tmp / "patches_.npy", tmp / "patches.npy")
-            np.save(tmp / "feats.npy", torch.cat(feats_list).numpy().astype(np.float32))
-            np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
-            np.save(tmp / "complexity.npy", torch.cat(cx).numpy().astype(np.float32))
-            np.save(tmp / "source_index.npy", np.asarray(src, dtype=np.int64))
+            # Store class-sorted (stable: stream order inside a class), so retrieval can use the pool
+            # without reordering it; the copy also drops the unused tail (short classes, skipped files).
+            lab = np.asarray(labels, dtype=np.int64)
+            order = np.argsort(lab, kind="stable")
+            stream = np.load(tmp / "stream.npy", mmap_mode="r")
+            final = np.lib.format.open_memmap(tmp / "patches.npy", "w+", np.uint8, (n, size, size, 3))
+            for a in range(0, n, 4096):
+                final[a:a + 4096] = stream[np.sort(order[a:a + 4096])][np.argsort(np.argsort(order[a:a + 4096]))]
+            final.flush()
+            del stream, final
+            os.remove(tmp / "stream.npy")
+            np.save(tmp / "feats.npy", torch.cat(feats_list).numpy().astype(np.float32)[order])
+            np.save(tmp / "labels.npy", lab[order])
+            np.save(tmp / "complexity.npy", torch.cat(cx).numpy().astype(np.float32)[order])
+            np.save(tmp / "source_index.npy", np.asarray(src, dtype=np.int64)[order])
             seconds = time.perf_counter() - t_start
             arrays = {}
             for name in _ARRAYS:

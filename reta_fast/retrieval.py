@@ -7,9 +7,11 @@ for a synthetic image with feature ``q`` and class ``y``, the index into the poo
 float64; among equal scores the **smaller pool index** wins.
 
 The fast path searches the few best candidates per query in fp32 (the fused Triton kernel on the GPU,
-a per-class GEMM elsewhere), re-ranks them with the reference's float64 formula, and certifies each
-answer: when the float64 best is not below the smallest score an unseen patch could have (the last
-candidate's fp32 score minus an error bound), that query is recomputed by brute force over its class.
+a batched GEMM over padded classes elsewhere) and certifies each answer with an error bound on the
+fp32 scores: a candidate more than two bounds ahead of the next is the float64 winner; otherwise the
+candidates are re-ranked with the reference's float64 formula, and a query whose float64 best is not
+below the smallest score an unseen patch could have (last candidate's fp32 score minus the bound) is
+recomputed by brute force over its class.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ __all__ = ["patch_complexity", "retrieve", "retrieve_ref", "residual_inject"]
 
 # Candidates kept per query by the fp32 search before the float64 re-rank.
 RETRIEVE_CANDIDATES = 4
+# Elements per temporary of the torch candidate search (padded classes x queries x patches).
+TORCH_CHUNK_ELEMS = 1 << 24
 # Scores from the fp32 expansion are within REL_ERR(D) * ((1 - lam)(|q|^2 + max|z|^2) + lam max c)
 # of float64: rounding of each product and of the D-term accumulation (D 2^-24 worst case), doubled.
 _FP32_REL = lambda d: 2.0 * (d + 8) * 2.0**-24  # noqa: E731
@@ -179,20 +183,49 @@ def retrieve_ref(query_feats, query_labels, pool_feats, pool_labels, pool_comple
 
 
 def _candidates_torch(q, qsq, z, bias, q_off, p_off, lam, kc):
-    """fp32 candidates per class (the CPU counterpart of the fused kernel)."""
-    B = q.shape[0]
-    score = torch.full((B, kc), float("inf"), dtype=torch.float32, device=q.device)
-    idx = torch.full((B, kc), -1, dtype=torch.int64, device=q.device)
+    """fp32 candidates per class (the CPU counterpart of the fused kernel): classes padded to the
+    largest query/pool count and searched with one batched GEMM per chunk of classes."""
+    B, D = q.shape
+    dev = q.device
+    score = torch.full((B, kc), float("inf"), dtype=torch.float32, device=dev)
+    idx = torch.full((B, kc), -1, dtype=torch.int64, device=dev)
+    q_cnt, p_cnt = q_off.diff(), p_off.diff()
+    classes = (q_cnt > 0).nonzero().flatten()
+    qmax, pmax = int(q_cnt.max()), int(p_cnt[classes].max())
+    m = min(kc, pmax)
+    per_chunk = max(1, TORCH_CHUNK_ELEMS // max(1, qmax * max(pmax, D)))
     qf, zf = q.float(), z.float()
-    for cls in range(q_off.numel() - 1):
-        a, b, pa, pb = int(q_off[cls]), int(q_off[cls + 1]), int(p_off[cls]), int(p_off[cls + 1])
-        if a == b:
-            continue
-        s = torch.addmm(qsq[a:b, None] + bias[None, pa:pb], qf[a:b], zf[pa:pb].T, alpha=-2.0 * (1.0 - lam))
-        m = min(kc, pb - pa)
-        v, i = torch.topk(s, m, dim=1, largest=False, sorted=True)
-        score[a:b, :m], idx[a:b, :m] = v, i + pa
+    uniform = bool((q_cnt == qmax).all()) and bool((p_cnt == pmax).all())  # every class equally full
+    for c0 in range(0, classes.numel(), per_chunk):
+        cls = classes[c0:c0 + per_chunk]
+        G = cls.numel()
+        # padded [G, qmax] / [G, pmax] index grids into the sorted queries / pool (-1 = padding)
+        qi = q_off[cls][:, None] + torch.arange(qmax)
+        pi = p_off[cls][:, None] + torch.arange(pmax)
+        qi = torch.where(torch.arange(qmax) < q_cnt[cls][:, None], qi, -1).to(dev)
+        pi = torch.where(torch.arange(pmax) < p_cnt[cls][:, None], pi, -1).to(dev)
+        if uniform:  # consecutive equal blocks: views, no gather
+            qpad = qf[c0 * qmax:(c0 + G) * qmax].view(G, qmax, D)
+            zpad = zf[c0 * pmax:(c0 + G) * pmax].view(G, pmax, D)
+        else:
+            qpad = qf[qi.clamp_min(0)]  # [G, qmax, D]
+            zpad = zf[pi.clamp_min(0)]  # [G, pmax, D]
+        b = torch.where(pi >= 0, bias[pi.clamp_min(0)], float("inf"))
+        s = torch.baddbmm(b[:, None, :], qpad, zpad.transpose(1, 2), alpha=-2.0 * (1.0 - lam))
+        s = s + qsq[qi.clamp_min(0)][:, :, None]
+        v, j = torch.topk(s, m, dim=2, largest=False, sorted=True)
+        cand = torch.gather(pi[:, None, :].expand(-1, qmax, -1), 2, j)
+        keep = qi >= 0
+        rows = qi[keep]
+        score[rows, :m] = v[keep]
+        idx[rows, :m] = torch.where(torch.isfinite(v[keep]), cand[keep], -1)
     return score, idx
+
+
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """Row squared norms in fp32 without an ``[n, D]`` temporary."""
+    x = x.float()
+    return torch.einsum("nd,nd->n", x, x)
 
 
 def _triton_ok(t: torch.Tensor) -> bool:
@@ -257,60 +290,75 @@ def retrieve(
     if exclusive:
         return _retrieve_exclusive(q, ql, z, pl, c, lam)
     with torch.no_grad():
-        n_cls = int(max(int(ql.max()), int(pl.max()))) + 1  # host sync: the work list is built on the host
-        q_order = torch.sort(ql, stable=True).indices
-        p_order = torch.sort(pl, stable=True).indices  # stable: index order kept inside a class
-        q_off = torch.zeros(n_cls + 1, dtype=torch.int64)
-        p_off = torch.zeros(n_cls + 1, dtype=torch.int64)
-        q_off[1:] = torch.bincount(ql, minlength=n_cls).cumsum(0).cpu()
-        p_off[1:] = torch.bincount(pl, minlength=n_cls).cumsum(0).cpu()
-        qs, zs = q[q_order], z[p_order]
-        qsq = (1.0 - lam) * qs.float().pow(2).sum(1)
-        zsq = zs.float().pow(2).sum(1)
-        bias = (1.0 - lam) * zsq + lam * c[p_order].float()
-        kc = RETRIEVE_CANDIDATES
-        use_triton = backend == "triton" or (backend == "auto" and _triton_ok(q))
-        if use_triton:
-            if not _triton_ok(q):
-                raise RuntimeError("backend='triton' requested but Triton cannot run here (no CUDA device "
-                                   "and TRITON_INTERPRET unset, or triton missing)")
-            from .kernels import retrieve_fwd
+        return _retrieve_fast(q, ql, z, pl, c, lam, backend, precision)
 
-            approx, cand = retrieve_fwd(qs, qsq, zs, bias, q_off, p_off, lam, kc, precision)
-            cand = torch.where(cand < zs.shape[0], cand, -1)  # empty slots of classes smaller than kc
-            approx = torch.where(cand >= 0, approx, float("inf"))
-        else:
-            if q.is_cuda:
-                warnings.warn("reta_fast: triton unavailable; retrieve uses the per-class torch search", RuntimeWarning)
-            approx, cand = _candidates_torch(qs, qsq, zs, bias, q_off, p_off, lam, kc)
-        # float64 re-rank of the candidates with the reference formula
-        valid = cand >= 0
-        orig = torch.where(valid, p_order[cand.clamp_min(0)], 0)
-        exact = _scores_f64(qs[:, None, :], z[orig], c[orig], lam)
-        exact = torch.where(valid, exact, float("inf"))
-        # smallest (score, original index): order by index, then stable by score
-        by_idx = torch.sort(torch.where(valid, orig, z.shape[0]), dim=1)
+
+def _retrieve_fast(q, ql, z, pl, c, lam, backend, precision):
+    B, D = q.shape
+    dev = q.device
+    n_cls = int(max(int(ql.max()), int(pl.max()))) + 1  # host sync: the work list is built on the host
+    q_order = torch.sort(ql, stable=True).indices
+    p_order = torch.sort(pl, stable=True).indices  # stable: index order kept inside a class
+    q_off = torch.zeros(n_cls + 1, dtype=torch.int64)
+    p_off = torch.zeros(n_cls + 1, dtype=torch.int64)
+    q_off[1:] = torch.bincount(ql, minlength=n_cls).cumsum(0).cpu()
+    p_off[1:] = torch.bincount(pl, minlength=n_cls).cumsum(0).cpu()
+    # Already class-sorted inputs (a PatchPool is stored that way) are used as they are: no copy.
+    qs = q if bool((ql[1:] >= ql[:-1]).all()) else q[q_order]  # host sync
+    zs = z if bool((pl[1:] >= pl[:-1]).all()) else z[p_order]  # host sync
+    q_sq = _sq_norms(qs)
+    z_sq = _sq_norms(z)  # original order
+    qsq = (1.0 - lam) * q_sq
+    bias = ((1.0 - lam) * z_sq + lam * c.float())[p_order]
+    kc = RETRIEVE_CANDIDATES
+    use_triton = backend == "triton" or (backend == "auto" and _triton_ok(q))
+    if use_triton:
+        if not _triton_ok(q):
+            raise RuntimeError("backend='triton' requested but Triton cannot run here (no CUDA device "
+                               "and TRITON_INTERPRET unset, or triton missing)")
+        from .kernels import retrieve_fwd
+
+        approx, cand = retrieve_fwd(qs, qsq, zs, bias, q_off, p_off, lam, kc, precision)
+        cand = torch.where(cand < z.shape[0], cand, -1)  # empty slots of classes smaller than kc
+        approx = torch.where(cand >= 0, approx, float("inf"))
+    else:
+        if q.is_cuda:
+            warnings.warn("reta_fast: triton unavailable; retrieve uses the batched torch search", RuntimeWarning)
+        approx, cand = _candidates_torch(qs, qsq, zs, bias, q_off, p_off, lam, kc)
+    orig = torch.where(cand >= 0, p_order[cand.clamp_min(0)], -1)  # original pool indices
+
+    # Error bound of the fp32 scores, per query: every patch's fp32 score is within `bound` of its
+    # float64 score.
+    rel = (_TF32_REL if (use_triton and precision == "tf32" and q.dtype == torch.float32) else _FP32_REL)(D)
+    zmax = torch.zeros(n_cls, dtype=torch.float32, device=dev).scatter_reduce(0, pl, z_sq, "amax")
+    cmax = torch.zeros(n_cls, dtype=torch.float32, device=dev).scatter_reduce(0, pl, c.float(), "amax")
+    qcls = ql[q_order]
+    bound = (rel * ((1.0 - lam) * (q_sq + zmax[qcls]) + lam * cmax[qcls]) + 1e-30).double()
+    class_size = p_off.diff().to(dev)[qcls]
+    best = orig[:, 0].clone()
+    # 1) a clear fp32 winner (next candidate more than 2 bounds behind) is the float64 winner too
+    a = approx.double()
+    clear = (class_size == 1) | (a[:, 1] - a[:, 0] > 2 * bound) if kc > 1 else class_size == 1
+    # 2) otherwise re-rank the candidates with the reference's float64 formula ...
+    rows = (~clear).nonzero().flatten()  # host sync
+    if rows.numel():
+        o = orig[rows]
+        valid = o >= 0
+        exact = torch.where(valid, _scores_f64(qs[rows][:, None, :], z[o.clamp_min(0)], c[o.clamp_min(0)], lam),
+                            float("inf"))
+        by_idx = torch.sort(torch.where(valid, o, z.shape[0]), dim=1)  # (score, index) order
         ex_sorted = torch.gather(exact, 1, by_idx.indices)
-        first = torch.sort(ex_sorted, dim=1, stable=True).indices[:, 0]
-        best = torch.gather(by_idx.values, 1, first[:, None])[:, 0]
-        best_score = ex_sorted.gather(1, first[:, None])[:, 0]
-        # certificate: every unseen patch of the class scores >= approx[:, -1] - bound
-        rel = (_TF32_REL if (use_triton and precision == "tf32" and q.dtype == torch.float32) else _FP32_REL)(D)
-        zmax = torch.zeros(n_cls, dtype=torch.float32, device=q.device).scatter_reduce(0, pl, z.float().pow(2).sum(1), "amax")
-        cmax = torch.zeros(n_cls, dtype=torch.float32, device=q.device).scatter_reduce(0, pl, c.float(), "amax")
-        qcls = ql[q_order]
-        bound = rel * ((1.0 - lam) * (qs.float().pow(2).sum(1) + zmax[qcls]) + lam * cmax[qcls]) + 1e-30
-        class_size = (p_off[1:] - p_off[:-1]).to(q.device)[qcls]
-        complete = class_size <= kc
-        certain = complete | (best_score < (approx[:, -1].double() - bound.double()))
-        unsure = (~certain).nonzero().flatten()  # host sync: queries for the brute-force fallback
-        for i in unsure.tolist():
-            members = p_order[int(p_off[int(qcls[i])]): int(p_off[int(qcls[i]) + 1])]
-            s = _scores_f64(qs[i][None, :], z[members], c[members], lam)
-            best[i] = members[int(s.argmin())]
-        out = torch.empty_like(best)
-        out[q_order] = best
-        return out
+        first = torch.sort(ex_sorted, dim=1, stable=True).indices[:, :1]
+        best[rows] = torch.gather(by_idx.values, 1, first)[:, 0]
+        # ... and certify: unseen patches score at least the last candidate's fp32 score - bound
+        certain = (class_size[rows] <= kc) | (ex_sorted.gather(1, first)[:, 0] < a[rows, -1] - bound[rows])
+        for i in rows[~certain].tolist():  # 3) brute force over the class (host loop, rare)
+            k = int(qcls[i])
+            members = p_order[int(p_off[k]): int(p_off[k + 1])]
+            best[i] = members[int(_scores_f64(qs[i][None, :], z[members], c[members], lam).argmin())]
+    out = torch.empty_like(best)
+    out[q_order] = best
+    return out
 
 
 def _retrieve_exclusive(q, ql, z, pl, c, lam):

@@ -48,3 +48,18 @@ def test_graph_pairs_and_loss_on_gpu():
     loss = rf.TopologyAlignmentLoss(k=10)(syn, torch.randn(4, 64, 128, device="cuda"))
     loss.backward()
     assert torch.isfinite(syn.grad).all()
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_fused_retrieve_matches_reference_on_gpu(precision):
+    g = torch.Generator().manual_seed(0)
+    C, Q, P, D = 37, 11, 150, 512
+    z = torch.nn.functional.normalize(torch.randn(C * P, D, generator=g), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(C * Q, D, generator=g), dim=1)
+    c = torch.rand(C * P, generator=g)
+    ql = torch.arange(C).repeat_interleave(Q)
+    pl = torch.arange(C).repeat_interleave(P)[torch.randperm(C * P, generator=g)]
+    got = rf.retrieve(q.cuda(), ql.cuda(), z.cuda(), pl.cuda(), c.cuda(), precision=precision, backend="triton")
+    assert torch.equal(got.cpu(), rf.retrieve_ref(q, ql, z, pl, c))
+    assert_close(rf.patch_complexity(z[:8].view(8, 2, 16, 16).cuda()), rf.patch_complexity(z[:8].view(8, 2, 16, 16)),
+                 atol=1e-6, rtol=1e-4, what="complexity on GPU")

@@ -39,6 +39,7 @@ def test_build_round_trip_and_contents(tmp_path):
     assert pool.patches.shape == (11, 8, 8, 3) and pool.patches.dtype == np.uint8
     assert pool.complexity.shape == (11, 2)
     assert [ds.targets[i] for i in pool.source_index] == pool.labels.tolist()
+    assert (np.diff(pool.labels) >= 0).all()  # stored class-sorted
     # features and complexity describe exactly the stored uint8 patches
     x = pool.images(range(len(pool)))
     with torch.no_grad():

@@ -27,7 +27,7 @@ def gudhi_loop(edges, weights, offsets, n, maxdim):
         st = _gudhi_tree(e_all[off[g]:off[g + 1]], w_all[off[g]:off[g + 1]], n)
         if maxdim >= 1:
             st.expansion(2)
-        st.compute_persistence(persistence_dim_max=maxdim >= 1)
+        st.compute_persistence(homology_coeff_field=2, persistence_dim_max=maxdim >= 1)
         out.append(st.persistence_intervals_in_dimension(maxdim))
     return out
 

@@ -39,7 +39,7 @@ def _knn_fwd_kernel(
     PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 tiles: "ieee" or "tf32"
 ):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # int64 offsets: B * N * D may exceed 2**31
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     offs_d = tl.arange(0, BLOCK_D)
@@ -56,12 +56,12 @@ def _knn_fwd_kernel(
             dd = d0 + offs_d
             d_ok = dd < D
             a = tl.load(
-                x_b + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
+                x_b + rows[:, None].to(tl.int64) * stride_xn + dd[None, :] * stride_xd,
                 mask=row_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
             bt = tl.load(
-                x_b + cols[None, :] * stride_xn + dd[:, None] * stride_xd,
+                x_b + cols[None, :].to(tl.int64) * stride_xn + dd[:, None] * stride_xd,
                 mask=col_ok[None, :] & d_ok[:, None],
                 other=0.0,
             )
@@ -75,7 +75,7 @@ def _knn_fwd_kernel(
         best = merge_topk(best, pack_keys(d2, cols[None, :], valid), KC)
 
     slot = tl.arange(0, KP)
-    out = out_ptr + b * stride_ob + rows[:, None] * stride_on + slot[None, :]
+    out = out_ptr + b * stride_ob + rows[:, None].to(tl.int64) * stride_on + slot[None, :]
     tl.store(out, best, mask=row_ok[:, None] & (slot[None, :] < KC))
 
 

@@ -60,9 +60,9 @@ def _retrieve_fwd_kernel(
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             d_ok = dd < D
-            a = tl.load(q_ptr + rows[:, None] * stride_qb + dd[None, :] * stride_qd,
+            a = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_qb + dd[None, :] * stride_qd,
                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            bt = tl.load(z_ptr + cols[None, :] * stride_zp + dd[:, None] * stride_zd,
+            bt = tl.load(z_ptr + cols[None, :].to(tl.int64) * stride_zp + dd[:, None] * stride_zd,
                          mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             if DOT_FP32:
                 acc += tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
@@ -73,7 +73,7 @@ def _retrieve_fwd_kernel(
         valid = row_ok[:, None] & col_ok[None, :]
         best = merge_topk(best, pack_keys(score, cols[None, :], valid), KC)
     slot = tl.arange(0, KP)
-    tl.store(out_ptr + rows[:, None] * stride_ob + slot[None, :], best,
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_ob + slot[None, :], best,
              mask=row_ok[:, None] & (slot[None, :] < KC))
 
 

@@ -22,6 +22,7 @@ import warnings
 from typing import NamedTuple, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._validate import check_k, check_points
 
@@ -42,8 +43,8 @@ GRAM_OVER_DIFF = 128
 CANDIDATE_MARGIN = 8
 # Bound on |approx - exact| / (|x_i|^2 + max_j |x_j|^2) of a tf32 distance tile: inputs rounded to
 # 10 mantissa bits (2^-11 relative each) give |x.y| errors <= 2^-10 |x||y| plus fp32 accumulation
-# (D 2^-24); d2 carries twice that, and 2 x |x||y| <= |x|^2 + |y|^2. Twice the resulting 2^-10.
-TF32_REL_ERR = 2.0**-9
+# (D 2^-24); d2 carries twice that, and 2 x |x||y| <= |x|^2 + |y|^2, giving 2^-10.
+TF32_REL_ERR = 2.0**-8  # 4x: the hardware may truncate to tf32 rather than round (2^-10 each)
 
 
 class KNNGraph(NamedTuple):
@@ -204,26 +205,36 @@ def knn(points: torch.Tensor, k: int, backend: str = "auto", precision: str = "i
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    points = check_points(points)
+    k = check_k(k)
+    if k > points.shape[1] - 1:
+        raise ValueError(f"k must be <= n - 1 = {points.shape[1] - 1} for the directed k-NN, got {k}")
     with torch.no_grad():
+        # Distances are translation invariant but the |x|^2 + |y|^2 - 2 x.y expansion is not: move
+        # each set next to the origin so far-off data keeps its precision. Subtracting one of its
+        # points (not the mean) keeps integer coordinates integer, so exact ties stay exact. Half
+        # precision inputs are shifted (and then searched) in fp32, where the shift is exact.
+        if points.dtype in (torch.float16, torch.bfloat16):
+            points = points.float()
+        points = points - points[:, :1]
         if backend != "torch":
             ok, why = _triton_usable(points)
             if ok and k <= TRITON_MAX_K and points.dtype != torch.float64:
                 from .kernels import knn_fwd
 
-                if precision == "ieee" or points.dtype != torch.float32:
+                kc = min(points.shape[1] - 1, k + CANDIDATE_MARGIN)
+                if precision == "ieee" or points.dtype != torch.float32 or kc > TRITON_MAX_K:
                     return knn_fwd(points, k)[1]
-                kc = min(points.shape[1] - 1, k + CANDIDATE_MARGIN, TRITON_MAX_K)
                 d2, cand = knn_fwd(points, kc, precision="tf32")
                 return rerank_certified(points, d2, cand, k, TF32_REL_ERR)[0]
+            if ok:
+                why = f"the Triton kernel needs k <= {TRITON_MAX_K} and fp32/fp16/bf16 points (k={k}, {points.dtype})"
             if backend == "triton":
-                if not ok:
+                if not _triton_usable(points)[0]:
                     raise RuntimeError(f"backend='triton' requested but {why}")
-                raise ValueError(
-                    f"backend='triton' supports k <= {TRITON_MAX_K} and fp32/fp16/bf16 points, "
-                    f"got k={k}, dtype={points.dtype}"
-                )
+                raise ValueError(f"backend='triton': {why}")
             if points.is_cuda:
-                warnings.warn(f"reta_fast: {why}; mutual_knn_graph uses the torch backend", RuntimeWarning)
+                warnings.warn(f"reta_fast: {why}; the k-NN search uses the torch backend", RuntimeWarning)
         return _knn_torch(points, k)
 
 
@@ -248,6 +259,7 @@ class _EdgeLength(torch.autograd.Function):
         return length
 
     @staticmethod
+    @once_differentiable  # the saved differences are detached: a double backward would be wrong
     def backward(ctx, grad):
         src, dst, diff, length = ctx.saved_tensors
         # d|u|/du = u/|u|; at |u| = 0 take the 0 subgradient (duplicate points stay put).
@@ -324,6 +336,8 @@ def edge_weights(points: torch.Tensor, edges: torch.Tensor, offsets: torch.Tenso
     gid = torch.repeat_interleave(torch.arange(B, device=edges.device), counts)
     i, j = edges[:, 0], edges[:, 1]
     x = points.detach()
+    x = x if x.dtype == torch.float64 else x.float()  # fp16/bf16 would overflow or blur |x|^2
+    x = x - x[:, :1]  # the Gram expansion is accurate near the origin (see knn())
     if B * N * N <= GRAM_MAX_ELEMS and B * N * N <= GRAM_OVER_DIFF * max(1, edges.shape[0]):
         sq = x.pow(2).sum(-1)
         gram = torch.bmm(x, x.transpose(1, 2))

@@ -28,6 +28,7 @@ pick a different but equally valid edge for a pair).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -130,9 +131,14 @@ def _check_graph_input(edges, weights, num_nodes, offsets, per_edge: bool):
             )
     B = offsets_t.numel() - 1
     if isinstance(num_nodes, torch.Tensor):
+        if num_nodes.is_floating_point():
+            raise TypeError(f"num_nodes must hold integers, got dtype {num_nodes.dtype}")
         nodes = num_nodes.to(torch.int64).cpu().reshape(-1)
     elif isinstance(num_nodes, (list, tuple, np.ndarray)):
-        nodes = torch.as_tensor(np.asarray(num_nodes), dtype=torch.int64).reshape(-1)
+        arr = np.asarray(num_nodes)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"num_nodes must hold integers, got dtype {arr.dtype}")
+        nodes = torch.as_tensor(arr.astype(np.int64), dtype=torch.int64).reshape(-1)
     else:
         nodes = torch.full((B,), check_positive_int(num_nodes, "num_nodes", 0), dtype=torch.int64)
     if nodes.numel() != B:
@@ -210,7 +216,9 @@ def _h1_gudhi(e: np.ndarray, w: np.ndarray, lo: int, hi: int, n: int):
         st.insert([a, b], float(w[idx]))
         lookup[(min(a, b), max(a, b))] = idx
     st.expansion(2)
-    st.compute_persistence(persistence_dim_max=True, min_persistence=-1.0)
+    # Z/2 coefficients, as the native core (GUDHI's default field is Z/11: graphs whose H1 has
+    # 2-torsion pair differently there).
+    st.compute_persistence(homology_coeff_field=2, persistence_dim_max=True, min_persistence=-1.0)
     _, regular, _, essential = st.flag_persistence_generators()
 
     def edge(a, b):
@@ -335,6 +343,14 @@ def _with_essential(points, offsets, extra, extra_offsets):
     return merged, new_off
 
 
+def _check_essential(essential) -> None:
+    if essential is None or essential == "max":
+        return
+    if isinstance(essential, bool) or not isinstance(essential, (int, float)) or not (
+            math.isfinite(essential) and essential >= 0):
+        raise ValueError(f"essential must be None, 'max' or a finite float >= 0, got {essential!r}")
+
+
 def cap_edges_of(weights: torch.Tensor, edge_offsets: torch.Tensor) -> torch.Tensor:
     """Per graph, the global index of its longest edge by ``weights`` (smallest index among equal
     ones), or -1 for a graph without edges: ``[B]`` int64 on the device of ``weights``."""
@@ -380,6 +396,7 @@ def diagrams_from_pairs(
 
     Returns ``(h0 [M0, 2], h0_offsets, h1 [M1, 2], h1_offsets)``.
     """
+    _check_essential(essential)
     dev = lengths.device
     h0d = lengths[pairs.h0.to(dev)]
     h0 = torch.stack([torch.zeros_like(h0d), h0d], dim=1)
@@ -433,6 +450,7 @@ def persistence_diagrams(
     """
     pts = check_points(points)
     k = check_positive_int(k, "k")
+    _check_essential(essential)
     edges, offsets = mutual_knn_edges(pts, k, backend=knn_backend)
     weights = edge_weights(pts, edges, offsets)
     pairs = persistence_pairs(edges, weights, pts.shape[1], maxdim=maxdim, offsets=offsets, backend=backend)

@@ -82,7 +82,13 @@ def persistence_image(
         gb = gb / (math.sqrt(2 * math.pi) * sigma)
     if offsets is None:
         return gp.sum(0) if birth_range is None else gp.T @ gb
-    offsets = torch.as_tensor(offsets, dtype=torch.int64).cpu()
+    offsets = torch.as_tensor(offsets).cpu()
+    if offsets.is_floating_point() or offsets.dim() != 1 or offsets.numel() < 2:
+        raise ValueError("offsets must be a 1-D integer sequence [B + 1] with B >= 1")
+    offsets = offsets.long()
+    if int(offsets[0]) != 0 or int(offsets[-1]) != diagram.shape[0] or bool((offsets.diff() < 0).any()):
+        raise ValueError(f"offsets must start at 0, be non-decreasing and end at m={diagram.shape[0]}, "
+                         f"got {offsets.tolist()[:8]}")
     B = offsets.numel() - 1
     counts = offsets.diff()
     if birth_range is None:

@@ -35,7 +35,7 @@ TORCH_CHUNK_ELEMS = 1 << 24
 # of float64: rounding of each product and of the D-term accumulation (D 2^-24 worst case), doubled.
 _FP32_REL = lambda d: 2.0 * (d + 8) * 2.0**-24  # noqa: E731
 # tf32 tiles round inputs to 10 mantissa bits (see reta_fast.knn.TF32_REL_ERR).
-_TF32_REL = lambda d: 2.0**-9 + _FP32_REL(d)  # noqa: E731
+_TF32_REL = lambda d: 2.0**-8 + _FP32_REL(d)  # noqa: E731
 
 
 # --------------------------------------------------------------------------------------------

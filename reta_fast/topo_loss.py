@@ -15,7 +15,7 @@ from torch import nn
 
 from ._validate import check_points, check_positive_int
 from .knn import edge_weights, mutual_knn_edges
-from .persistence import cap_edges_of, diagrams_from_pairs, paired_lengths, persistence_pairs
+from .persistence import _check_essential, cap_edges_of, diagrams_from_pairs, paired_lengths, persistence_pairs
 from .pimage import persistence_image
 
 __all__ = ["TopologyAlignmentLoss"]
@@ -77,8 +77,7 @@ class TopologyAlignmentLoss(nn.Module):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         if not gamma >= 0:
             raise ValueError(f"gamma must be >= 0, got {gamma!r}")
-        if essential is not None and essential != "max" and not isinstance(essential, (int, float)):
-            raise ValueError(f"essential must be None, 'max' or a float, got {essential!r}")
+        _check_essential(essential)
         self.gamma, self.normalize, self.essential = float(gamma), bool(normalize), essential
         self.sigma_frac = SIGMA_FRACTION if sigma is None else float(sigma)
         if not self.sigma_frac > 0:
@@ -92,6 +91,7 @@ class TopologyAlignmentLoss(nn.Module):
         self.grid = dict(self._fixed)
         self._ref_images: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._pairs_cache = None
+        self._cache_key = None
         self._calls = 0
 
     # ----------------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ class TopologyAlignmentLoss(nn.Module):
         """Diagrams of ``[B, n, d]``; with ``reuse``, on the stored graph and pairings (only the
         paired edges' lengths are recomputed)."""
         if reuse:
-            edges, offsets, weights, pairs, caps, _ = self._pairs_cache
+            edges, offsets, weights, pairs, caps = self._pairs_cache
         else:
             edges, offsets = mutual_knn_edges(x, self.k, backend=self.knn_backend)
             weights = edge_weights(x, edges, offsets)
@@ -145,15 +145,27 @@ class TopologyAlignmentLoss(nn.Module):
         dg, _ = self._diagrams(x, reuse=False)
         self._set_grid(dg[0], dg[2])
         self._ref_images = self._images(dg, x.shape[1])
+        self._pairs_cache = None  # a new reference: stored synthetic pairings belong to the old one
 
-    def forward(self, syn: torch.Tensor, real: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, syn: torch.Tensor, real: Optional[torch.Tensor] = None, classes=None) -> torch.Tensor:
+        """Loss of ``syn`` ``[C, n, d]`` against ``real`` (or the reference). With
+        ``refresh_every > 1``, pass ``classes`` (the ``C`` class ids of this batch) whenever the
+        batch's classes can change between calls: stored pairings are only reused for the same
+        classes, shape and real side."""
         xs = self._prep(syn, "syn")
         C = xs.shape[0]
+        if classes is not None:
+            classes = tuple(int(c) for c in torch.as_tensor(classes).reshape(-1).tolist())
+            if len(classes) != C:
+                raise ValueError(f"classes has {len(classes)} ids but syn has {C} classes")
+        ref_key = (real.data_ptr(), real._version) if real is not None else id(self._ref_images)
+        key = (tuple(xs.shape), classes, ref_key)
         reuse = (
             self._pairs_cache is not None
             and self._calls % self.refresh_every != 0
-            and self._pairs_cache[-1] == tuple(xs.shape)
+            and self._cache_key == key
         )
+        self._cache_key = key
         if real is not None:
             xr = self._prep(real, "real")
             if xr.shape != xs.shape:
@@ -172,7 +184,7 @@ class TopologyAlignmentLoss(nn.Module):
             # One batched k-NN + one native call for both sides: [syn; real].
             both = torch.cat([xs, xr.detach()])
             dg, state = self._diagrams(both, reuse=False)
-            self._cache_syn(*state, C, xs.shape)
+            self._cache_syn(*state, C)
             h0, h0_off, h1, h1_off = dg
             if self.grid["h0"] is None or self.grid["h1p"] is None or self.grid["h1b"] is None:
                 self._set_grid(h0[h0_off[C]:].detach(), h1[h1_off[C]:].detach())
@@ -191,13 +203,13 @@ class TopologyAlignmentLoss(nn.Module):
                     raise ValueError(f"syn has {C} classes but the reference has {i0r.shape[0]}")
             dgs, state = self._diagrams(xs, reuse=reuse)
             if not reuse:
-                self._pairs_cache = (*state, tuple(xs.shape))
+                self._pairs_cache = state
             i0s, i1s = self._images(dgs, xs.shape[1])
         self._calls += 1
         per_class = (i0s - i0r).pow(2).flatten(1).sum(1) + self.gamma * (i1s - i1r).pow(2).flatten(1).sum(1)
         return per_class.sum() if self.reduction == "sum" else per_class.mean()
 
-    def _cache_syn(self, edges, offsets, weights, pairs, caps, C, shape):
+    def _cache_syn(self, edges, offsets, weights, pairs, caps, C):
         """Keep the synthetic half of a joint [syn; real] graph and pairings for reuse."""
         e_end = int(offsets[C])
         sub = lambda flat, off: (flat[: int(off[C])], off[: C + 1])  # noqa: E731
@@ -206,4 +218,4 @@ class TopologyAlignmentLoss(nn.Module):
         ess, esso = sub(pairs.h1_essential, pairs.h1_essential_offsets)
         syn_pairs = type(pairs)(h0, h0o, pairs.components[:C], h1, h1o, ess, esso)
         caps = None if caps is None else caps[:C]
-        self._pairs_cache = (edges[:e_end], offsets[: C + 1], weights[:e_end], syn_pairs, caps, tuple(shape))
+        self._pairs_cache = (edges[:e_end], offsets[: C + 1], weights[:e_end], syn_pairs, caps)

@@ -117,3 +117,28 @@ def test_bad_input():
     ref.set_reference(syn)
     with pytest.raises(ValueError, match="classes"):
         ref(feats(3, 20, 4, 2))
+
+
+def test_pairing_cache_follows_classes_and_reference():
+    syn_a, syn_b, real = feats(2, 30, 8, 20), feats(2, 30, 8, 21, spread=2.0), feats(2, 30, 8, 22)
+    fresh = rf.TopologyAlignmentLoss(k=5, **GRID)
+    fresh.set_reference(real)
+    cached = rf.TopologyAlignmentLoss(k=5, refresh_every=100, **GRID)
+    cached.set_reference(real)
+    cached(syn_a, classes=[0, 1])
+    # other classes, same shape: the stored pairings of classes 0, 1 must not be reused
+    assert_close(cached(syn_b, classes=[2, 3]), fresh(syn_b), atol=1e-7, rtol=1e-6, what="new classes")
+    # a new reference invalidates the cache too
+    cached.set_reference(real)
+    assert_close(cached(syn_a, classes=[2, 3]), fresh(syn_a), atol=1e-7, rtol=1e-6, what="new reference")
+    with pytest.raises(ValueError, match="classes has 3 ids"):
+        cached(syn_a, classes=[1, 2, 3])
+
+
+def test_far_from_origin_features_keep_their_topology():
+    # unnormalised features with a large offset: the graph must be the one of the centred set
+    x = feats(1, 60, 16, 23)
+    near = rf.persistence_diagrams(x, 8)
+    far = rf.persistence_diagrams(x + 1000.0, 8)
+    assert torch.equal(near.graph.edges, far.graph.edges)
+    assert_close(far.h0, near.h0, atol=2e-3, what="H0 shifted")

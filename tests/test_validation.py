@@ -75,3 +75,28 @@ def test_int32_edges_accepted():
     p32 = rf.persistence_pairs(E.int(), W, 3)
     p64 = rf.persistence_pairs(E, W.double(), 3)
     assert torch.equal(p32.h0, p64.h0)
+
+
+def test_more_bad_arguments():
+    x = torch.randn(10, 3)
+    for bad in (float("nan"), -5.0, True, "min"):
+        with pytest.raises(ValueError, match="essential"):
+            rf.persistence_diagrams(x, 3, essential=bad)
+        with pytest.raises(ValueError, match="essential"):
+            rf.TopologyAlignmentLoss(essential=bad)
+    with pytest.raises(TypeError, match="num_nodes must hold integers"):
+        rf.persistence_pairs(E, W, [3.5], offsets=[0, 2])
+    with pytest.raises(ValueError, match="offsets must"):
+        rf.persistence_image(torch.rand(7, 2), 4, offsets=torch.tensor([2, 4, 7]))
+    with pytest.raises(ValueError, match=r"k must be <= n - 1"):
+        rf.knn(torch.randn(1, 5, 2), 5)
+    with pytest.raises(ValueError, match="k must be"):
+        rf.knn(torch.randn(1, 5, 2), 0)
+
+
+def test_edge_length_double_backward_raises_instead_of_lying():
+    x = torch.randn(1, 6, 3, dtype=torch.float64, requires_grad=True)
+    g = rf.mutual_knn_graph(x, 2)
+    (grad,) = torch.autograd.grad(g.lengths.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()

@@ -1,7 +1,7 @@
 """Fused k-nearest-neighbour search: distance tiles + a running top-k, never an n x n matrix.
 
 Tie rule (the one the PyTorch reference uses): neighbours are ordered by (squared distance, index),
-so among equally distant points the smaller index wins; see ``_topk.py`` for the packed keys.
+so among equally distant points the smaller index wins; see ``_common.py`` for the packed keys.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._topk import EMPTY_BASE, init_topk, merge_topk, pack_keys, unpack_keys
+from ._common import EMPTY_BASE, dot_tile, init_topk, merge_topk, pack_keys, unpack_keys
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -42,7 +42,6 @@ def _knn_fwd_kernel(
     b = tl.program_id(1).to(tl.int64)  # int64 offsets: B * N * D may exceed 2**31
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
-    offs_d = tl.arange(0, BLOCK_D)
     x_b = x_ptr + b * stride_xb
     sq_r = tl.load(sqn_ptr + b * stride_sb + rows, mask=row_ok, other=0.0)
 
@@ -51,24 +50,8 @@ def _knn_fwd_kernel(
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            d_ok = dd < D
-            a = tl.load(
-                x_b + rows[:, None].to(tl.int64) * stride_xn + dd[None, :] * stride_xd,
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            bt = tl.load(
-                x_b + cols[None, :].to(tl.int64) * stride_xn + dd[:, None] * stride_xd,
-                mask=col_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
-            if DOT_FP32:
-                acc += tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
-            else:
-                acc += tl.dot(a, bt)
+        acc = dot_tile(x_b, rows, row_ok, stride_xn, stride_xd, x_b, cols, col_ok, stride_xn, stride_xd, D,
+                       BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
         sq_c = tl.load(sqn_ptr + b * stride_sb + cols, mask=col_ok, other=0.0)
         d2 = sq_r[:, None] + sq_c[None, :] - 2.0 * acc
         valid = col_ok[None, :] & (cols[None, :] != rows[:, None]) & row_ok[:, None]

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._topk import EMPTY_BASE, init_topk, merge_topk, pack_keys, unpack_keys
+from ._common import EMPTY_BASE, dot_tile, init_topk, merge_topk, pack_keys, unpack_keys
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -50,24 +50,13 @@ def _retrieve_fwd_kernel(
     p1 = tl.load(tiles_ptr + 4 * t + 3)
     rows = q0 + tl.arange(0, BLOCK_Q)
     row_ok = rows < q1
-    offs_d = tl.arange(0, BLOCK_D)
     qsq = tl.load(qsq_ptr + rows, mask=row_ok, other=0.0)
     best = init_topk(BLOCK_Q, KP, KC)
     for start in range(p0, p1, BLOCK_P):
         cols = start + tl.arange(0, BLOCK_P)
         col_ok = cols < p1
-        acc = tl.zeros([BLOCK_Q, BLOCK_P], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            d_ok = dd < D
-            a = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_qb + dd[None, :] * stride_qd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            bt = tl.load(z_ptr + cols[None, :].to(tl.int64) * stride_zp + dd[:, None] * stride_zd,
-                         mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            if DOT_FP32:
-                acc += tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
-            else:
-                acc += tl.dot(a, bt)
+        acc = dot_tile(q_ptr, rows, row_ok, stride_qb, stride_qd, z_ptr, cols, col_ok, stride_zp, stride_zd, D,
+                       BLOCK_Q, BLOCK_P, BLOCK_D, DOT_FP32, PRECISION)
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
         score = qsq[:, None] + bias[None, :] - scale * acc
         valid = row_ok[:, None] & col_ok[None, :]

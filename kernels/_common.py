@@ -1,4 +1,5 @@
-"""Running top-k of packed int64 keys, shared by the search kernels.
+"""Pieces shared by the search kernels: a row-block x column-block dot-product tile, and a running
+top-k of packed int64 keys.
 
 A key is ``(float_bits(score) << 32) | index`` for a score >= 0 (IEEE bits are monotone there), so
 one integer min/max orders candidates by (score, index): ties go to the smaller index, always.
@@ -53,3 +54,25 @@ def unpack_keys(keys):
     import torch
 
     return (keys >> 32).to(torch.int32).view(torch.float32), keys & 0xFFFFFFFF
+
+
+@triton.jit
+def dot_tile(a_ptr, rows, row_ok, stride_ar, stride_ad, b_ptr, cols, col_ok, stride_bc, stride_bd, D,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]`` fp32 dot products of rows ``a[rows]`` with rows ``b[cols]`` over ``D``."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        d_ok = dd < D
+        # int64 row offsets: rows x stride may exceed 2**31 for large sets
+        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_ar + dd[None, :] * stride_ad,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        bt = tl.load(b_ptr + cols[None, :].to(tl.int64) * stride_bc + dd[:, None] * stride_bd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        if DOT_FP32:  # the interpreter (and fp32 inputs) take fp32 tiles
+            acc += tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc += tl.dot(a, bt)
+    return acc

@@ -49,6 +49,18 @@ def _gaussian_kernel(sigma: float, dtype, device) -> torch.Tensor:
     return (k / k.sum()).to(dtype=dtype, device=device)
 
 
+def _blur_matrix(n: int, sigma: float, dtype, device) -> torch.Tensor:
+    """``[n, n]`` matrix M with ``(v @ M)[j] = sum_k g[k] v[clamp(j + k - r, 0, n - 1)]``: a 1-D
+    Gaussian blur with replicated borders (scipy's ``mode="nearest"``)."""
+    g = _gaussian_kernel(sigma, torch.float64, "cpu")
+    r = (g.numel() - 1) // 2
+    j = torch.arange(n)[None, :]
+    src = (j + torch.arange(-r, r + 1)[:, None]).clamp(0, n - 1)  # [2r + 1, n]
+    m = torch.zeros(n, n, dtype=torch.float64)
+    m.index_put_((src.flatten(), j.expand_as(src).flatten()), g[:, None].expand_as(src).flatten(), accumulate=True)
+    return m.to(dtype=dtype, device=device)
+
+
 def patch_complexity(images: torch.Tensor, sigma: float = 1.0, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Complexity proxy ``c(o) = Var_u ||grad (G_sigma * o)(u)||^2`` of each image (METHOD.md section 3).
 
@@ -78,12 +90,10 @@ def patch_complexity(images: torch.Tensor, sigma: float = 1.0, labels: Optional[
     x = x if x.dtype == torch.float64 else x.float()
     N, C, H, W = x.shape
     if sigma > 0:
-        k = _gaussian_kernel(float(sigma), x.dtype, x.device)
-        r = (k.numel() - 1) // 2
-        flat = x.reshape(N * C, 1, H, W)
-        flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-        flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-        x = flat.reshape(N, C, H, W)
+        # Separable blur as two small matrix products with the replicate border folded into the
+        # matrices: much faster than single-channel convolutions on the CPU, same result.
+        x = torch.matmul(_blur_matrix(H, float(sigma), x.dtype, x.device).T, x)
+        x = torch.matmul(x, _blur_matrix(W, float(sigma), x.dtype, x.device))
     gy, gx = torch.gradient(x, dim=(2, 3))
     energy = (gx.pow(2) + gy.pow(2)).sum(1)  # [N, H, W]
     c = energy.flatten(1).var(1, unbiased=False)

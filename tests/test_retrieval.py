@@ -120,7 +120,7 @@ def test_complexity_orders_textures_and_scales_per_class():
     stripes[..., ::4, :] = 1.0
     noise = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     c = rf.patch_complexity(torch.cat([flat, stripes, noise]), sigma=1.0)
-    assert float(c[0]) < 1e-12 and c[1] > 1e-3 and c[2] > 1e-3  # a flat image has no texture
+    assert float(c[0]) < 1e-12 and c[1] > 1e-6 and c[2] > 1e-6  # a flat image has no texture
     x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 0, 1, 1, 1, 2])
     s = rf.patch_complexity(x, labels=labels)

@@ -41,9 +41,8 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
 def teacher_features(teacher: torch.nn.Module, x: torch.Tensor):
     """``(logits [N, K], penultimate features [N, D])`` in one forward pass.
 
-    Uses ``teacher.features`` + ``teacher.fc``-style heads when the model has a ``features`` method
-    returning ``[N, D]``; otherwise the input of its last ``nn.Linear`` (the global-pooled features
-    of torchvision/timm classifiers).
+    The features are the input of the teacher's last ``nn.Linear`` (the global-average-pooled
+    features of torchvision/timm-style classifiers), captured with a forward hook.
     """
     linears = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
@@ -125,8 +124,13 @@ class PatchPool:
             raise FileNotFoundError(f"{str(path)!r} is not a patch pool (no manifest.json)")
         try:
             manifest = json.loads(mpath.read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"pool manifest {str(mpath)!r} is unreadable: {exc}") from None
+            for key in ("format", "teacher", "classes", "arrays", "resolutions", "size", "mean", "std", "params"):
+                manifest[key]
+            for name in _ARRAYS:
+                meta = manifest["arrays"][name]
+                meta["bytes"], meta["shape"], meta["dtype"], meta["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"pool manifest {str(mpath)!r} is unreadable or incomplete: {exc!r}") from None
         if manifest.get("format") != POOL_FORMAT:
             raise ValueError(f"pool {str(path)!r} has format {manifest.get('format')!r}, expected {POOL_FORMAT}")
         if teacher is not None and teacher_fingerprint(teacher) != manifest["teacher"]:
@@ -213,8 +217,11 @@ class PatchPool:
         targets = dataset_targets(dataset)
         class_names = list(map(str, classes)) if classes is not None else dataset_classes(dataset, targets)
         fp = teacher_fingerprint(teacher)
+        mean, std = [float(m) for m in mean], [float(v) for v in std]
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std must hold 3 values (std > 0), got {mean}, {std}")
         params = dict(per_class=per_class, size=size, resolutions=resolutions, candidates=candidates,
-                      crop_scale=list(crop_scale), sigma=sigma, mean=list(mean), std=list(std), seed=seed)
+                      crop_scale=[float(v) for v in crop_scale], sigma=float(sigma), mean=mean, std=std, seed=int(seed))
         out = Path(out)
         if out.exists():
             if not (out / "manifest.json").is_file():
@@ -223,23 +230,23 @@ class PatchPool:
             stored = {k: pool.manifest["params"].get(k) for k in params}
             if stored != json.loads(json.dumps(params)):
                 raise ValueError(f"pool {str(out)!r} was built with other parameters {stored}; asked for {params}")
+            name = dataset_name or type(dataset).__name__
+            if pool.manifest["dataset_size"] != len(dataset) or pool.manifest["dataset"] != name:
+                raise ValueError(f"pool {str(out)!r} was built from data set {pool.manifest['dataset']!r} of "
+                                 f"{pool.manifest['dataset_size']} images, not {name!r} of {len(dataset)}")
             return pool
 
         n_cls = len(class_names)
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(dataset), generator=g).tolist()
-        if targets is not None:  # choose without decoding images
-            taken = [0] * n_cls
-            chosen = []
-            for i in order:
-                t = targets[i]
-                if not 0 <= t < n_cls:
-                    raise ValueError(f"dataset label {t} at index {i} is outside [0, {n_cls})")
-                if taken[t] < per_class:
-                    taken[t] += 1
-                    chosen.append(i)
-            order = chosen
-        capacity = min(len(order), per_class * n_cls)
+        if targets is not None:  # capacity from the labels, without decoding any image
+            if targets and (min(targets) < 0 or max(targets) >= n_cls):
+                raise ValueError(f"dataset labels must lie in [0, {n_cls}) ({n_cls} classes), got "
+                                 f"[{min(targets)}, {max(targets)}]")
+            per = np.bincount(np.asarray(targets, dtype=np.int64), minlength=n_cls)
+            capacity = int(np.minimum(per, per_class).sum())
+        else:
+            capacity = min(len(order), per_class * n_cls)
 
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         if tmp.exists():
@@ -293,15 +300,20 @@ class PatchPool:
             for i in iterator:
                 if n + len(batch_imgs) >= capacity or all(c >= per_class for c in count):
                     break
+                if targets is not None and count[targets[i]] >= per_class:
+                    continue  # class full: skip without decoding
                 try:
                     img, t = dataset[i]
-                    t = int(t)
-                    img = to_image_tensor(img)
-                except (OSError, ValueError, SyntaxError) as exc:  # unreadable/corrupt image files
+                except (OSError, SyntaxError) as exc:  # unreadable/corrupt image files: skip, count
                     skipped += 1
                     if skipped <= 3:
                         warnings.warn(f"reta_fast: skipping unreadable image {i}: {exc}", RuntimeWarning)
                     continue
+                try:
+                    img = to_image_tensor(img)
+                    t = int(t)
+                except (ValueError, TypeError) as exc:  # a format we cannot use is an error, not a skip
+                    raise ValueError(f"dataset item {i}: {exc}") from None
                 if not 0 <= t < n_cls:
                     raise ValueError(f"dataset label {t} at index {i} is outside [0, {n_cls})")
                 if count[t] >= per_class:
@@ -351,7 +363,9 @@ class PatchPool:
             with open(tmp / "manifest.json", "w") as fh:
                 json.dump(manifest, fh, indent=1)
                 fh.flush()
-                os.fsync(fh.fileno())
+            for f in tmp.iterdir():  # durable before the rename publishes the pool
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
             os.rename(tmp, out)  # atomic: a pool folder is either complete or absent
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

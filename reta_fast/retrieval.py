@@ -203,7 +203,7 @@ def _candidates_torch(q, qsq, z, bias, q_off, p_off, lam, kc):
     classes = (q_cnt > 0).nonzero().flatten()
     qmax, pmax = int(q_cnt.max()), int(p_cnt[classes].max())
     m = min(kc, pmax)
-    per_chunk = max(1, TORCH_CHUNK_ELEMS // max(1, qmax * max(pmax, D)))
+    per_chunk = max(1, TORCH_CHUNK_ELEMS // max(1, qmax * pmax, qmax * D, pmax * D))
     qf, zf = q.float(), z.float()
     uniform = bool((q_cnt == qmax).all()) and bool((p_cnt == pmax).all())  # every class equally full
     for c0 in range(0, classes.numel(), per_chunk):
@@ -233,9 +233,8 @@ def _candidates_torch(q, qsq, z, bias, q_off, p_off, lam, kc):
 
 
 def _sq_norms(x: torch.Tensor) -> torch.Tensor:
-    """Row squared norms in fp32 without an ``[n, D]`` temporary."""
-    x = x.float()
-    return torch.einsum("nd,nd->n", x, x)
+    """Row squared norms in fp32 without an ``[n, D]`` temporary (and never through a TF32 GEMM)."""
+    return torch.linalg.vector_norm(x.float(), dim=1).pow(2)
 
 
 def _triton_ok(t: torch.Tensor) -> bool:
@@ -298,7 +297,8 @@ def retrieve(
     if B == 0:
         return torch.zeros(0, dtype=torch.int64, device=q.device)
     if exclusive:
-        return _retrieve_exclusive(q, ql, z, pl, c, lam)
+        with torch.no_grad():
+            return _retrieve_exclusive(q, ql, z, pl, c, lam)
     with torch.no_grad():
         return _retrieve_fast(q, ql, z, pl, c, lam, backend, precision)
 
@@ -316,6 +316,10 @@ def _retrieve_fast(q, ql, z, pl, c, lam, backend, precision):
     # Already class-sorted inputs (a PatchPool is stored that way) are used as they are: no copy.
     qs = q if bool((ql[1:] >= ql[:-1]).all()) else q[q_order]  # host sync
     zs = z if bool((pl[1:] >= pl[:-1]).all()) else z[p_order]  # host sync
+    # The fp32 search needs one dtype on both sides: a shared half type, else fp32 (float64 inputs
+    # are searched in fp32 and re-ranked in float64 like the others).
+    search_dtype = q.dtype if (q.dtype == z.dtype and q.dtype in (torch.float16, torch.bfloat16)) else torch.float32
+    qs_search, zs_search = qs.to(search_dtype), zs.to(search_dtype)
     q_sq = _sq_norms(qs)
     z_sq = _sq_norms(z)  # original order
     qsq = (1.0 - lam) * q_sq
@@ -328,18 +332,21 @@ def _retrieve_fast(q, ql, z, pl, c, lam, backend, precision):
                                "and TRITON_INTERPRET unset, or triton missing)")
         from .kernels import retrieve_fwd
 
-        approx, cand = retrieve_fwd(qs, qsq, zs, bias, q_off, p_off, lam, kc, precision)
+        approx, cand = retrieve_fwd(qs_search, qsq, zs_search, bias, q_off, p_off, lam, kc, precision)
         cand = torch.where(cand < z.shape[0], cand, -1)  # empty slots of classes smaller than kc
         approx = torch.where(cand >= 0, approx, float("inf"))
     else:
         if q.is_cuda:
             warnings.warn("reta_fast: triton unavailable; retrieve uses the batched torch search", RuntimeWarning)
-        approx, cand = _candidates_torch(qs, qsq, zs, bias, q_off, p_off, lam, kc)
+        approx, cand = _candidates_torch(qs_search, qsq, zs_search, bias, q_off, p_off, lam, kc)
     orig = torch.where(cand >= 0, p_order[cand.clamp_min(0)], -1)  # original pool indices
 
     # Error bound of the fp32 scores, per query: every patch's fp32 score is within `bound` of its
     # float64 score.
-    rel = (_TF32_REL if (use_triton and precision == "tf32" and q.dtype == torch.float32) else _FP32_REL)(D)
+    # tf32 tiles in the kernel, or cuBLAS allowed to use TF32 for the torch path's fp32 GEMMs
+    tf32 = (use_triton and precision == "tf32") or (not use_triton and dev.type == "cuda" and (
+        torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"))
+    rel = (_TF32_REL if tf32 else _FP32_REL)(D)
     zmax = torch.zeros(n_cls, dtype=torch.float32, device=dev).scatter_reduce(0, pl, z_sq, "amax")
     cmax = torch.zeros(n_cls, dtype=torch.float32, device=dev).scatter_reduce(0, pl, c.float(), "amax")
     qcls = ql[q_order]
@@ -349,6 +356,9 @@ def _retrieve_fast(q, ql, z, pl, c, lam, backend, precision):
     # 1) a clear fp32 winner (next candidate more than 2 bounds behind) is the float64 winner too
     a = approx.double()
     clear = (class_size == 1) | (a[:, 1] - a[:, 0] > 2 * bound) if kc > 1 else class_size == 1
+    # fp32 overflow (huge features or complexities) leaves no usable candidate: brute force those
+    broken = (orig[:, 0] < 0) | ~torch.isfinite(a[:, 0]) | ~torch.isfinite(bound)
+    clear = clear & ~broken
     # 2) otherwise re-rank the candidates with the reference's float64 formula ...
     rows = (~clear).nonzero().flatten()  # host sync
     if rows.numel():
@@ -361,7 +371,8 @@ def _retrieve_fast(q, ql, z, pl, c, lam, backend, precision):
         first = torch.sort(ex_sorted, dim=1, stable=True).indices[:, :1]
         best[rows] = torch.gather(by_idx.values, 1, first)[:, 0]
         # ... and certify: unseen patches score at least the last candidate's fp32 score - bound
-        certain = (class_size[rows] <= kc) | (ex_sorted.gather(1, first)[:, 0] < a[rows, -1] - bound[rows])
+        certain = ((class_size[rows] <= kc) | (ex_sorted.gather(1, first)[:, 0] < a[rows, -1] - bound[rows])) & \
+            ~broken[rows]
         for i in rows[~certain].tolist():  # 3) brute force over the class (host loop, rare)
             k = int(qcls[i])
             members = p_order[int(p_off[k]): int(p_off[k + 1])]
@@ -424,6 +435,8 @@ def residual_inject(x: torch.Tensor, patches: torch.Tensor, alpha: float = 0.5,
         if tuple(t.shape[2:]) == tuple(size):
             return t
         shrink = t.shape[2] > size[0] or t.shape[3] > size[1]
-        return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+        # antialiased resampling has no half-precision CPU kernel: resample in fp32 there
+        work = t.float() if (shrink and not t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)) else t
+        return F.interpolate(work, size=size, mode="bilinear", align_corners=False, antialias=shrink).to(t.dtype)
 
     return alpha * resize(x) + (1.0 - alpha) * resize(patches.to(x.dtype))

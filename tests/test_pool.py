@@ -1,6 +1,7 @@
 """PatchPool: build, disk round trip, reuse, refusal of foreign pools, corrupt input, retrieval."""
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -132,6 +133,16 @@ def test_image_folder_with_a_corrupt_file(tmp_path):
         pool = rf.PatchPool.build(str(root), t, tmp_path / "p", per_class=5, size=8, resolutions=(8,), progress=False)
     assert pool.classes == ["n01", "n02"] and np.bincount(pool.labels).tolist() == [3, 3]
     assert pool.manifest["skipped_images"] == 1
+    # a broken file is replaced by another image of its class when one is left
+    for seed in range(4):
+        with warnings.catch_warnings():  # whether the broken file is met at all depends on the seed
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = rf.PatchPool.build(str(root), t, tmp_path / f"s{seed}", per_class=3, size=8, resolutions=(8,),
+                                   seed=seed, progress=False)
+        assert np.bincount(p.labels).tolist() == [3, 3]
+    with pytest.raises(ValueError, match="built from data set"):
+        rf.PatchPool.build(TinySet(per_class=(2, 2)), t, tmp_path / "p", per_class=5, size=8, resolutions=(8,),
+                           progress=False, classes=["n01", "n02"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         rf.ImageFolder(tmp_path / "nowhere")
 
@@ -144,4 +155,11 @@ def test_build_bad_arguments(tmp_path):
         rf.PatchPool.build(ds, t, tmp_path / "p", resolutions=(), progress=False)
     with pytest.raises(ValueError, match="no nn.Linear head"):
         rf.PatchPool.build(ds, torch.nn.Conv2d(3, 3, 1), tmp_path / "p", progress=False)
-    assert not (tmp_path / "p").exists()
+
+    class Rgba(TinySet):
+        def __getitem__(self, i):
+            return torch.rand(4, 9, 9), self.targets[i]
+
+    with pytest.raises(ValueError, match="dataset item .*1 or 3 channels"):
+        rf.PatchPool.build(Rgba(), t, tmp_path / "p", progress=False)
+    assert os.listdir(tmp_path) == []  # nothing left behind, not even a temporary folder

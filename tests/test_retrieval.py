@@ -152,3 +152,40 @@ def test_residual_inject():
         rf.residual_inject(x, p, alpha=2)
     with pytest.raises(ValueError, match="agree"):
         rf.residual_inject(x, p[:1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_certificate_catches_candidates_fp32_cannot_rank(backend):
+    # Patches on the coordinate axes at radii 1 - k 1e-10 (float64), the closest to the origin at the
+    # highest index. In fp32 every radius rounds to 1.0: a perfect tie, so the fp32 search keeps the
+    # first indices as candidates and their fp32 score (1.0) is above every exact score. Only a
+    # certificate with a real error bound sends the queries to the brute-force fallback.
+    P, D = 80, 16
+    z = torch.zeros(P, D, dtype=torch.float64)
+    z[torch.arange(P), torch.arange(P) % D] = 1.0 - 1e-10 * torch.arange(1, P + 1, dtype=torch.float64)
+    q = torch.zeros(3, D, dtype=torch.float64)
+    args = (q, torch.zeros(3, dtype=torch.int64), z, torch.zeros(P, dtype=torch.int64), torch.zeros(P, dtype=torch.float64))
+    assert rf.retrieve(*args, lam=0.0, backend=backend).tolist() == [P - 1] * 3
+    assert rf.retrieve_ref(*args, lam=0.0).tolist() == [P - 1] * 3
+
+
+def test_certificate_is_what_makes_it_exact(monkeypatch):
+    # The same case with the error bound removed must go wrong: the test above can fail.
+    from reta_fast import retrieval
+
+    monkeypatch.setattr(retrieval, "_FP32_REL", lambda d: 0.0)
+    P, D = 80, 16
+    z = torch.zeros(P, D, dtype=torch.float64)
+    z[torch.arange(P), torch.arange(P) % D] = 1.0 - 1e-10 * torch.arange(1, P + 1, dtype=torch.float64)
+    got = rf.retrieve(torch.zeros(1, D, dtype=torch.float64), torch.zeros(1, dtype=torch.int64), z,
+                      torch.zeros(P, dtype=torch.int64), torch.zeros(P, dtype=torch.float64), lam=0.0, backend="torch")
+    assert got.tolist() != [P - 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_and_overflow(backend):
+    q, ql, z, pl, c = make(4, 20, 60, 16, seed=9)
+    ref = rf.retrieve_ref(q.bfloat16().float(), ql, z, pl, c)
+    assert torch.equal(rf.retrieve(q.bfloat16(), ql, z, pl, c, backend=backend), ref)  # bf16 queries, fp32 pool
+    big = rf.retrieve(q.double() * 1e20, ql, z.double() * 1e20, pl, c, backend=backend)  # fp32 overflows
+    assert torch.equal(big, rf.retrieve_ref(q.double() * 1e20, ql, z.double() * 1e20, pl, c))

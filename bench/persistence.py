@@ -9,6 +9,14 @@ from run import Case, Op
 import reta_fast as rf
 
 
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
 def _gudhi_tree(e: np.ndarray, w: np.ndarray, n: int):
     import gudhi
 
@@ -54,9 +62,9 @@ def setup_h0(cfg: dict, device: str) -> Case:
         "reta_fast persistence_pairs": lambda: rf.persistence_pairs(edges, weights, n, maxdim=0, offsets=offsets),
         "scipy MST (per graph)": lambda: scipy_mst_loop(mats),
     }
-    if b * n <= 100_000:
+    if b * n <= 100_000 and _has("gudhi"):
         impls["GUDHI SimplexTree loop"] = lambda: gudhi_loop(edges, weights, offsets, n, 0)
-    if b <= 100 and n <= 512:
+    if b <= 100 and n <= 512 and _has("gudhi"):
         impls["reta_fast reference path"] = lambda: rf.persistence_pairs(
             edges, weights, n, maxdim=0, offsets=offsets, backend="reference")
     return Case(impls, unit="edges/s", work=edges.shape[0], note=f"{edges.shape[0]} edges")
@@ -65,18 +73,14 @@ def setup_h0(cfg: dict, device: str) -> Case:
 def setup_h1(cfg: dict, device: str) -> Case:
     b, n, k, d = cfg["graphs"], cfg["n"], cfg["k"], cfg.get("d", 64)
     edges, weights, offsets = graphs(b, n, d, k)
-    impls = {
-        "reta_fast persistence_pairs": lambda: rf.persistence_pairs(edges, weights, n, maxdim=1, offsets=offsets),
-        "GUDHI SimplexTree loop": lambda: gudhi_loop(edges, weights, offsets, n, 1),
-    }
-    try:
-        import ripser  # noqa: F401
+    impls = {"reta_fast persistence_pairs": lambda: rf.persistence_pairs(edges, weights, n, maxdim=1, offsets=offsets)}
+    if _has("gudhi"):
+        impls["GUDHI SimplexTree loop"] = lambda: gudhi_loop(edges, weights, offsets, n, 1)
+    if _has("ripser"):
+        from ripser import ripser
 
         mats = _csr(edges, weights, offsets, n)
-        impls["ripser (sparse, per graph)"] = lambda: [
-            __import__("ripser").ripser(m, distance_matrix=True, maxdim=1) for m in mats]
-    except ImportError:
-        pass
+        impls["ripser (sparse, per graph)"] = lambda: [ripser(m, distance_matrix=True, maxdim=1) for m in mats]
     return Case(impls, unit="edges/s", work=edges.shape[0], note=f"{edges.shape[0]} edges")
 
 

@@ -159,10 +159,8 @@ def _validate_retrieval(query_feats, query_labels, pool_feats, pool_labels, pool
     if not (isinstance(lam, (int, float)) and 0.0 <= lam <= 1.0):
         raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
     if q.shape[0]:
-        n_cls = int(max(int(ql.max()), int(pl.max()))) + 1
-        present = torch.bincount(pl, minlength=n_cls) > 0
-        missing = (~present[ql]).nonzero().flatten()
-        if missing.numel():
+        missing = ~torch.isin(ql, pl)
+        if bool(missing.any()):
             cls = sorted(set(ql[missing].tolist()))
             raise ValueError(f"classes {cls[:10]} of query_labels have no patches in the pool")
     return q, ql, z, pl, pool_complexity
@@ -306,7 +304,11 @@ def retrieve(
 def _retrieve_fast(q, ql, z, pl, c, lam, backend, precision):
     B, D = q.shape
     dev = q.device
-    n_cls = int(max(int(ql.max()), int(pl.max()))) + 1  # host sync: the work list is built on the host
+    # Dense class ids 0..n_cls-1 over the classes present, whatever the ids (memory and the kernel's
+    # work list then scale with the number of classes, not with the largest id).
+    ids, inv = torch.unique(torch.cat([ql, pl]), return_inverse=True)
+    n_cls = ids.numel()  # host sync: the work list is built on the host
+    ql, pl = inv[:B], inv[B:]
     q_order = torch.sort(ql, stable=True).indices
     p_order = torch.sort(pl, stable=True).indices  # stable: index order kept inside a class
     q_off = torch.zeros(n_cls + 1, dtype=torch.int64)

@@ -182,6 +182,7 @@ def test_certificate_is_what_makes_it_exact(monkeypatch):
     assert got.tolist() != [P - 1]
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_dtypes_and_overflow(backend):
     q, ql, z, pl, c = make(4, 20, 60, 16, seed=9)
@@ -189,3 +190,9 @@ def test_mixed_dtypes_and_overflow(backend):
     assert torch.equal(rf.retrieve(q.bfloat16(), ql, z, pl, c, backend=backend), ref)  # bf16 queries, fp32 pool
     big = rf.retrieve(q.double() * 1e20, ql, z.double() * 1e20, pl, c, backend=backend)  # fp32 overflows
     assert torch.equal(big, rf.retrieve_ref(q.double() * 1e20, ql, z.double() * 1e20, pl, c))
+
+
+def test_sparse_class_ids_cost_nothing_extra():
+    q, ql, z, pl, c = make(3, 12, 30, 8, seed=4)
+    big_q, big_p = ql * 10_000_019 + 7, pl * 10_000_019 + 7  # ids up to ~2e7
+    assert torch.equal(rf.retrieve(q, big_q, z, big_p, c), rf.retrieve(q, ql, z, pl, c))

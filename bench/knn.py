@@ -48,7 +48,7 @@ def setup_mutual(cfg: dict, device: str) -> Case:
 
 
 OPS = {
-    "knn": Op(setup, sweep=[dict(n=2000, d=512, k=10), dict(n=20_000, d=512, k=10)],
+    "knn": Op(setup, sweep=[dict(n=2000, d=512, k=10), dict(n=5000, d=512, k=10), dict(n=20_000, d=512, k=10)],
               quick=[dict(n=2000, d=128, k=10)],
               gpu_sweep=[dict(n=10_000, d=512, k=10), dict(n=100_000, d=512, k=10)],
               description="exact k-NN"),

@@ -85,7 +85,7 @@ def setup_h1(cfg: dict, device: str) -> Case:
 
 
 OPS = {
-    "h0_batch": Op(setup_h0, sweep=[dict(graphs=100, n=256, k=15)], quick=[dict(graphs=20, n=256, k=15)]),
-    "h0_large": Op(setup_h0, sweep=[dict(graphs=1, n=20_000, k=10, d=512)], quick=[dict(graphs=1, n=4000, k=10, d=128)]),
-    "h1_batch": Op(setup_h1, sweep=[dict(graphs=100, n=256, k=15)], quick=[dict(graphs=10, n=128, k=15)]),
+    "h0_batch": Op(setup_h0, sweep=[dict(graphs=10, n=256, k=15), dict(graphs=100, n=256, k=15), dict(graphs=1000, n=256, k=15)], quick=[dict(graphs=20, n=256, k=15)]),
+    "h0_large": Op(setup_h0, sweep=[dict(graphs=1, n=2000, k=10, d=512), dict(graphs=1, n=20_000, k=10, d=512)], quick=[dict(graphs=1, n=4000, k=10, d=128)]),
+    "h1_batch": Op(setup_h1, sweep=[dict(graphs=10, n=256, k=15), dict(graphs=100, n=256, k=15)], quick=[dict(graphs=10, n=128, k=15)]),
 }

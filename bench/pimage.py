@@ -33,5 +33,5 @@ def setup(cfg: dict, device: str) -> Case:
     return Case(impls, unit="points/s", work=m)
 
 
-OPS = {"persistence_image": Op(setup, sweep=[dict(points=20_000, resolution=32)],
+OPS = {"persistence_image": Op(setup, sweep=[dict(points=2000, resolution=32), dict(points=20_000, resolution=32), dict(points=200_000, resolution=32)],
                                quick=[dict(points=2000, resolution=32)])}

@@ -107,7 +107,7 @@ def setup_vs_step(cfg: dict, device: str) -> Case:
 
 
 OPS = {
-    "pta_loss": Op(setup, sweep=[dict(classes=100, n=64, d=512, k=10)],
+    "pta_loss": Op(setup, sweep=[dict(classes=10, n=64, d=512, k=10), dict(classes=100, n=64, d=512, k=10)],
                    quick=[dict(classes=10, n=64, d=128, k=10)]),
     "pta_vs_recover_step": Op(setup_vs_step, sweep=[dict(classes=100, res=32, n=64, k=10)],
                               quick=[dict(classes=10, res=32, n=32, k=10)],

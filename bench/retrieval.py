@@ -77,7 +77,7 @@ def setup_pool(cfg: dict, device: str) -> Case:
 
 
 OPS = {
-    "retrieve": Op(setup, sweep=[dict(classes=100, queries=50, patches=300, d=512)],
+    "retrieve": Op(setup, sweep=[dict(classes=10, queries=50, patches=300, d=512), dict(classes=100, queries=50, patches=300, d=512)],
                    quick=[dict(classes=10, queries=10, patches=100, d=128)],
                    gpu_sweep=[dict(classes=1000, queries=50, patches=1500, d=512)]),
     "pool_build": Op(setup_pool, sweep=[dict(images=2000, classes=10, res=32)],

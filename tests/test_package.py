@@ -70,3 +70,8 @@ def test_bench_quick_writes_well_formed_results(tmp_path):
         assert row["git"] and row["device"] == "cpu" and row["torch"]
     assert (tmp_path / "results.csv").read_text().startswith("op,")
     assert "| op | size |" in (tmp_path / "table.md").read_text()
+    pytest.importorskip("matplotlib")
+    p = _run([sys.executable, str(ROOT / "bench" / "plot.py"), str(tmp_path / "results.json")])
+    assert p.returncode == 0, p.stderr[-2000:]
+    for name in ("h0_batch.png", "persistence_image.png", "summary.png"):
+        assert (tmp_path / name).stat().st_size > 1000

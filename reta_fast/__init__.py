@@ -26,6 +26,7 @@ from .retrieval import patch_complexity, residual_inject, retrieve, retrieve_ref
 from .pool import PatchPool
 from .data import ImageFolder
 from .topo_loss import TopologyAlignmentLoss
+from .reta_loss import RETALoss
 from . import models
 
 __version__ = "0.1.0"
@@ -54,4 +55,5 @@ __all__ = [
     "retrieve_ref",
     "PatchPool",
     "ImageFolder",
+    "RETALoss",
 ]

@@ -1,0 +1,160 @@
+"""RETALoss: the recover objective of METHOD.md section 2, as a drop-in module.
+
+``L = CE(T(x), y) + r_bn * sum_l s_l (||mu_l(x) - mu_l^BN||_2 + ||var_l(x) - var_l^BN||_2) + lam_topo * L_topo``
+
+* BN-statistic matching (SRe2L): batch statistics of every BatchNorm2d input over (N, H, W), biased
+  variance, unsquared L2 norms, ``s_1 = first_bn_weight`` for the first BN layer and 1 elsewhere.
+* L_topo: :class:`reta_fast.TopologyAlignmentLoss` between the synthetic images' penultimate teacher
+  features and real features of the same classes (class-balanced: ``n`` points per class, ``n`` =
+  ``real_feats.shape[1]`` > ``k``). A recover batch holds few synthetic images per class, so the loss
+  keeps a per-class bank of the latest detached feature of every synthetic image it has seen, keyed by
+  the image ids passed to ``forward`` [ours, METHOD.md section 4]: a class's point set is its current
+  images (with gradient) plus banked features of its *other* images. A class joins the PTA term once
+  it has ``n`` distinct images; so PTA needs at least ``n`` synthetic images per class (IPC >= n).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .topo_loss import TopologyAlignmentLoss
+
+__all__ = ["RETALoss"]
+
+
+class RETALoss(nn.Module):
+    """CE + BN-statistic matching + PTA on a frozen teacher.
+
+    Args:
+        teacher: the teacher network; it is put in eval mode and its parameters are frozen
+            (``requires_grad=False``): no weight gradient is ever computed.
+        r_bn: weight of the BN term (METHOD.md: 0.01); 0 disables it (and allows a teacher without
+            BatchNorm layers).
+        first_bn_weight: ``s_1`` (METHOD.md: 10).
+        lam_topo: weight of the PTA term (METHOD.md: 0.5); 0 disables it.
+        real_feats: ``[C, n, D]`` real penultimate features per class (e.g. from a
+            :class:`reta_fast.PatchPool`: :meth:`from_pool`), required when ``lam_topo > 0``.
+        k, topo_refresh, **topo_kwargs: passed to :class:`TopologyAlignmentLoss` (``refresh_every``).
+
+    Call: ``loss, parts = criterion(x, y, ids)`` with ``x`` ``[B, 3, H, W]`` (requires grad), ``y``
+    ``[B]`` class indices and ``ids`` ``[B]`` image ids (for PTA); ``parts`` maps ``"ce"``, ``"bn"``,
+    ``"topo"`` to floats (one host sync).
+    Works under ``torch.autocast`` (statistics and losses are computed in fp32) and GradScaler.
+    Call :meth:`close` to remove the hooks it put on the teacher.
+    """
+
+    def __init__(self, teacher: nn.Module, r_bn: float = 0.01, first_bn_weight: float = 10.0,
+                 lam_topo: float = 0.5, real_feats: Optional[torch.Tensor] = None, k: int = 10,
+                 topo_refresh: int = 1, **topo_kwargs):
+        super().__init__()
+        for name, v in (("r_bn", r_bn), ("first_bn_weight", first_bn_weight), ("lam_topo", lam_topo)):
+            if not (isinstance(v, (int, float)) and v >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.r_bn, self.lam_topo = float(r_bn), float(lam_topo)
+        self._handles = []
+        self._bn_terms = []
+        bns = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if self.r_bn > 0:
+            if not bns:
+                raise ValueError("the teacher has no BatchNorm layers, so BN-statistic matching is impossible: "
+                                 "pass r_bn=0 to recover without it")
+            for i, m in enumerate(bns):
+                w = float(first_bn_weight) if i == 0 else 1.0
+                self._handles.append(m.register_forward_hook(self._bn_hook(w)))
+        linears = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
+        self._feats = None
+        self.topo = None
+        if self.lam_topo > 0:
+            if real_feats is None:
+                raise ValueError("lam_topo > 0 needs real_feats [C, n, D] (see RETALoss.from_pool)")
+            if not linears:
+                raise ValueError("the teacher has no nn.Linear head: cannot take penultimate features for PTA")
+            if not isinstance(real_feats, torch.Tensor) or real_feats.dim() != 3 or real_feats.shape[1] <= k:
+                raise ValueError(f"real_feats must be [C, n, D] with n > k={k}, got "
+                                 f"{tuple(real_feats.shape) if isinstance(real_feats, torch.Tensor) else real_feats!r}")
+            self.register_buffer("real_feats", real_feats.detach().float())
+            self.topo = TopologyAlignmentLoss(k=k, refresh_every=topo_refresh, **topo_kwargs)
+            self._handles.append(linears[-1].register_forward_hook(
+                lambda mod, inp, out: setattr(self, "_feats", inp[0])))
+            self._bank: Dict[int, Dict[int, torch.Tensor]] = {}  # class -> image id -> feature
+
+    @classmethod
+    def from_pool(cls, teacher: nn.Module, pool, points_per_class: int = 32, seed: int = 0, **kwargs) -> "RETALoss":
+        """Build with ``points_per_class`` real features per class drawn (seeded) from a PatchPool."""
+        feats, labels, _ = pool.retrieval_tensors()
+        g = torch.Generator().manual_seed(seed)
+        rows = []
+        for c in range(len(pool.classes)):
+            idx = (labels == c).nonzero().flatten()
+            if idx.numel() < points_per_class:
+                raise ValueError(f"class {c} has {idx.numel()} pool patches, fewer than points_per_class="
+                                 f"{points_per_class}")
+            rows.append(feats[idx[torch.randperm(idx.numel(), generator=g)[:points_per_class]]])
+        return cls(teacher, real_feats=torch.stack(rows), **kwargs)
+
+    def _bn_hook(self, weight: float):
+        def hook(mod, inp, out):
+            x = inp[0].float()
+            mean = x.mean(dim=(0, 2, 3))
+            var = x.var(dim=(0, 2, 3), unbiased=False)
+            self._bn_terms.append(weight * (torch.norm(mean - mod.running_mean.float(), 2)
+                                            + torch.norm(var - mod.running_var.float(), 2)))
+        return hook
+
+    def close(self) -> None:
+        """Remove every hook this loss put on the teacher."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _topo_term(self, y: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+        f = self._feats.float()
+        n = self.real_feats.shape[1]
+        syn, real, classes = [], [], []
+        for c in torch.unique(y).tolist():  # host loop over the classes of the batch
+            sel = (y == c).nonzero().flatten()
+            cur = f[sel]
+            bank = self._bank.setdefault(c, {})
+            cur_ids = ids[sel].tolist() if ids is not None else []
+            others = [v for key, v in reversed(bank.items()) if key not in set(cur_ids)]
+            pts = torch.cat([cur] + others[: max(0, n - cur.shape[0])]) if others else cur
+            for key, v in zip(cur_ids, cur.detach()):  # newest last
+                bank.pop(key, None)
+                bank[key] = v[None]
+            if pts.shape[0] >= n and c < self.real_feats.shape[0]:
+                syn.append(pts[:n])
+                real.append(self.real_feats[c])
+                classes.append(c)
+        if not syn:
+            return f.new_zeros(())
+        return self.topo(torch.stack(syn), torch.stack(real).to(f.device), classes=classes)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """``x`` ``[B, 3, H, W]``, ``y`` ``[B]`` classes, ``ids`` ``[B]`` stable ids of the synthetic
+        images (e.g. ``class * ipc + index``), needed for the PTA bank; without them only the
+        current batch's images of a class form its point set."""
+        if not self._handles and (self.r_bn > 0 or self.lam_topo > 0):
+            raise RuntimeError("RETALoss was closed: its teacher hooks are gone")
+        if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.shape != (x.shape[0],):
+            raise ValueError(f"y must be an integer tensor [B] = [{x.shape[0]}]")
+        self._bn_terms.clear()
+        self._feats = None
+        logits = self.teacher(x)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+            raise ValueError(f"y holds labels outside [0, {logits.shape[1]})")
+        ce = F.cross_entropy(logits.float(), y)
+        bn = torch.stack(self._bn_terms).sum() if self._bn_terms else ce.new_zeros(())
+        if ids is not None and (not isinstance(ids, torch.Tensor) or ids.shape != y.shape
+                                or ids.dtype.is_floating_point):
+            raise ValueError(f"ids must be an integer tensor [B] = [{y.shape[0]}]")
+        topo = self._topo_term(y, ids) if self.topo is not None else ce.new_zeros(())
+        loss = ce + self.r_bn * bn + self.lam_topo * topo
+        parts = torch.stack([ce.detach(), bn.detach(), topo.detach()]).tolist()  # one host sync
+        return loss, dict(ce=parts[0], bn=parts[1], topo=parts[2])

@@ -1,0 +1,123 @@
+"""RETALoss: CE + BN matching + PTA on a frozen teacher, hooks, autocast, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reta_fast as rf
+from conftest import assert_close
+
+
+def teacher(classes=4, seed=0):
+    torch.manual_seed(seed)
+    t = rf.models.convnet_bn(num_classes=classes, width=8, depth=2)
+    t.train()
+    with torch.no_grad():  # give the BN layers non-trivial running statistics
+        for _ in range(3):
+            t(torch.randn(16, 3, 8, 8) * 2 + 0.5)
+    return t.eval()
+
+
+def manual_bn(t, x):
+    stats = []
+    hooks = [m.register_forward_hook(lambda m, i, o: stats.append((i[0], m)))
+             for m in t.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    t(x)
+    for h in hooks:
+        h.remove()
+    total = 0.0
+    for j, (inp, m) in enumerate(stats):
+        mu, var = inp.mean((0, 2, 3)), inp.var((0, 2, 3), unbiased=False)
+        total = total + (10.0 if j == 0 else 1.0) * ((mu - m.running_mean).norm() + (var - m.running_var).norm())
+    return total
+
+
+def test_ce_and_bn_terms_match_a_direct_computation():
+    t = teacher()
+    crit = rf.RETALoss(t, lam_topo=0.0)
+    x = torch.randn(6, 3, 8, 8, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    loss, parts = crit(x, y)
+    ce = F.cross_entropy(t(x), y)
+    bn = manual_bn(t, x)
+    assert parts["ce"] == pytest.approx(float(ce.detach()), rel=1e-5)
+    assert parts["bn"] == pytest.approx(float(bn.detach()), rel=1e-5)
+    assert_close(loss, ce + 0.01 * bn, atol=1e-5, what="loss")
+    loss.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in t.parameters())  # frozen teacher
+    crit.close()
+    assert all(not m._forward_hooks for m in t.modules())
+    with pytest.raises(RuntimeError, match="closed"):
+        crit(x, y)
+
+
+def test_pta_joins_once_a_class_has_enough_images_and_gives_gradients():
+    t = teacher()
+    real = F.normalize(torch.randn(4, 6, 8), dim=-1)  # n = 6 points per class, D = 8 (ConvNet width)
+    crit = rf.RETALoss(t, real_feats=real, k=3)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4 * 6, 3, 8, 8, generator=g)
+    labels = torch.arange(4).repeat_interleave(6)
+    ids = torch.arange(24)
+    topo = []
+    for step in range(6):  # one image per class per batch, as in a recover loop over ipc indices
+        sel = torch.arange(4) * 6 + step
+        x = images[sel].clone().requires_grad_()
+        loss, parts = crit(x, labels[sel], ids[sel])
+        loss.backward()
+        topo.append(parts["topo"])
+    assert topo[:5] == [0.0] * 5  # fewer than n = 6 distinct images per class so far
+    assert topo[5] > 0 and torch.isfinite(x.grad).all()
+    # the PTA term reaches the pixels: gradients differ from a run without it
+    crit0 = rf.RETALoss(t, lam_topo=0.0)
+    x0 = images[torch.arange(4) * 6 + 5].clone().requires_grad_()
+    crit0(x0, labels[torch.arange(4) * 6 + 5])[0].backward()
+    assert not torch.allclose(x0.grad, x.grad)
+
+
+def test_autocast_and_grad_scaler_on_cpu():
+    t = teacher()
+    crit = rf.RETALoss(t, lam_topo=0.0)
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    scaler = torch.amp.GradScaler("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts = crit(x, torch.tensor([0, 1, 2, 3]))
+    assert loss.dtype == torch.float32 and all(isinstance(v, float) for v in parts.values())
+    scaler.scale(loss).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_bad_input():
+    t = teacher()
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="no BatchNorm layers"):
+        rf.RETALoss(plain, lam_topo=0.0)
+    rf.RETALoss(plain, r_bn=0.0, lam_topo=0.0)  # explicit opt-out works
+    with pytest.raises(ValueError, match="needs real_feats"):
+        rf.RETALoss(t)
+    with pytest.raises(ValueError, match="n > k"):
+        rf.RETALoss(t, real_feats=torch.randn(4, 5, 8), k=10)
+    crit = rf.RETALoss(t, lam_topo=0.0)
+    with pytest.raises(ValueError, match="outside"):
+        crit(torch.randn(2, 3, 8, 8), torch.tensor([0, 9]))
+    with pytest.raises(ValueError, match="y must be"):
+        crit(torch.randn(2, 3, 8, 8), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="r_bn"):
+        rf.RETALoss(t, r_bn=-1)
+
+
+def test_from_pool(tmp_path):
+    from test_pool import TinySet
+
+    t = teacher(classes=3)
+    pool = rf.PatchPool.build(TinySet(per_class=(5, 4, 6)), t, tmp_path / "p", per_class=4, size=8,
+                              resolutions=(8,), progress=False)
+    crit = rf.RETALoss.from_pool(t, pool, points_per_class=4, k=2)
+    assert crit.real_feats.shape == (3, 4, 8)
+    feats, labels, _ = pool.retrieval_tensors()
+    for c in range(3):  # each class's real points are its own pool features
+        own = feats[labels == c]
+        assert all(any(torch.equal(r, o) for o in own) for r in crit.real_feats[c])
+    with pytest.raises(ValueError, match="fewer than points_per_class"):
+        rf.RETALoss.from_pool(t, pool, points_per_class=5, k=2)

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-MODULES = ["knn", "persistence", "pimage", "pta", "retrieval"]
+MODULES = ["knn", "persistence", "pimage", "pta", "retrieval", "recover"]
 
 
 @dataclass

@@ -1,0 +1,75 @@
+"""One recover step (METHOD.md section 2): reta_fast's RETALoss step (CE + BN + PTA, frozen teacher)
+against the same step without PTA and a plain eager SRe2L-style step (CE + BN, teacher parameters
+still requiring grad, as much published code leaves them). Same teacher, batch and augmentation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from run import Case, Op
+
+import reta_fast as rf
+
+
+def _augment(x: torch.Tensor, res: int, jitter: int, g: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop (shared by the batch) + flip + roll jitter, as in SRe2L/FADRM."""
+    H = x.shape[-1]
+    s = int(H * (0.5 + 0.5 * float(torch.rand((), generator=g))))
+    i, j = (int(torch.randint(0, H - s + 1, (), generator=g)) for _ in range(2))
+    x = F.interpolate(x[..., i:i + s, j:j + s], size=(res, res), mode="bilinear", align_corners=False)
+    if float(torch.rand((), generator=g)) < 0.5:
+        x = x.flip(-1)
+    dx, dy = (int(torch.randint(-jitter, jitter + 1, (), generator=g)) for _ in range(2))
+    return torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+
+
+def setup(cfg: dict, device: str) -> Case:
+    C, res, n = cfg["classes"], cfg["res"], cfg["points"]
+    torch.manual_seed(0)
+    teacher = rf.models.resnet18(num_classes=C, cifar_stem=res <= 64).to(device).eval()
+    real = F.normalize(torch.randn(C, n, 512), dim=-1).to(device)
+    y = torch.arange(C, device=device)
+    g = torch.Generator().manual_seed(0)
+
+    def make_step(crit, ids=None):
+        x = torch.randn(C, 3, res, res, device=device, requires_grad=True)
+        opt = torch.optim.Adam([x], lr=0.25, betas=(0.5, 0.9))
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss, _ = crit(_augment(x, res, 4, g), y, ids) if ids is not None else crit(_augment(x, res, 4, g), y)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                x.clamp_(-3.0, 3.0)
+        return step
+
+    reta = rf.RETALoss(teacher, real_feats=real, k=cfg["k"])
+    with torch.no_grad():  # fill the PTA bank: n distinct images per class already seen
+        for b in range(n):
+            reta(torch.randn(C, 3, res, res, device=device), y, y * n + b)
+    plain = rf.RETALoss(teacher, lam_topo=0.0)
+
+    eager_teacher = rf.models.resnet18(num_classes=C, cifar_stem=res <= 64).to(device).eval()
+    eager_teacher.load_state_dict(teacher.state_dict())  # weights requiring grad, as in published code
+    stats = []
+    for m in eager_teacher.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.register_forward_hook(lambda mod, inp, out: stats.append(
+                torch.norm(inp[0].mean((0, 2, 3)) - mod.running_mean, 2)
+                + torch.norm(inp[0].var((0, 2, 3), unbiased=False) - mod.running_var, 2)))
+
+    def sre2l(x_aug, yy):
+        stats.clear()
+        return F.cross_entropy(eager_teacher(x_aug), yy) + 0.01 * sum(stats), {}
+
+    return Case({
+        "reta_fast RETA step (CE+BN+PTA)": make_step(reta, y * n),
+        "reta_fast step without PTA (CE+BN)": make_step(plain),
+        "eager SRe2L-style step (CE+BN, teacher grads)": make_step(sre2l),
+    }, unit="images/s", work=C, note=f"PTA on {n} points per class, k={cfg['k']}")
+
+
+OPS = {"recover_step": Op(setup, sweep=[dict(classes=100, res=32, points=16, k=10)],
+                          quick=[dict(classes=10, res=32, points=12, k=10)],
+                          gpu_sweep=[dict(classes=100, res=32, points=16, k=10),
+                                     dict(classes=100, res=224, points=16, k=10)])}

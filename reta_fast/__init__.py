@@ -27,6 +27,7 @@ from .pool import PatchPool
 from .data import ImageFolder
 from .topo_loss import TopologyAlignmentLoss
 from .reta_loss import RETALoss
+from .recover import RecoverConfig, recover
 from . import models
 
 __version__ = "0.1.0"
@@ -56,4 +57,6 @@ __all__ = [
     "PatchPool",
     "ImageFolder",
     "RETALoss",
+    "RecoverConfig",
+    "recover",
 ]

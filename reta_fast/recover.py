@@ -1,0 +1,146 @@
+"""The recover loop (METHOD.md section 2): multi-resolution blocks with residual connections, the
+injected patch chosen by DRC (RETA) or fixed to the initial patch (FADRM's static anchor).
+
+A reusable function: bring your own teacher (through :class:`reta_fast.RETALoss`), initial images
+and pool. It optimises one batch of images; the caller loops over batches (classes x ipc items).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .pool import teacher_features
+from .retrieval import residual_inject, retrieve
+
+__all__ = ["RecoverConfig", "recover", "augment"]
+
+
+@dataclass
+class RecoverConfig:
+    """Recover-loop parameters; defaults follow METHOD.md section 2 ([pred]/[paper]) for 32 px data.
+
+    Attributes:
+        iterations: total optimisation steps B over all blocks (split evenly).
+        resolutions: one resolution per block (CIFAR: 32 x 4; ImageNet: 200, 224, 200, 224).
+        lr, betas: Adam (0.25, (0.5, 0.9)); cosine decay over all B steps; state re-created per block.
+        jitter: maximal ``torch.roll`` shift in pixels (4 on 32-64 px data, 32 on ImageNet).
+        crop_scale: RandomResizedCrop area range, parameters shared by the batch ([pred] SRe2L).
+        alpha: weight of the synthetic image in the residual connection (0.5).
+        drc: choose the injected patch by retrieval (RETA) rather than the static anchor (FADRM).
+        lam: retrieval's complexity weight (0.1).
+        mean, std: the normalisation of the images (pixels are clamped to the normalised [0, 1]).
+    """
+
+    iterations: int = 1000
+    resolutions: Sequence[int] = (32, 32, 32, 32)
+    lr: float = 0.25
+    betas: Tuple[float, float] = (0.5, 0.9)
+    jitter: int = 4
+    crop_scale: Tuple[float, float] = (0.08, 1.0)
+    alpha: float = 0.5
+    drc: bool = True
+    lam: float = 0.1
+    mean: Sequence[float] = (0.485, 0.456, 0.406)
+    std: Sequence[float] = (0.229, 0.224, 0.225)
+    history: List[dict] = field(default_factory=list, repr=False)
+
+    def validate(self) -> None:
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < len(self.resolutions):
+            raise ValueError(f"iterations must be an int >= the number of blocks ({len(self.resolutions)}), "
+                             f"got {self.iterations!r}")
+        if not self.resolutions or min(self.resolutions) < 4:
+            raise ValueError(f"resolutions must be a non-empty list of sizes >= 4, got {self.resolutions!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale!r}")
+        if self.lr <= 0 or self.jitter < 0:
+            raise ValueError("lr must be > 0 and jitter >= 0")
+
+
+def augment(x: torch.Tensor, res: int, jitter: int, scale, g: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop to ``res`` + horizontal flip + roll jitter, parameters shared by the batch."""
+    H, W = x.shape[-2:]
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=g)))
+    ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * float(torch.rand((), generator=g)))
+    h = max(1, min(H, int(round(math.sqrt(area / ratio)))))
+    w = max(1, min(W, int(round(math.sqrt(area * ratio)))))
+    i = int(torch.randint(0, H - h + 1, (), generator=g))
+    j = int(torch.randint(0, W - w + 1, (), generator=g))
+    out = F.interpolate(x[..., i:i + h, j:j + w], size=(res, res), mode="bilinear", align_corners=False)
+    if float(torch.rand((), generator=g)) < 0.5:
+        out = out.flip(-1)
+    if jitter:
+        dx, dy = (int(torch.randint(-jitter, jitter + 1, (), generator=g)) for _ in range(2))
+        out = torch.roll(out, shifts=(dx, dy), dims=(2, 3))
+    return out
+
+
+def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None,
+            pool=None, config: Optional[RecoverConfig] = None, seed: int = 0,
+            on_step: Optional[Callable[[int, dict], None]] = None) -> torch.Tensor:
+    """Optimise one batch of synthetic images.
+
+    Args:
+        criterion: a :class:`reta_fast.RETALoss` (its teacher is used for DRC features too).
+        x_init: ``[B, 3, h, w]`` normalised initial images (RDED-style real patches, §2).
+        y: ``[B]`` classes; ``ids``: ``[B]`` stable image ids (for the PTA bank).
+        pool: a :class:`reta_fast.PatchPool` with ``config.resolutions[1:]`` among its resolutions;
+            required when ``config.drc`` and there is more than one block.
+        config: :class:`RecoverConfig`; ``config.history`` receives one dict per step
+            (step, block, lr, ce, bn, topo) and one per injection (retrieved pool indices).
+        seed: seeds the augmentation.
+        on_step: optional callback ``(step, parts)``.
+
+    Returns:
+        ``[B, 3, R, R]`` detached images at the last block's resolution ``R``.
+    """
+    cfg = config or RecoverConfig()
+    cfg.validate()
+    if not isinstance(x_init, torch.Tensor) or x_init.dim() != 4 or x_init.shape[1] != 3:
+        raise ValueError(f"x_init must be [B, 3, H, W], got {getattr(x_init, 'shape', x_init)!r}")
+    if cfg.drc and len(cfg.resolutions) > 1 and pool is None:
+        raise ValueError("config.drc needs a pool (or set drc=False for the static anchor)")
+    dev = x_init.device
+    m = torch.tensor(cfg.mean, device=dev).view(1, 3, 1, 1)
+    s = torch.tensor(cfg.std, device=dev).view(1, 3, 1, 1)
+    lo, hi = (0 - m) / s, (1 - m) / s
+    g = torch.Generator().manual_seed(seed)
+    blocks = list(cfg.resolutions)
+    per_block = [cfg.iterations // len(blocks) + (1 if b < cfg.iterations % len(blocks) else 0) for b in range(len(blocks))]
+    anchor = x_init.detach()
+    x = residual_inject(x_init.detach(), x_init.detach(), 1.0, size=blocks[0])  # resize only
+    step = 0
+    for b, res in enumerate(blocks):
+        x = x.detach().requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=cfg.lr, betas=tuple(cfg.betas))  # state re-created per block
+        for _ in range(per_block[b]):
+            lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / cfg.iterations))
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss, parts = criterion(augment(x, res, cfg.jitter, cfg.crop_scale, g), y, ids)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+            cfg.history.append(dict(step=step, block=b, lr=lr, **parts))
+            if on_step is not None:
+                on_step(step, parts)
+            step += 1
+        if b + 1 < len(blocks):
+            nxt = blocks[b + 1]
+            with torch.no_grad():
+                if cfg.drc:
+                    _, f = teacher_features(criterion.teacher, x.detach())
+                    idx = retrieve(F.normalize(f.float(), dim=1), y, pool, lam=cfg.lam, resolution=nxt)
+                    patch = pool.images(idx.cpu(), device=dev)
+                    cfg.history.append(dict(step=step, block=b, retrieved=idx.tolist()))
+                else:
+                    patch = anchor
+                x = residual_inject(x.detach(), patch, cfg.alpha, size=nxt)
+    return x.detach()

@@ -8,18 +8,7 @@ import torch.nn.functional as F
 from run import Case, Op
 
 import reta_fast as rf
-
-
-def _augment(x: torch.Tensor, res: int, jitter: int, g: torch.Generator) -> torch.Tensor:
-    """RandomResizedCrop (shared by the batch) + flip + roll jitter, as in SRe2L/FADRM."""
-    H = x.shape[-1]
-    s = int(H * (0.5 + 0.5 * float(torch.rand((), generator=g))))
-    i, j = (int(torch.randint(0, H - s + 1, (), generator=g)) for _ in range(2))
-    x = F.interpolate(x[..., i:i + s, j:j + s], size=(res, res), mode="bilinear", align_corners=False)
-    if float(torch.rand((), generator=g)) < 0.5:
-        x = x.flip(-1)
-    dx, dy = (int(torch.randint(-jitter, jitter + 1, (), generator=g)) for _ in range(2))
-    return torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+from reta_fast.recover import augment
 
 
 def setup(cfg: dict, device: str) -> Case:
@@ -36,7 +25,7 @@ def setup(cfg: dict, device: str) -> Case:
 
         def step():
             opt.zero_grad(set_to_none=True)
-            loss, _ = crit(_augment(x, res, 4, g), y, ids) if ids is not None else crit(_augment(x, res, 4, g), y)
+            loss, _ = crit(augment(x, res, 4, (0.08, 1.0), g), y, ids) if ids is not None else crit(augment(x, res, 4, (0.08, 1.0), g), y)
             loss.backward()
             opt.step()
             with torch.no_grad():

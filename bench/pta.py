@@ -2,7 +2,6 @@
 of ANCHORS.md, and against the ResNet-18 recover step it is added to (target: <= 5% of it)."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from common import clustered

@@ -58,5 +58,6 @@ __all__ = [
     "ImageFolder",
     "RETALoss",
     "RecoverConfig",
+    "models",
     "recover",
 ]

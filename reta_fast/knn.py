@@ -78,7 +78,6 @@ def knn_ref(points: torch.Tensor, k: int) -> torch.Tensor:
     """
     x = points.double()
     d2 = (x.unsqueeze(2) - x.unsqueeze(1)).pow(2).sum(-1)  # [B, N, N]
-    n = x.shape[1]
     d2.diagonal(dim1=1, dim2=2).fill_(float("inf"))
     # Stable sort keeps the smaller index first among equal distances: the documented tie rule.
     order = torch.sort(d2, dim=-1, stable=True).indices

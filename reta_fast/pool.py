@@ -328,7 +328,8 @@ class PatchPool:
                 flush()
             if n == 0:
                 raise ValueError("no usable image in the data set: the pool would be empty")
-            del patches
+            patches.flush()
+            patches = None  # close the memmap before it is read back
             # Store class-sorted (stable: stream order inside a class), so retrieval can use the pool
             # without reordering it; the copy also drops the unused tail (short classes, skipped files).
             lab = np.asarray(labels, dtype=np.int64)

@@ -1,5 +1,4 @@
 """PatchPool: build, disk round trip, reuse, refusal of foreign pools, corrupt input, retrieval."""
-import json
 import os
 import warnings
 

@@ -28,6 +28,7 @@ from .data import ImageFolder
 from .topo_loss import TopologyAlignmentLoss
 from .reta_loss import RETALoss
 from .recover import RecoverConfig, recover
+from . import train
 from . import models
 
 __version__ = "0.1.0"
@@ -59,5 +60,6 @@ __all__ = [
     "RETALoss",
     "RecoverConfig",
     "models",
+    "train",
     "recover",
 ]

@@ -62,8 +62,9 @@ class RecoverConfig:
             raise ValueError("lr must be > 0 and jitter >= 0")
 
 
-def augment(x: torch.Tensor, res: int, jitter: int, scale, g: torch.Generator) -> torch.Tensor:
-    """RandomResizedCrop to ``res`` + horizontal flip + roll jitter, parameters shared by the batch."""
+def augment(x: torch.Tensor, res: int, jitter: int, scale, g: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """RandomResizedCrop to ``res`` + horizontal flip (unless ``flip=False``) + roll jitter, parameters
+    shared by the batch."""
     H, W = x.shape[-2:]
     area = H * W * (scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=g)))
     ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * float(torch.rand((), generator=g)))
@@ -72,7 +73,7 @@ def augment(x: torch.Tensor, res: int, jitter: int, scale, g: torch.Generator) -
     i = int(torch.randint(0, H - h + 1, (), generator=g))
     j = int(torch.randint(0, W - w + 1, (), generator=g))
     out = F.interpolate(x[..., i:i + h, j:j + w], size=(res, res), mode="bilinear", align_corners=False)
-    if float(torch.rand((), generator=g)) < 0.5:
+    if float(torch.rand((), generator=g)) < 0.5 and flip:
         out = out.flip(-1)
     if jitter:
         dx, dy = (int(torch.randint(-jitter, jitter + 1, (), generator=g)) for _ in range(2))

@@ -3,7 +3,7 @@ training (squeeze), accuracy, and the student protocol of METHOD.md section 1 (e
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -11,5 +11,5 @@ fi
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 python3 -m pip install -q --no-deps --no-build-isolation . 2>&1 | tail -3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-(cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1) | tee "$OUT/gpu_tests.log"
+(cd tests && python3 -m pytest -q -p no:cacheprovider test_gpu.py 2>&1) | tee "$OUT/gpu_tests.log"
 python3 bench/run.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"

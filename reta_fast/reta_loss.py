@@ -9,8 +9,9 @@
   ``real_feats.shape[1]`` > ``k``). A recover batch holds few synthetic images per class, so the loss
   keeps a per-class bank of the latest detached feature of every synthetic image it has seen, keyed by
   the image ids passed to ``forward`` [ours, METHOD.md section 4]: a class's point set is its current
-  images (with gradient) plus banked features of its *other* images. A class joins the PTA term once
-  it has ``n`` distinct images; so PTA needs at least ``n`` synthetic images per class (IPC >= n).
+  images (with gradient) plus banked features of its *other* images, at most ``n``. All classes of a
+  batch use the same number of points m (the most they all have) and the first m real points; the
+  PTA term is active once m > k (so with IPC 10, use k < 10).
 """
 from __future__ import annotations
 
@@ -116,24 +117,28 @@ class RETALoss(nn.Module):
     def _topo_term(self, y: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
         f = self._feats.float()
         n = self.real_feats.shape[1]
-        syn, real, classes = [], [], []
+        point_sets = {}
         for c in torch.unique(y).tolist():  # host loop over the classes of the batch
             sel = (y == c).nonzero().flatten()
             cur = f[sel]
             bank = self._bank.setdefault(c, {})
-            cur_ids = ids[sel].tolist() if ids is not None else []
-            others = [v for key, v in reversed(bank.items()) if key not in set(cur_ids)]
+            cur_ids = set(ids[sel].tolist()) if ids is not None else set()
+            others = [v for key, v in reversed(bank.items()) if key not in cur_ids]
             pts = torch.cat([cur] + others[: max(0, n - cur.shape[0])]) if others else cur
-            for key, v in zip(cur_ids, cur.detach()):  # newest last
+            for key, v in zip(ids[sel].tolist() if ids is not None else [], cur.detach()):  # newest last
                 bank.pop(key, None)
                 bank[key] = v[None]
-            if pts.shape[0] >= n and c < self.real_feats.shape[0]:
-                syn.append(pts[:n])
-                real.append(self.real_feats[c])
-                classes.append(c)
-        if not syn:
+            if c < self.real_feats.shape[0]:
+                point_sets[c] = pts[:n]
+        # Class-balanced: every class of the batch contributes the same number of points, the most
+        # that all of them have (at most n); PTA needs more than k of them.
+        m = min((p.shape[0] for p in point_sets.values()), default=0)
+        if m <= self.topo.k:
             return f.new_zeros(())
-        return self.topo(torch.stack(syn), torch.stack(real).to(f.device), classes=classes)
+        classes = sorted(point_sets)
+        syn = torch.stack([point_sets[c][:m] for c in classes])
+        real = self.real_feats[classes][:, :m].to(f.device)
+        return self.topo(syn, real, classes=classes)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Dict[str, float]]:

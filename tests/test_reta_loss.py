@@ -66,8 +66,8 @@ def test_pta_joins_once_a_class_has_enough_images_and_gives_gradients():
         loss, parts = crit(x, labels[sel], ids[sel])
         loss.backward()
         topo.append(parts["topo"])
-    assert topo[:5] == [0.0] * 5  # fewer than n = 6 distinct images per class so far
-    assert topo[5] > 0 and torch.isfinite(x.grad).all()
+    assert topo[:3] == [0.0] * 3  # at most k = 3 distinct images per class so far
+    assert all(v > 0 for v in topo[3:]) and torch.isfinite(x.grad).all()
     # the PTA term reaches the pixels: gradients differ from a run without it
     crit0 = rf.RETALoss(t, lam_topo=0.0)
     x0 = images[torch.arange(4) * 6 + 5].clone().requires_grad_()

@@ -34,6 +34,19 @@ def setup(cfg: dict, device: str) -> Case:
     impls["chunked addmm+topk"] = lambda: chunked_addmm_topk(x[0], k)
     if n <= cfg.get("cdist_max", 50_000):
         impls["cdist+topk"] = lambda: cdist_topk(x[0], k)
+    try:  # faiss where installed (exact flat L2 index; the query set is the data set)
+        import faiss
+
+        xf = x[0].float().cpu().numpy()
+
+        def faiss_flat():
+            index = faiss.IndexFlatL2(d)
+            index.add(xf)
+            return index.search(xf, k + 1)[1]  # +1: each point finds itself first
+
+        impls["faiss IndexFlatL2 (CPU)"] = faiss_flat
+    except ImportError:
+        pass
     return Case(impls, unit="FLOP/s", work=2.0 * n * n * d,
                 note="reta_fast knn is exact with ties broken by index; baselines are not tie-exact")
 

@@ -104,8 +104,13 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
     cfg.validate()
     if not isinstance(x_init, torch.Tensor) or x_init.dim() != 4 or x_init.shape[1] != 3:
         raise ValueError(f"x_init must be [B, 3, H, W], got {getattr(x_init, 'shape', x_init)!r}")
-    if cfg.drc and len(cfg.resolutions) > 1 and pool is None:
-        raise ValueError("config.drc needs a pool (or set drc=False for the static anchor)")
+    if cfg.drc and len(cfg.resolutions) > 1:
+        if pool is None:
+            raise ValueError("config.drc needs a pool (or set drc=False for the static anchor)")
+        if tuple(map(float, pool.mean)) != tuple(map(float, cfg.mean)) or tuple(map(float, pool.std)) != tuple(
+                map(float, cfg.std)):
+            raise ValueError(f"the pool normalises with mean {pool.mean}, std {pool.std} but the config uses "
+                             f"{tuple(cfg.mean)}, {tuple(cfg.std)}: injected patches would not match the images")
     dev = x_init.device
     m = torch.tensor(cfg.mean, device=dev).view(1, 3, 1, 1)
     s = torch.tensor(cfg.std, device=dev).view(1, 3, 1, 1)

@@ -60,11 +60,15 @@ class RETALoss(nn.Module):
         self.r_bn, self.lam_topo = float(r_bn), float(lam_topo)
         self._handles = []
         self._bn_terms = []
-        bns = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        bns = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+        self._capturing = False  # hooks record only during this loss's own forward
         if self.r_bn > 0:
             if not bns:
-                raise ValueError("the teacher has no BatchNorm layers, so BN-statistic matching is impossible: "
+                raise ValueError("the teacher has no BatchNorm2d layers, so BN-statistic matching is impossible: "
                                  "pass r_bn=0 to recover without it")
+            if any(m.running_mean is None or m.running_var is None for m in bns):
+                raise ValueError("a BatchNorm2d layer of the teacher tracks no running statistics "
+                                 "(track_running_stats=False): nothing to match; pass r_bn=0")
             for i, m in enumerate(bns):
                 w = float(first_bn_weight) if i == 0 else 1.0
                 self._handles.append(m.register_forward_hook(self._bn_hook(w)))
@@ -81,9 +85,9 @@ class RETALoss(nn.Module):
                                  f"{tuple(real_feats.shape) if isinstance(real_feats, torch.Tensor) else real_feats!r}")
             self.register_buffer("real_feats", real_feats.detach().float())
             self.topo = TopologyAlignmentLoss(k=k, refresh_every=topo_refresh, **topo_kwargs)
-            self._handles.append(linears[-1].register_forward_hook(
-                lambda mod, inp, out: setattr(self, "_feats", inp[0])))
+            self._handles.append(linears[-1].register_forward_hook(self._feat_hook))
             self._bank: Dict[int, Dict[int, torch.Tensor]] = {}  # class -> image id -> feature
+            self._real_slices: Dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_pool(cls, teacher: nn.Module, pool, points_per_class: int = 32, seed: int = 0, **kwargs) -> "RETALoss":
@@ -99,8 +103,21 @@ class RETALoss(nn.Module):
             rows.append(feats[idx[torch.randperm(idx.numel(), generator=g)[:points_per_class]]])
         return cls(teacher, real_feats=torch.stack(rows), **kwargs)
 
+    def _feat_hook(self, mod, inp, out):
+        if self._capturing:
+            self._feats = inp[0]
+
+    def train(self, mode: bool = True):
+        """The teacher stays in eval mode whatever the mode of this module (its running statistics
+        are the BN targets and must never be updated)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
     def _bn_hook(self, weight: float):
         def hook(mod, inp, out):
+            if not self._capturing:
+                return
             x = inp[0].float()
             mean = x.mean(dim=(0, 2, 3))
             var = x.var(dim=(0, 2, 3), unbiased=False)
@@ -119,17 +136,21 @@ class RETALoss(nn.Module):
         n = self.real_feats.shape[1]
         point_sets = {}
         for c in torch.unique(y).tolist():  # host loop over the classes of the batch
+            if c >= self.real_feats.shape[0]:
+                raise ValueError(f"class {c} has no real features (real_feats covers {self.real_feats.shape[0]} classes)")
             sel = (y == c).nonzero().flatten()
             cur = f[sel]
+            if ids is None:  # no identities: only the current images, never the bank
+                point_sets[c] = cur[:n]
+                continue
             bank = self._bank.setdefault(c, {})
-            cur_ids = set(ids[sel].tolist()) if ids is not None else set()
-            others = [v for key, v in reversed(bank.items()) if key not in cur_ids]
+            cur_ids = ids[sel].tolist()
+            others = [v for key, v in reversed(bank.items()) if key not in set(cur_ids)]
             pts = torch.cat([cur] + others[: max(0, n - cur.shape[0])]) if others else cur
-            for key, v in zip(ids[sel].tolist() if ids is not None else [], cur.detach()):  # newest last
+            for key, v in zip(cur_ids, cur.detach()):  # newest last
                 bank.pop(key, None)
                 bank[key] = v[None]
-            if c < self.real_feats.shape[0]:
-                point_sets[c] = pts[:n]
+            point_sets[c] = pts[:n]
         # Class-balanced: every class of the batch contributes the same number of points, the most
         # that all of them have (at most n); PTA needs more than k of them.
         m = min((p.shape[0] for p in point_sets.values()), default=0)
@@ -137,8 +158,10 @@ class RETALoss(nn.Module):
             return f.new_zeros(())
         classes = sorted(point_sets)
         syn = torch.stack([point_sets[c][:m] for c in classes])
-        real = self.real_feats[classes][:, :m].to(f.device)
-        return self.topo(syn, real, classes=classes)
+        key = (tuple(classes), m, f.device)
+        if key not in self._real_slices:  # one tensor per class set, so the loss can reuse pairings
+            self._real_slices[key] = self.real_feats[classes][:, :m].to(f.device)
+        return self.topo(syn, self._real_slices[key], classes=classes)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -151,7 +174,12 @@ class RETALoss(nn.Module):
             raise ValueError(f"y must be an integer tensor [B] = [{x.shape[0]}]")
         self._bn_terms.clear()
         self._feats = None
-        logits = self.teacher(x)
+        self.teacher.eval()
+        self._capturing = True
+        try:
+            logits = self.teacher(x)
+        finally:
+            self._capturing = False
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
             raise ValueError(f"y holds labels outside [0, {logits.shape[1]})")
         ce = F.cross_entropy(logits.float(), y)

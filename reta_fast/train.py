@@ -126,9 +126,22 @@ def accuracy(model: nn.Module, dataset, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0
 
 
 def _rrc_flip(x: torch.Tensor, scale, g: torch.Generator, flip: bool) -> torch.Tensor:
-    from .recover import augment
-
-    return augment(x, x.shape[-1], 0, scale, g, flip=flip)
+    """Per-image RandomResizedCrop (area ``scale``, aspect 3/4-4/3) + horizontal flip, back to the
+    input size, as one batched ``affine_grid`` + ``grid_sample`` (bilinear)."""
+    N, _, H, W = x.shape
+    area = scale[0] + (scale[1] - scale[0]) * torch.rand(N, generator=g)
+    logr = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(N, generator=g)
+    ratio = torch.exp(logr)
+    w = torch.sqrt(area * ratio).clamp(max=1.0)  # fractions of the side
+    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (1 - w) * torch.rand(N, generator=g) + w / 2  # box centre in [0, 1]
+    cy = (1 - h) * torch.rand(N, generator=g) + h / 2
+    sign = torch.where(torch.rand(N, generator=g) < 0.5, -1.0, 1.0) if flip else torch.ones(N)
+    theta = torch.zeros(N, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w * sign, 2 * cx - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h, 2 * cy - 1
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def train_student(student: nn.Module, teacher: nn.Module, images: torch.Tensor, epochs: int = 300,
@@ -138,7 +151,7 @@ def train_student(student: nn.Module, teacher: nn.Module, images: torch.Tensor, 
     """The student protocol of METHOD.md section 1 with online teacher soft labels.
 
     ``images`` ``[N, 3, H, W]`` are normalised synthetic images. Each step: RandomResizedCrop + flip
-    (shared per batch), CutMix (Beta(1, 1) box, shared partner permutation), teacher logits on the same
+    per image, CutMix (Beta(1, 1) box, shared partner permutation), teacher logits on the same
     augmented batch, loss ``KL(softmax(t/T) || softmax(s/T)) * T^2``; AdamW, cosine over all steps.
     """
     g = torch.Generator().manual_seed(seed)
@@ -159,7 +172,7 @@ def train_student(student: nn.Module, teacher: nn.Module, images: torch.Tensor, 
         for b in range(0, n, batch_size):
             x = _rrc_flip(images[perm[b:b + batch_size]].to(device), crop_scale, g, flip)
             if cutmix and x.shape[0] > 1:
-                lam = float(torch.distributions.Beta(1.0, 1.0).sample())
+                lam = float(torch.rand((), generator=g))  # Beta(1, 1) is uniform: drawn from g
                 H, W = x.shape[-2:]
                 h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
                 ci, cj = int(torch.randint(0, H, (), generator=g)), int(torch.randint(0, W, (), generator=g))

@@ -91,7 +91,7 @@ def test_bad_input():
     t = teacher()
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                 torch.nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="no BatchNorm layers"):
+    with pytest.raises(ValueError, match="no BatchNorm2d layers"):
         rf.RETALoss(plain, lam_topo=0.0)
     rf.RETALoss(plain, r_bn=0.0, lam_topo=0.0)  # explicit opt-out works
     with pytest.raises(ValueError, match="needs real_feats"):
@@ -121,3 +121,43 @@ def test_from_pool(tmp_path):
         assert all(any(torch.equal(r, o) for o in own) for r in crit.real_feats[c])
     with pytest.raises(ValueError, match="fewer than points_per_class"):
         rf.RETALoss.from_pool(t, pool, points_per_class=5, k=2)
+
+
+def test_hooks_only_record_the_loss_own_forward_and_teacher_stays_eval():
+    t = teacher()
+    crit = rf.RETALoss(t, lam_topo=0.0)
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    for _ in range(3):
+        t(x)  # someone else runs the teacher: nothing may accumulate
+    assert crit._bn_terms == []
+    crit.train()
+    assert not t.training
+    before = [m.running_mean.clone() for m in t.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    crit(x, torch.tensor([0, 1, 2, 3]))[0].backward()
+    after = [m.running_mean for m in t.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # the BN targets never move
+    no_stats = rf.models.convnet_bn(num_classes=4, width=8, depth=1)
+    no_stats.body[1] = torch.nn.BatchNorm2d(8, track_running_stats=False)
+    with pytest.raises(ValueError, match="no running statistics"):
+        rf.RETALoss(no_stats, lam_topo=0.0)
+
+
+def test_pta_without_ids_uses_only_the_batch_and_unknown_classes_raise():
+    t = teacher()
+    crit = rf.RETALoss(t, real_feats=F.normalize(torch.randn(2, 6, 8), dim=-1), k=3)  # real for 2 of 4 classes
+    y = torch.tensor([0] * 5 + [1] * 5)
+    _, parts = crit(torch.randn(10, 3, 8, 8), y)  # 5 > k points per class from the batch alone
+    assert parts["topo"] > 0 and crit._bank == {}
+    with pytest.raises(ValueError, match="no real features"):
+        crit(torch.randn(10, 3, 8, 8), torch.tensor([0] * 5 + [3] * 5))
+
+
+def test_topo_refresh_reuses_pairings_across_steps():
+    t = teacher()
+    crit = rf.RETALoss(t, real_feats=F.normalize(torch.randn(2, 6, 8), dim=-1), k=3, topo_refresh=3)
+    y = torch.tensor([0] * 5 + [1] * 5)
+    x = torch.randn(10, 3, 8, 8)
+    crit(x, y)
+    key = crit.topo._cache_key
+    crit(x + 0.01, y)
+    assert crit.topo._cache_key == key and crit.topo._pairs_cache is not None  # same classes and real tensor

@@ -150,21 +150,16 @@ reta::PersistenceResult reference(const std::vector<Graph>& graphs) {
 
 void check_equal(const reta::PersistenceResult& got, const reta::PersistenceResult& want,
                  const std::string& what) {
-  CHECK(got.h0_death_edges == want.h0_death_edges,
-        what + ": h0_death_edges " + str(got.h0_death_edges) + " != " + str(want.h0_death_edges));
-  CHECK(got.h0_offsets == want.h0_offsets,
-        what + ": h0_offsets " + str(got.h0_offsets) + " != " + str(want.h0_offsets));
-  CHECK(got.h0_components == want.h0_components,
-        what + ": h0_components " + str(got.h0_components) + " != " + str(want.h0_components));
-  CHECK(got.h1_pairs == want.h1_pairs,
-        what + ": h1_pairs " + str(got.h1_pairs) + " != " + str(want.h1_pairs));
-  CHECK(got.h1_offsets == want.h1_offsets,
-        what + ": h1_offsets " + str(got.h1_offsets) + " != " + str(want.h1_offsets));
-  CHECK(got.h1_essential == want.h1_essential,
-        what + ": h1_essential " + str(got.h1_essential) + " != " + str(want.h1_essential));
-  CHECK(got.h1_essential_offsets == want.h1_essential_offsets,
-        what + ": h1_essential_offsets " + str(got.h1_essential_offsets) +
-            " != " + str(want.h1_essential_offsets));
+  const auto field = [&](const std::vector<int64_t>& a, const std::vector<int64_t>& b, const char* name) {
+    CHECK(a == b, what + ": " + name + " " + str(a) + " != " + str(b));
+  };
+  field(got.h0_death_edges, want.h0_death_edges, "h0_death_edges");
+  field(got.h0_offsets, want.h0_offsets, "h0_offsets");
+  field(got.h0_components, want.h0_components, "h0_components");
+  field(got.h1_pairs, want.h1_pairs, "h1_pairs");
+  field(got.h1_offsets, want.h1_offsets, "h1_offsets");
+  field(got.h1_essential, want.h1_essential, "h1_essential");
+  field(got.h1_essential_offsets, want.h1_essential_offsets, "h1_essential_offsets");
 }
 
 void test_square_with_diagonal() {

@@ -1,7 +1,15 @@
-"""Command line entry point ``reta``.
+"""Command line entry point ``reta``: the distillation pipeline, stage by stage or all at once.
 
-Subcommands so far: ``reta demo`` runs the topology demo below. The distillation stages
-(squeeze, distill, relabel, evaluate, run) arrive with the pipeline.
+    reta squeeze   train a BN teacher on a data set (prints its top-1)
+    reta distill   build/load the patch pool and write the distilled set (--method reta | baselines)
+    reta relabel   stored soft labels for the student protocol + a tensor export
+    reta evaluate  train students on the distilled set; top-1 vs the teacher and random real images
+    reta report    report.md / report.json with pictures
+    reta run       all of the above
+    reta demo      all of the above on the embedded digits data set (no download, minutes on a CPU)
+    reta topo-demo the PTA loss alone on synthetic point clouds
+
+Under ``torchrun`` the distill stage shards its batches over the ranks (``RANK``/``WORLD_SIZE``).
 """
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,7 +43,7 @@ def _summary(dg, g: int) -> str:
             f"H1 bars={h1.shape[0]} (persistence > 0.1: {long_loops})")
 
 
-def demo(args) -> int:
+def topo_demo(args) -> int:
     import reta_fast as rf
 
     torch.manual_seed(args.seed)
@@ -74,10 +83,268 @@ def demo(args) -> int:
     return 0
 
 
+class _Log:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def _data(args):
+    from .datasets import load_data
+
+    data = load_data(args.data, size=args.size, val=args.val, root=args.data_root, seed=args.seed)
+    args.log(f"[data] {data.describe()}" + "".join(f"; {n}" for n in data.notes))
+    return data
+
+
+def _teachers(args, data):
+    from .teachers import resolve_teachers
+
+    return resolve_teachers(args.teacher, data, device=args.device, seed=args.seed, weights=args.teacher_weights,
+                            arch=getattr(args, "arch", None), epochs=getattr(args, "epochs", None),
+                            progress=not args.quiet, log=args.log)
+
+
+def _rank():
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _distill_config(args):
+    from .pipeline import DistillConfig
+
+    return DistillConfig(method=args.method, ipc=args.ipc, ipc_start=args.ipc_start, ipc_end=args.ipc_end,
+                         iterations=args.iterations, blocks=args.blocks, batch_classes=args.batch_classes,
+                         ipc_per_batch=args.ipc_per_batch, lr=args.lr, jitter=args.jitter, alpha=args.alpha,
+                         lam=args.lam, r_bn=0.0 if args.no_bn else args.r_bn, first_bn_weight=args.first_bn_weight,
+                         lam_topo=args.lam_topo, topo_k=args.topo_k, points_per_class=args.points_per_class,
+                         pool_per_class=args.pool_per_class, pool_candidates=args.pool_candidates,
+                         drc=not args.no_drc, pta=not args.no_pta, seed=args.seed)
+
+
+def _eval_config(args):
+    from .pipeline import EvalConfig
+
+    return EvalConfig(student=args.student, epochs=args.eval_epochs, batch_size=args.eval_batch, lr=args.eval_lr,
+                      weight_decay=args.eval_wd, temperature=args.temperature, labels=args.labels,
+                      seeds=tuple(args.eval_seeds), baseline=not args.no_baseline)
+
+
+def cmd_squeeze(args) -> int:
+    from .pipeline import Stage
+    from .teachers import default_arch, default_teacher_path, squeeze
+
+    data = _data(args)
+    arch = args.arch or default_arch(data)
+    out = args.teacher_out or default_teacher_path(data, arch, args.seed)
+    if Path(out).exists():
+        raise FileExistsError(f"{out} exists: a teacher is never overwritten (pass --teacher-out elsewhere)")
+    with Stage(None, "squeeze", args.device, args.log):
+        t = squeeze(data, arch, epochs=args.epochs, lr=args.squeeze_lr, seed=args.seed, device=args.device, out=out,
+                    progress=not args.quiet, workers=args.workers, log=args.log)
+    print(f"teacher {t.name}: top-1 {t.accuracy:.2f}% -> {out}")
+    return 0
+
+
+def _no_bn_check(args, teachers):
+    from torch import nn
+
+    if args.no_bn or args.method in ("random-real", "rded"):
+        return
+    for t in teachers:
+        if not any(isinstance(m, nn.BatchNorm2d) for m in t.model.modules()):
+            raise ValueError(f"teacher {t.name} has no BatchNorm2d layer, so BN-statistic matching is impossible: "
+                             f"pass --no-bn to recover without it (CE + PTA only)")
+
+
+def cmd_distill(args, data=None, teachers=None) -> int:
+    from .pipeline import Stage, distill
+
+    data = data or _data(args)
+    teachers = teachers or _teachers(args, data)
+    _no_bn_check(args, teachers)
+    cfg = _distill_config(args)
+    rank, world = _rank()
+    out = Path(args.out)
+    with Stage(out if world == 1 else None, "distill" if world == 1 else f"distill-rank{rank}", args.device,
+               args.log) as st:
+        st.info.update(distill(data, teachers, out, cfg, device=args.device, pool_dir=args.pool,
+                               progress=not args.quiet, log=args.log, rank=rank, world_size=world))
+    if world > 1:
+        from .fileio import write_json
+        write_json(out / "stages" / f"distill-rank{rank}.json", st.record)
+    i = st.info
+    args.log(f"[distill] {i['written']} images written, {i['skipped']} already there -> {out / 'images'}")
+    return 0
+
+
+def cmd_relabel(args, data=None, teachers=None) -> int:
+    from .pipeline import Stage, relabel_stage
+
+    data = data or _data(args)
+    teachers = teachers or _teachers(args, data)
+    with Stage(Path(args.out), "relabel", args.device, args.log) as st:
+        st.info.update(relabel_stage(data, teachers[0], args.out, _eval_config(args), device=args.device,
+                                     progress=not args.quiet, log=args.log))
+    return 0
+
+
+def cmd_evaluate(args, data=None, teachers=None) -> int:
+    from .pipeline import Stage, evaluate
+
+    data = data or _data(args)
+    teachers = teachers or _teachers(args, data)
+    with Stage(Path(args.out), "evaluate", args.device, args.log) as st:
+        r = evaluate(data, teachers[0], args.out, _eval_config(args), device=args.device, progress=not args.quiet,
+                     log=args.log, seed=args.seed, workers=args.workers)
+        st.info.update(top1=r["distilled"]["mean"])
+    rr = r["random_real"]
+    print(f"{r['method']} IPC {r['ipc']}: student top-1 {r['distilled']['mean']:.2f} ± {r['distilled']['std']:.2f}% | "
+          f"teacher {r['teacher_top1']:.2f}%" + (f" | random real {rr['mean']:.2f} ± {rr['std']:.2f}%" if rr else ""))
+    return 0
+
+
+def cmd_report(args, data=None, teachers=None) -> int:
+    from .report import write_report
+
+    data = data or _data(args)
+    teachers = teachers or _teachers(args, data)
+    write_report(args.out, data, teachers[0], k=args.topo_k or 10, seed=args.seed, device=args.device, log=args.log)
+    return 0
+
+
+def cmd_run(args) -> int:
+    data = _data(args)
+    teachers = _teachers(args, data)
+    cmd_distill(args, data, teachers)
+    if _rank()[1] > 1:
+        return 0  # ranks only distil; evaluate once afterwards
+    if args.labels == "stored":
+        cmd_relabel(args, data, teachers)
+    cmd_evaluate(args, data, teachers)
+    cmd_report(args, data, teachers)
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+DEMO = dict(data="digits", method="reta", ipc=10, iterations=200, blocks=4, batch_classes=10, topo_k=4,
+            eval_epochs=150, eval_batch=50, eval_lr=1e-2, out="reta-demo")
+
+
+def _common(p, demo=False):
+    g = p.add_argument_group("common")
+    g.add_argument("--data", default="digits" if demo else None, required=not demo,
+                   help="ImageFolder path (ROOT/<class>/ or ROOT/train + ROOT/val), digits, or a torchvision name")
+    g.add_argument("--val", help="validation ImageFolder (default: ROOT/val|test, else a 10%% holdout)")
+    g.add_argument("--data-root", help="download folder for torchvision data sets")
+    g.add_argument("--size", type=int, help="working image size (default: 16 for digits, 32 for CIFAR, probed "
+                                             "for folders, at most 224)")
+    g.add_argument("--teacher", help="teacher checkpoint, torchvision:<name> or timm:<name>; a comma-separated "
+                                      "list takes turns (FADRM+). Default: the data set's default teacher, "
+                                      "squeezed once and cached")
+    g.add_argument("--teacher-weights", help="state-dict file (or DEFAULT) for torchvision:/timm: teachers")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=0, help="data loader processes for streamed data sets")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def _out(p, demo=False):
+    p.add_argument("--out", default=DEMO["out"] if demo else None, required=not demo,
+                   help="output folder (resumed if it holds the same run, refused if another)")
+
+
+def _distill_args(p, demo=False):
+    d = DEMO if demo else {}
+    g = p.add_argument_group("distill")
+    g.add_argument("--method", default=d.get("method", "reta"), choices=["random-real", "rded", "sre2l", "fadrm", "reta"])
+    g.add_argument("--ipc", type=int, default=d.get("ipc", 10), help="images per class")
+    g.add_argument("--ipc-start", type=int, default=0, help="first ipc index this process makes")
+    g.add_argument("--ipc-end", type=int, default=None, help="one past the last ipc index (default: --ipc)")
+    g.add_argument("--iterations", type=int, default=d.get("iterations", 1000), help="recover steps per batch")
+    g.add_argument("--blocks", type=int, default=d.get("blocks", 4), help="multi-resolution blocks (FADRM)")
+    g.add_argument("--batch-classes", type=int, default=d.get("batch_classes"),
+                   help="classes per batch (default: min(classes, 100))")
+    g.add_argument("--ipc-per-batch", type=int, default=None,
+                   help="items of each class per batch (default: 100 images per batch)")
+    g.add_argument("--lr", type=float, default=0.25)
+    g.add_argument("--jitter", type=int, default=None)
+    g.add_argument("--alpha", type=float, default=0.5, help="residual weight of the synthetic image")
+    g.add_argument("--lam", type=float, default=0.1, help="DRC complexity weight lambda")
+    g.add_argument("--r-bn", type=float, default=0.01)
+    g.add_argument("--first-bn-weight", type=float, default=10.0)
+    g.add_argument("--no-bn", action="store_true", help="no BN-statistic matching (teachers without BatchNorm)")
+    g.add_argument("--lam-topo", type=float, default=0.5, help="PTA weight")
+    g.add_argument("--topo-k", type=int, default=d.get("topo_k"), help="mutual k-NN k (default min(10, ipc-1))")
+    g.add_argument("--points-per-class", type=int, default=32, help="real PTA points per class")
+    g.add_argument("--pool", help="patch pool folder (default: a cache folder keyed by data, teacher, params)")
+    g.add_argument("--pool-per-class", type=int, default=300)
+    g.add_argument("--pool-candidates", type=int, default=1, help="RDED best-of-N crops per image")
+    g.add_argument("--no-drc", action="store_true", help="ablation: static anchor instead of DRC retrieval")
+    g.add_argument("--no-pta", action="store_true", help="ablation: no topology alignment")
+
+
+def _eval_args(p, demo=False):
+    d = DEMO if demo else {}
+    g = p.add_argument_group("evaluate")
+    g.add_argument("--student", choices=["convnet", "resnet18"], help="student architecture (default: the teacher's)")
+    g.add_argument("--eval-epochs", type=int, default=d.get("eval_epochs", 300))
+    g.add_argument("--eval-batch", type=int, default=d.get("eval_batch", 64))
+    g.add_argument("--eval-lr", type=float, default=d.get("eval_lr", 1e-3))
+    g.add_argument("--eval-wd", type=float, default=0.01)
+    g.add_argument("--temperature", type=float, default=20.0)
+    g.add_argument("--labels", choices=["online", "stored"], default="online",
+                   help="soft labels from the teacher during training, or stored by `reta relabel`")
+    g.add_argument("--eval-seeds", type=int, nargs="+", default=[0])
+    g.add_argument("--no-baseline", action="store_true", help="skip the random-real baseline")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reta", description="RETA dataset distillation (reta_fast)")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="topology demo: align a collapsed synthetic set to real loops with PTA")
+
+    s = sub.add_parser("squeeze", help="train a BN teacher on a data set")
+    _common(s)
+    s.add_argument("--arch", choices=["convnet", "resnet18"], help="default: convnet for digits, else resnet18")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--squeeze-lr", type=float)
+    s.add_argument("--teacher-out", help="checkpoint path (default: the teacher cache)")
+    s.set_defaults(func=cmd_squeeze)
+
+    for name, fn, helptext, parts in (
+            ("distill", cmd_distill, "write the distilled set", ("d",)),
+            ("relabel", cmd_relabel, "stored soft labels + tensor export", ("e",)),
+            ("evaluate", cmd_evaluate, "train students on the distilled set", ("e",)),
+            ("report", cmd_report, "write report.md/json with pictures", ("k",)),
+            ("run", cmd_run, "all stages", ("d", "e")),
+            ("demo", cmd_run, "all stages on the embedded digits data set", ("d", "e"))):
+        demo = name == "demo"
+        q = sub.add_parser(name, help=helptext)
+        _common(q, demo)
+        _out(q, demo)
+        if "d" in parts:
+            _distill_args(q, demo)
+        if "e" in parts:
+            _eval_args(q, demo)
+        if "k" in parts:
+            q.add_argument("--topo-k", type=int, default=None)
+        if "d" not in parts:
+            q.set_defaults(method=None)
+        q.set_defaults(func=fn)
+
+    d = sub.add_parser("topo-demo", help="PTA on synthetic point clouds: align a collapsed set to real loops")
     d.add_argument("--classes", type=int, default=8)
     d.add_argument("--points", type=int, default=64)
     d.add_argument("--dim", type=int, default=32)
@@ -85,17 +352,36 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=100)
     d.add_argument("--lr", type=float, default=0.05)
     d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(func=demo)
+    d.set_defaults(func=topo_demo)
     return p
+
+
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, FloatingPointError,
+                PermissionError)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("classes", "points", "dim", "k", "steps"):
-        if getattr(args, name, 1) < 1:
-            print(f"reta: --{name} must be >= 1", file=sys.stderr)
-            return 2
-    return args.func(args)
+    if args.command == "topo-demo":
+        for name in ("classes", "points", "dim", "k", "steps"):
+            if getattr(args, name) < 1:
+                print(f"reta: --{name} must be >= 1", file=sys.stderr)
+                return 2
+        return args.func(args)
+    args.log = _Log(args.quiet)
+    try:
+        args.device = _device(args.device)
+        return args.func(args)
+    except _USER_ERRORS as exc:
+        print(f"reta {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. disk full: the partial file was already removed
+        print(f"reta {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"reta {args.command}: interrupted; finished items are kept, re-run the same command to resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

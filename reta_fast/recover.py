@@ -83,7 +83,9 @@ def augment(x: torch.Tensor, res: int, jitter: int, scale, g: torch.Generator, f
 
 def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None,
             pool=None, config: Optional[RecoverConfig] = None, seed: int = 0,
-            on_step: Optional[Callable[[int, dict], None]] = None) -> torch.Tensor:
+            on_step: Optional[Callable[[int, dict], None]] = None,
+            retrieval_teacher: Optional[torch.nn.Module] = None,
+            retriever: Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = None) -> torch.Tensor:
     """Optimise one batch of synthetic images.
 
     Args:
@@ -96,6 +98,11 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
             (step, block, lr, ce, bn, topo) and one per injection (retrieved pool indices).
         seed: seeds the augmentation.
         on_step: optional callback ``(step, parts)``.
+        retrieval_teacher: the network whose features the pool holds (default ``criterion.teacher``;
+            pass the pool's teacher when several teachers take turns).
+        retriever: optional ``(query_feats [B, D] L2-normalised, y [B], resolution) -> pool indices [B]``
+            replacing the plain per-class :func:`reta_fast.retrieve` (e.g. the pipeline's partitioned
+            retrieval, where each image searches its own share of the class pool).
 
     Returns:
         ``[B, 3, R, R]`` detached images at the last block's resolution ``R``.
@@ -142,8 +149,10 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
             nxt = blocks[b + 1]
             with torch.no_grad():
                 if cfg.drc:
-                    _, f = teacher_features(criterion.teacher, x.detach())
-                    idx = retrieve(F.normalize(f.float(), dim=1), y, pool, lam=cfg.lam, resolution=nxt)
+                    _, f = teacher_features(criterion.teacher if retrieval_teacher is None else retrieval_teacher, x.detach())
+                    q = F.normalize(f.float(), dim=1)
+                    idx = retriever(q, y, nxt) if retriever is not None else retrieve(q, y, pool, lam=cfg.lam,
+                                                                                    resolution=nxt)
                     patch = pool.images(idx.cpu(), device=dev)
                     cfg.history.append(dict(step=step, block=b, retrieved=idx.tolist()))
                 else:

@@ -103,6 +103,27 @@ class RETALoss(nn.Module):
             rows.append(feats[idx[torch.randperm(idx.numel(), generator=g)[:points_per_class]]])
         return cls(teacher, real_feats=torch.stack(rows), **kwargs)
 
+    def reset_bank(self) -> None:
+        """Forget every banked synthetic feature (e.g. at the start of a new recover batch)."""
+        if self.topo is not None:
+            self._bank.clear()
+
+    @torch.no_grad()
+    def seed_bank(self, feats: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> None:
+        """Put detached features ``[N, D]`` of images with classes ``y`` ``[N]`` and ids ``ids`` ``[N]``
+        into the PTA bank (the pipeline seeds it with the initial images of a class's other items, so
+        a batch's point set does not depend on which batches ran before it: resumed and sharded runs
+        give the same images)."""
+        if self.topo is None:
+            return
+        if feats.dim() != 2 or y.shape != (feats.shape[0],) or ids.shape != y.shape:
+            raise ValueError(f"seed_bank needs feats [N, D], y [N], ids [N]; got {tuple(feats.shape)}, "
+                             f"{tuple(y.shape)}, {tuple(ids.shape)}")
+        for f, c, i in zip(feats.detach(), y.tolist(), ids.tolist()):
+            bank = self._bank.setdefault(int(c), {})
+            bank.pop(int(i), None)
+            bank[int(i)] = f[None]
+
     def _feat_hook(self, mod, inp, out):
         if self._capturing:
             self._feats = inp[0]

@@ -3,13 +3,14 @@ training (squeeze), accuracy, and the student protocol of METHOD.md section 1 (e
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TensorImageDataset", "digits_dataset", "train_classifier", "accuracy", "train_student"]
+__all__ = ["TensorImageDataset", "digits_dataset", "train_classifier", "accuracy", "train_student", "relabel",
+           "student_batches"]
 
 
 class TensorImageDataset:
@@ -80,49 +81,72 @@ def _crop_flip(x: torch.Tensor, pad: int, g: torch.Generator, flip: bool = True)
     return torch.where(flips[:, None, None, None], out.flip(-1), out)
 
 
+def _image_size(dataset, size):
+    if size is not None:
+        return int(size)
+    if isinstance(dataset, TensorImageDataset):
+        return int(dataset.images.shape[-1])
+    raise ValueError("size is required for a data set that is not held in memory")
+
+
 def train_classifier(model: nn.Module, dataset, epochs: int = 30, batch_size: int = 128, lr: float = 0.05,
                      weight_decay: float = 5e-4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), device="cpu",
-                     seed: int = 0, pad: int = 2, flip: bool = True, progress: bool = False) -> nn.Module:
+                     seed: int = 0, pad: int = 2, flip: bool = True, progress: bool = False,
+                     size: Optional[int] = None, workers: int = 0) -> nn.Module:
     """Train a (teacher) classifier from scratch: SGD momentum 0.9 (Nesterov), one-cycle lr, crop
-    (+ flip unless ``flip=False``, e.g. for digits, where a mirrored 2 is not a 2)."""
-    x_all, y_all = dataset.tensors()
+    (+ flip unless ``flip=False``, e.g. for digits, where a mirrored 2 is not a 2).
+
+    ``dataset``: a :class:`TensorImageDataset` (sliced in memory) or any data set of ``(image,
+    label)`` items, streamed at ``size`` px through a DataLoader with ``workers`` processes.
+    """
+    from .datasets import batches_per_epoch, iterate_batches
+
+    size = _image_size(dataset, size)
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
-    steps = epochs * math.ceil(len(y_all) / batch_size)
+    steps = epochs * batches_per_epoch(dataset, batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     it = range(epochs)
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="squeeze", unit="epoch")
+    done = 0
     for _ in it:
-        perm = torch.randperm(len(y_all), generator=g)
-        for b in range(0, len(perm), batch_size):
-            idx = perm[b:b + batch_size]
-            x = _normalise(_crop_flip(x_all[idx], pad, g, flip).to(device), mean, std)
-            loss = F.cross_entropy(model(x), y_all[idx].to(device))
+        for xb, yb in iterate_batches(dataset, batch_size, size, shuffle=True, generator=g, workers=workers):
+            x = _normalise(_crop_flip(xb.to(device), pad, g, flip), mean, std)
+            loss = F.cross_entropy(model(x), yb.to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"teacher training diverged (loss {float(loss)}): lower lr={lr}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if done < steps:
+                sched.step()
+            done += 1
     return model.eval()
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, dataset, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), batch_size: int = 512,
-             device="cpu") -> float:
-    """Top-1 accuracy (%) of ``model`` (eval mode) on ``dataset``."""
+             device="cpu", size: Optional[int] = None, workers: int = 0) -> float:
+    """Top-1 accuracy (%) of ``model`` (eval mode) on ``dataset`` (in memory or streamed at ``size``)."""
+    from .datasets import iterate_batches
+
+    size = _image_size(dataset, size)
     was = model.training
     model.eval()
-    x_all, y_all = dataset.tensors()
-    correct = 0
-    for b in range(0, len(y_all), batch_size):
-        logits = model(_normalise(x_all[b:b + batch_size].to(device), mean, std))
-        correct += int((logits.argmax(1).cpu() == y_all[b:b + batch_size]).sum())
+    correct = total = 0
+    for xb, yb in iterate_batches(dataset, batch_size, size, workers=workers):
+        logits = model(_normalise(xb.to(device), mean, std))
+        correct += int((logits.argmax(1).cpu() == yb).sum())
+        total += yb.numel()
     model.train(was)
-    return 100.0 * correct / max(1, len(y_all))
+    return 100.0 * correct / max(1, total)
 
 
 def _rrc_flip(x: torch.Tensor, scale, g: torch.Generator, flip: bool) -> torch.Tensor:
@@ -144,30 +168,15 @@ def _rrc_flip(x: torch.Tensor, scale, g: torch.Generator, flip: bool) -> torch.T
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def train_student(student: nn.Module, teacher: nn.Module, images: torch.Tensor, epochs: int = 300,
-                  batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.01, temperature: float = 20.0,
-                  cutmix: bool = True, crop_scale=(0.08, 1.0), flip: bool = True, device="cpu", seed: int = 0,
-                  progress: bool = False) -> nn.Module:
-    """The student protocol of METHOD.md section 1 with online teacher soft labels.
-
-    ``images`` ``[N, 3, H, W]`` are normalised synthetic images. Each step: RandomResizedCrop + flip
-    per image, CutMix (Beta(1, 1) box, shared partner permutation), teacher logits on the same
-    augmented batch, loss ``KL(softmax(t/T) || softmax(s/T)) * T^2``; AdamW, cosine over all steps.
-    """
+def student_batches(images: torch.Tensor, epochs: int, batch_size: int, crop_scale=(0.08, 1.0), flip: bool = True,
+                    cutmix: bool = True, seed: int = 0, device="cpu") -> Iterator[torch.Tensor]:
+    """The augmented batches of the student protocol (METHOD.md section 1), one per step, as a
+    deterministic function of ``seed``: shuffled each epoch, per-image RandomResizedCrop + flip,
+    CutMix (Beta(1, 1) box, partner permutation). Relabelling (stored soft labels) and evaluation
+    replay the same stream, so stored and online teacher labels agree step by step."""
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    student.to(device).train()
-    teacher.to(device).eval()
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
     n = images.shape[0]
-    steps = max(1, epochs * math.ceil(n / batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    it = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="evaluate", unit="epoch")
-    for _ in it:
+    for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         for b in range(0, n, batch_size):
             x = _rrc_flip(images[perm[b:b + batch_size]].to(device), crop_scale, g, flip)
@@ -180,12 +189,71 @@ def train_student(student: nn.Module, teacher: nn.Module, images: torch.Tensor, 
                 partner = torch.randperm(x.shape[0], generator=g).to(device)
                 x = x.clone()
                 x[..., i0:i1, j0:j1] = x[partner][..., i0:i1, j0:j1]
+            yield x
+
+
+@torch.no_grad()
+def relabel(teacher: nn.Module, images: torch.Tensor, epochs: int = 300, batch_size: int = 64,
+            crop_scale=(0.08, 1.0), flip: bool = True, cutmix: bool = True, seed: int = 0, device="cpu",
+            progress: bool = False) -> torch.Tensor:
+    """FKD-style stored soft labels: the teacher's logits (fp16) for every augmented batch the student
+    protocol will draw with this ``seed``: ``[steps * B (ragged last batch), K]`` in stream order.
+    Pass them to :func:`train_student` (``soft_labels=``) with the same arguments."""
+    teacher.to(device).eval()
+    out = []
+    stream = student_batches(images, epochs, batch_size, crop_scale, flip, cutmix, seed, device)
+    if progress:
+        from tqdm.auto import tqdm
+
+        stream = tqdm(stream, desc="relabel", unit="step", total=epochs * math.ceil(images.shape[0] / batch_size))
+    for x in stream:
+        out.append(teacher(x).half().cpu())
+    return torch.cat(out)
+
+
+def train_student(student: nn.Module, teacher: Optional[nn.Module], images: torch.Tensor, epochs: int = 300,
+                  batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.01, temperature: float = 20.0,
+                  cutmix: bool = True, crop_scale=(0.08, 1.0), flip: bool = True, device="cpu", seed: int = 0,
+                  progress: bool = False, soft_labels: Optional[torch.Tensor] = None) -> nn.Module:
+    """The student protocol of METHOD.md section 1.
+
+    ``images`` ``[N, 3, H, W]`` are normalised synthetic images. Each step (:func:`student_batches`):
+    RandomResizedCrop + flip per image, CutMix; soft labels = the teacher's logits on the same
+    augmented batch (online), or the stored ``soft_labels`` from :func:`relabel` with the same seed
+    and arguments; loss ``KL(softmax(t/T) || softmax(s/T)) * T^2``; AdamW, cosine over all steps.
+    """
+    if (teacher is None) == (soft_labels is None):
+        raise ValueError("pass exactly one of teacher (online soft labels) or soft_labels (stored)")
+    torch.manual_seed(seed)
+    student.to(device).train()
+    if teacher is not None:
+        teacher.to(device).eval()
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
+    n = images.shape[0]
+    steps = max(1, epochs * math.ceil(n / batch_size))
+    expected_rows = epochs * n
+    if soft_labels is not None and soft_labels.shape[0] != expected_rows:
+        raise ValueError(f"soft_labels has {soft_labels.shape[0]} rows; {epochs} epochs over {n} images need "
+                         f"{expected_rows}: relabel with the same images, epochs and batch size")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    stream = student_batches(images, epochs, batch_size, crop_scale, flip, cutmix, seed, device)
+    if progress:
+        from tqdm.auto import tqdm
+
+        stream = tqdm(stream, desc="evaluate", unit="step", total=steps)
+    row = 0
+    for x in stream:
+        if soft_labels is None:
             with torch.no_grad():
-                soft = F.softmax(teacher(x).float() / temperature, dim=1)
-            logp = F.log_softmax(student(x).float() / temperature, dim=1)
-            loss = F.kl_div(logp, soft, reduction="batchmean") * temperature**2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+                t = teacher(x).float()
+        else:
+            t = soft_labels[row:row + x.shape[0]].to(device).float()
+            row += x.shape[0]
+        soft = F.softmax(t / temperature, dim=1)
+        logp = F.log_softmax(student(x).float() / temperature, dim=1)
+        loss = F.kl_div(logp, soft, reduction="batchmean") * temperature**2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
     return student.eval()

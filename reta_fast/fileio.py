@@ -1,0 +1,69 @@
+"""Atomic file output: every file the pipeline writes goes to a temporary name in the same folder,
+is flushed and fsync'ed, and is renamed into place, so a reader (or a resumed run) sees either the
+complete file or none, whatever happens to the process (kill -9, disk full, exception)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["atomic_write", "write_json", "read_json", "save_png", "save_torch"]
+
+
+def atomic_write(path, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Call ``write(fh)`` on a temporary file beside ``path``, fsync it and rename it to ``path``.
+
+    On any error the temporary file is removed and ``path`` is left as it was (absent or the old
+    complete file); the error propagates (e.g. ``OSError(ENOSPC)`` when the disk is full).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def write_json(path, obj) -> Path:
+    data = (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def read_json(path, what: str = "file") -> dict:
+    """Parse a JSON file; a missing file raises FileNotFoundError, an unreadable one ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {str(path)!r} is unreadable: {exc}") from None
+
+
+def save_png(path, image_uint8_hwc) -> Path:
+    """Write an ``[H, W, 3]`` uint8 array as a PNG, atomically."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image_uint8_hwc).save(buf, format="PNG")
+    data = buf.getvalue()
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def save_torch(path, obj) -> Path:
+    import torch
+
+    return atomic_write(path, lambda fh: torch.save(obj, fh))

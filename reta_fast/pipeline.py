@@ -1,0 +1,721 @@
+"""The distillation pipeline (METHOD.md sections 1-2 and 6): distill (with the baselines a user
+compares against), relabel and evaluate, with resumable, atomic outputs.
+
+Output folder layout (``out``)::
+
+    run.json                  what was asked for: method, parameters, data, teachers, versions, seed
+    classes.json              class index -> class name (folder name / WNID) and image folder name
+    images/new{c:03d}/class{c:03d}_id{i:03d}.png    the distilled set (an ImageFolder)
+    stages/<stage>.json       wall time, peak memory and loss parts of each stage that ran
+    labels/seed{s}.pt         stored soft labels (``reta relabel``), per evaluation seed
+    export.pt                 tensor export: uint8 images, targets, classes, teacher logits
+    eval.json, report.md, report.json, report/grid.png, report/betti.png
+
+Methods (``--method``):
+
+=============  ==============================  ========  ==================  =====
+method         initialisation                  blocks    residual injection  PTA
+=============  ==============================  ========  ==================  =====
+random-real    random real images              --        --                  --
+rded           teacher-ranked real patches     --        --                  --
+sre2l          Gaussian noise                  1         none                off
+fadrm          teacher-ranked real patches     ``blocks``  static anchor      off
+reta           teacher-ranked real patches     ``blocks``  DRC retrieval      on
+=============  ==============================  ========  ==================  =====
+
+``reta`` with ``drc=False`` / ``pta=False`` gives the two ablations. "Teacher-ranked real patches"
+are RDED's: one square crop per real image (the pool), ranked within the class by the teacher's
+cross-entropy (lowest first); item ``(c, i)`` starts from the ``i``-th best patch of class ``c``.
+
+Every item ``(c, i)`` is a pure function of the run parameters and the seed: a batch's augmentation
+seed derives from its index, and the PTA bank of a batch is seeded with the *initial* images of the
+class's other items (never with images other batches produced), so a resumed run, a run split with
+``ipc_start/ipc_end``, and a torchrun-sharded run write the same images as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .fileio import read_json, save_png, save_torch, write_json
+
+__all__ = ["METHODS", "DistillConfig", "EvalConfig", "distill", "evaluate", "relabel_stage", "item_path",
+           "load_distilled", "random_real_images", "Stage", "RunMismatch"]
+
+METHODS = ("random-real", "rded", "sre2l", "fadrm", "reta")
+RUN_FORMAT = 1
+
+
+class RunMismatch(ValueError):
+    """The output folder belongs to a run with other parameters: refused, nothing is overwritten."""
+
+
+@dataclass
+class DistillConfig:
+    """Parameters of ``reta distill``; defaults follow METHOD.md ([pred]/[paper]) unless noted.
+
+    Attributes:
+        method: one of :data:`METHODS`.
+        ipc: images per class of the whole set; ``ipc_start``/``ipc_end``: the slice this process
+            produces (``None`` = up to ``ipc``).
+        iterations: recover steps per batch B, split over ``blocks`` blocks at the data's size.
+        batch_classes: classes per recover batch; ``ipc_per_batch``: items of each class per batch (batch
+            = ``batch_classes * ipc_per_batch`` images; BN statistics over the batch). Defaults [pred:
+            batches of 100 images]: ``min(C, 100)`` classes and ``max(1, 100 // batch_classes)`` items
+            each (ImageNet: 100 classes x 1; CIFAR-10: 10 classes x 10, so PTA sees ten synthetic
+            images of each class together).
+        partition: DRC retrieval searches, for item ``(c, i)``, only the class-``c`` patches whose RDED
+            rank ``r`` has ``r % ipc == i`` [ours]. Without it, all images of a class tend to retrieve the
+            same few low-complexity patches and, after three residual injections, collapse onto them
+            (measured on digits: 1-3 distinct retrieved patches per class of 10 images).
+        lr, jitter (None: 4 px up to 64 px data, 32 above), alpha, lam: see :class:`RecoverConfig`.
+        r_bn, first_bn_weight, lam_topo: see :class:`RETALoss`.
+        topo_k: mutual k-NN parameter of PTA (None: min(10, ipc - 1) [ours], since a class's point set
+            holds ipc synthetic images and PTA needs more than k points).
+        points_per_class: real points per class for PTA (synthetic side: min(ipc, this)).
+        pool_per_class, pool_candidates: patch pool size per class and RDED's best-of-N crops.
+        drc, pta: the RETA ablations (``reta`` only).
+        seed: everything random derives from it.
+    """
+
+    method: str = "reta"
+    ipc: int = 10
+    ipc_start: int = 0
+    ipc_end: Optional[int] = None
+    iterations: int = 1000
+    blocks: int = 4
+    batch_classes: Optional[int] = None
+    ipc_per_batch: Optional[int] = None
+    lr: float = 0.25
+    jitter: Optional[int] = None
+    alpha: float = 0.5
+    lam: float = 0.1
+    r_bn: float = 0.01
+    first_bn_weight: float = 10.0
+    lam_topo: float = 0.5
+    topo_k: Optional[int] = None
+    points_per_class: int = 32
+    topo_refresh: int = 1
+    pool_per_class: int = 300
+    pool_candidates: int = 1
+    drc: bool = True
+    pta: bool = True
+    partition: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method != "reta" and (not self.drc or not self.pta):
+            raise ValueError(f"--no-drc / --no-pta are ablations of reta, not of {self.method}")
+        for name in ("ipc", "iterations", "blocks", "batch_classes", "ipc_per_batch", "points_per_class",
+                     "pool_per_class", "pool_candidates", "topo_refresh"):
+            v = getattr(self, name)
+            if v is None and name in ("batch_classes", "ipc_per_batch"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        end = self.ipc if self.ipc_end is None else self.ipc_end
+        if not (0 <= self.ipc_start < end <= self.ipc):
+            raise ValueError(f"need 0 <= ipc_start < ipc_end <= ipc, got ipc_start={self.ipc_start}, "
+                             f"ipc_end={self.ipc_end}, ipc={self.ipc}")
+        if self.uses_recover and self.iterations < self.n_blocks:
+            raise ValueError(f"iterations ({self.iterations}) must be >= the number of blocks ({self.n_blocks})")
+        for name in ("lr", "alpha", "lam", "r_bn", "first_bn_weight", "lam_topo"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.topo_k is not None and self.topo_k < 1:
+            raise ValueError(f"topo_k must be >= 1, got {self.topo_k}")
+
+    @property
+    def uses_recover(self) -> bool:
+        return self.method in ("sre2l", "fadrm", "reta")
+
+    @property
+    def uses_pool(self) -> bool:
+        return self.method in ("rded", "fadrm", "reta")
+
+    @property
+    def n_blocks(self) -> int:
+        return 1 if self.method == "sre2l" else self.blocks
+
+    @property
+    def end(self) -> int:
+        return self.ipc if self.ipc_end is None else self.ipc_end
+
+    @property
+    def pta_on(self) -> bool:
+        return self.method == "reta" and self.pta and self.lam_topo > 0
+
+    def batch_shape(self, num_classes: int):
+        """``(classes per batch, items of each class per batch)``."""
+        bc = self.batch_classes or min(num_classes, 100)
+        ipb = self.ipc_per_batch or max(1, min(self.ipc, 100 // bc))
+        return bc, ipb
+
+    def k(self) -> int:
+        return self.topo_k if self.topo_k is not None else max(1, min(10, self.ipc - 1))
+
+    def identity(self) -> dict:
+        """The parameters that decide the images (all but the ipc slice): a folder written with one
+        identity is refused for another."""
+        d = asdict(self)
+        d.pop("ipc_start"), d.pop("ipc_end")
+        return d
+
+
+@dataclass
+class EvalConfig:
+    """The student protocol of METHOD.md section 1 (defaults: [pred]); ``seeds``: evaluation seeds."""
+
+    student: Optional[str] = None
+    epochs: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 20.0
+    crop_scale: tuple = (0.08, 1.0)
+    cutmix: bool = True
+    labels: str = "online"
+    seeds: Sequence[int] = (0,)
+    baseline: bool = True
+
+    def validate(self) -> None:
+        if self.labels not in ("online", "stored"):
+            raise ValueError(f"labels must be 'online' or 'stored', got {self.labels!r}")
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not (self.lr > 0 and self.temperature > 0):
+            raise ValueError("lr and temperature must be > 0")
+        if not self.seeds:
+            raise ValueError("need at least one evaluation seed")
+
+
+# ------------------------------------------------------------------------------------------------
+# stage bookkeeping
+
+class Stage:
+    """Context manager timing one stage and recording its peak memory into ``out/stages/<name>.json``.
+
+    Peak memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` during the stage; on the CPU
+    the process's peak resident set size so far (``ru_maxrss``; it cannot be reset per stage).
+    """
+
+    def __init__(self, out: Optional[Path], name: str, device, log: Callable = print):
+        self.out, self.name, self.device, self.log = out, name, torch.device(device), log
+        self.info: dict = {}
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        seconds = time.perf_counter() - self.t0
+        if self.device.type == "cuda":
+            peak, kind = torch.cuda.max_memory_allocated(self.device), "cuda_max_allocated"
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+            kind = "process_peak_rss"
+        rec = dict(stage=self.name, seconds=round(seconds, 3), peak_bytes=int(peak), peak_kind=kind,
+                   ok=exc_type is None, **self.info)
+        if self.out is not None and exc_type is None:
+            write_json(self.out / "stages" / f"{self.name}.json", rec)
+        self.record = rec
+        if exc_type is None:
+            self.log(f"[{self.name}] done in {seconds:.1f} s, peak memory {peak / 2**20:.0f} MiB ({kind})")
+        return False
+
+
+def versions() -> dict:
+    from . import __version__
+
+    return dict(reta_fast=__version__, torch=torch.__version__, numpy=np.__version__,
+                python=platform.python_version())
+
+
+# ------------------------------------------------------------------------------------------------
+# the distilled set on disk
+
+def item_path(out, c: int, i: int) -> Path:
+    return Path(out) / "images" / f"new{c:03d}" / f"class{c:03d}_id{i:03d}.png"
+
+
+def _to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
+    """Normalised ``[3, H, W]`` -> uint8 ``[H, W, 3]``."""
+    m = torch.tensor(mean, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(3, 1, 1)
+    return ((x * s + m).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def load_distilled(out, classes: Sequence[str], mean, std, size: Optional[int] = None):
+    """The distilled set of ``out`` as ``(normalised images [N, 3, H, W], targets [N], ids [(c, i)])``;
+    refuses a folder whose class mapping differs from ``classes``."""
+    out = Path(out)
+    mapping = read_json(out / "classes.json", "class mapping")
+    if mapping.get("classes") != list(classes):
+        raise ValueError(f"{str(out)!r} was distilled for classes {mapping.get('classes', [])[:5]}..., not "
+                         f"{list(classes)[:5]}...")
+    from PIL import Image
+
+    xs, ys, ids = [], [], []
+    for c in range(len(classes)):
+        folder = out / "images" / f"new{c:03d}"
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.glob(f"class{c:03d}_id*.png")):
+            try:
+                with Image.open(f) as im:
+                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            except (OSError, SyntaxError) as exc:
+                raise ValueError(f"distilled image {str(f)!r} is unreadable ({exc}): delete it and re-run distill "
+                                 f"to regenerate it") from None
+            xs.append(torch.from_numpy(arr).permute(2, 0, 1))
+            ys.append(c)
+            ids.append((c, int(f.stem.split("_id")[-1])))
+    if not xs:
+        raise ValueError(f"{str(out)!r} holds no distilled image (images/new*/class*_id*.png): run distill first")
+    shapes = {tuple(x.shape) for x in xs}
+    if len(shapes) != 1 or (size is not None and shapes != {(3, size, size)}):
+        raise ValueError(f"distilled images in {str(out)!r} have shapes {sorted(shapes)}, expected (3, {size}, {size})")
+    x = torch.stack(xs).float() / 255.0
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (x - m) / s, torch.tensor(ys), ids
+
+
+def _check_run(out: Path, manifest: dict) -> None:
+    """Refuse an output folder made by another run configuration; write run.json otherwise."""
+    path = out / "run.json"
+    if path.exists():
+        old = read_json(path, "run manifest")
+        diffs = [k for k in ("method", "config", "data", "teachers")
+                 if json.loads(json.dumps(old.get(k))) != json.loads(json.dumps(manifest[k]))]
+        if diffs:
+            detail = []
+            for k in diffs:
+                a, b = old.get(k), manifest[k]
+                if isinstance(a, dict) and isinstance(b, dict):
+                    detail += [f"{k}.{f}: {a.get(f)!r} -> {b.get(f)!r}" for f in sorted(set(a) | set(b))
+                               if a.get(f) != b.get(f)]
+                else:
+                    detail.append(f"{k}: {a!r} -> {b!r}")
+            raise RunMismatch(f"{str(out)!r} holds a run with other settings ({'; '.join(detail[:6])}): refusing to "
+                              f"mix them. Use another --out, or the original settings to resume.")
+        return
+    if out.exists() and any(p.name not in ("run.json",) for p in out.iterdir()) and not (out / "images").exists() \
+            and not (out / "stages").exists():
+        raise RunMismatch(f"{str(out)!r} exists and is not a reta output folder: refusing to write into it")
+    write_json(path, manifest)
+
+
+# ------------------------------------------------------------------------------------------------
+# initial images
+
+def random_real_images(data, ipc: int, seed: int, classes: Optional[Sequence[int]] = None,
+                       start: int = 0, end: Optional[int] = None) -> Dict[tuple, torch.Tensor]:
+    """Items ``(c, i) -> uint8 [3, S, S]``: per class a seeded permutation of its training images,
+    item i = the i-th readable one (unreadable files are skipped deterministically)."""
+    from .data import dataset_targets
+    from .datasets import SizedImages
+
+    targets = dataset_targets(data.train)
+    if targets is None:
+        raise ValueError("random-real needs a data set that exposes its labels (.targets)")
+    end = ipc if end is None else end
+    t = torch.tensor(targets)
+    sized = SizedImages(data.train, data.size)
+    out = {}
+    for c in (range(len(data.classes)) if classes is None else classes):
+        idx = (t == c).nonzero().flatten()
+        if idx.numel() < ipc:
+            raise ValueError(f"IPC {ipc} is larger than class {data.classes[c]!r}, which has {idx.numel()} training "
+                             f"images: real-image methods cannot pick that many")
+        perm = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(seed * 7919 + c))].tolist()
+        got, pos = [], 0
+        while len(got) < end and pos < len(perm):
+            x, _ = sized[perm[pos]]
+            pos += 1
+            if x is not None:
+                got.append(x)
+        if len(got) < end:
+            raise ValueError(f"class {data.classes[c]!r} has only {len(got)} readable images, fewer than IPC {ipc}")
+        for i in range(start, end):
+            out[(c, i)] = got[i]
+    return out
+
+
+@torch.no_grad()
+def rded_ranking(pool, teacher, device, batch_size: int = 256) -> List[np.ndarray]:
+    """Per class, pool indices sorted by the teacher's cross-entropy on the patch (lowest first:
+    RDED's realism score), ties by index."""
+    labels = np.asarray(pool.labels)
+    ce = np.empty(len(labels), dtype=np.float64)
+    for a in range(0, len(labels), batch_size):
+        idx = np.arange(a, min(len(labels), a + batch_size))
+        logits = teacher(pool.images(idx, device=device)).float()
+        ce[idx] = F.cross_entropy(logits, torch.as_tensor(labels[idx], device=device), reduction="none").cpu().numpy()
+    return [np.flatnonzero(labels == c)[np.lexsort((np.flatnonzero(labels == c), ce[labels == c]))]
+            for c in range(len(pool.classes))]
+
+
+class PartitionedRetriever:
+    """DRC retrieval where item ``(c, i)`` (query group ``ids = c * ipc + i``) searches only its own
+    share of the class pool (``groups`` of the pool patches); a ``retriever`` for :func:`recover`."""
+
+    def __init__(self, feats, groups, complexity, lam: float):
+        self.feats, self.groups, self.complexity, self.lam = feats, groups, complexity, lam
+        self.ids: Optional[torch.Tensor] = None
+
+    def __call__(self, q: torch.Tensor, y: torch.Tensor, resolution: int) -> torch.Tensor:
+        from .retrieval import retrieve
+
+        if self.ids is None or self.ids.shape != y.shape:
+            raise RuntimeError("PartitionedRetriever.ids must hold the batch's item ids")
+        return retrieve(q, self.ids, self.feats, self.groups, self.complexity, lam=self.lam)
+
+
+def _noise(c: int, i: int, size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + c * 10_007 + i)
+    return torch.randn(3, size, size, generator=g)
+
+
+# ------------------------------------------------------------------------------------------------
+# distill
+
+def _pool_path(data, teacher, cfg: DistillConfig, pool_dir) -> Path:
+    import hashlib
+
+    from .pool import teacher_fingerprint
+    if pool_dir is not None:
+        return Path(pool_dir)
+    from .teachers import cache_dir
+
+    key = f"{data.fingerprint}|{teacher_fingerprint(teacher.model)}|{cfg.pool_per_class}|{cfg.pool_candidates}|" \
+          f"{data.size}|{cfg.seed}"
+    return cache_dir() / "pools" / f"pool-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _real_points(teacher, pool, m: int, seed: int, device) -> torch.Tensor:
+    """``[C, m, D]`` penultimate features of ``teacher`` on m seeded pool patches per class (PTA's real side)."""
+    from .pool import teacher_features
+
+    labels = torch.tensor(np.asarray(pool.labels))
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for c in range(len(pool.classes)):
+        idx = (labels == c).nonzero().flatten()
+        if idx.numel() < m:
+            raise ValueError(f"class {pool.classes[c]!r} has {idx.numel()} pool patches, fewer than the {m} PTA points "
+                             f"per class: lower --points-per-class")
+        pick = idx[torch.randperm(idx.numel(), generator=g)[:m]]
+        with torch.no_grad():
+            rows.append(teacher_features(teacher, pool.images(pick, device=device))[1].float())
+    return torch.stack(rows)
+
+
+def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None, progress: bool = True,
+            log: Callable = print, rank: int = 0, world_size: int = 1, on_item: Optional[Callable] = None) -> dict:
+    """Produce the items ``(c, i)``, ``c`` over all classes and ``i`` in ``[cfg.ipc_start, cfg.end)``,
+    that are not on disk yet, as PNGs under ``out/images`` (each written atomically).
+
+    ``teachers``: list of :class:`reta_fast.teachers.Teacher` (round-robin over batches, FADRM+); the
+    first one builds the pool and serves DRC's retrieval. ``rank``/``world_size`` shard the batches
+    (torchrun). ``on_item(c, i)`` is called after each image is written. Returns the stage info.
+    """
+    from .pool import PatchPool, teacher_features, teacher_fingerprint
+    from .recover import RecoverConfig, recover
+    from .reta_loss import RETALoss
+
+    cfg.validate()
+    if not teachers:
+        raise ValueError("distill needs at least one teacher")
+    out = Path(out)
+    for t in teachers:
+        if list(t.classes) != list(data.classes) or t.size != data.size:
+            raise ValueError(f"teacher {t.name} was made for other classes or another image size than {data.name}")
+    manifest = dict(format=RUN_FORMAT, method=cfg.method, config=cfg.identity(),
+                    data=dict(name=data.name, fingerprint=data.fingerprint, size=data.size, classes=len(data.classes),
+                              mean=list(data.mean), std=list(data.std)),
+                    teachers=[dict(name=t.name, fingerprint=teacher_fingerprint(t.model)) for t in teachers],
+                    versions=versions())
+    out.mkdir(parents=True, exist_ok=True)
+    _check_run(out, manifest)
+    write_json(out / "classes.json", dict(classes=list(data.classes),
+                                          folders=[f"new{c:03d}" for c in range(len(data.classes))]))
+    C, S = len(data.classes), data.size
+    info = dict(method=cfg.method, ipc=cfg.ipc, ipc_start=cfg.ipc_start, ipc_end=cfg.end, written=0, skipped=0)
+    ipcs = list(range(cfg.ipc_start, cfg.end))
+    todo_all = [(c, i) for i in ipcs for c in range(C) if not item_path(out, c, i).exists()]
+    if not todo_all:
+        log(f"[distill] all {C * len(ipcs)} items of ipc [{cfg.ipc_start}, {cfg.end}) already exist in {out}")
+        info["skipped"] = C * len(ipcs)
+        return info
+    for t in teachers:
+        t.model.to(device).eval()
+
+    if cfg.method == "random-real":
+        mine = [it for n, it in enumerate(todo_all) if n % world_size == rank]
+        classes = sorted({c for c, _ in mine})
+        imgs = random_real_images(data, cfg.ipc, cfg.seed, classes, cfg.ipc_start, cfg.end)
+        for c, i in mine:
+            save_png(item_path(out, c, i), imgs[(c, i)].permute(1, 2, 0).numpy())
+            info["written"] += 1
+            if on_item:
+                on_item(c, i)
+        info["skipped"] = C * len(ipcs) - len(todo_all)
+        return info
+
+    pool = None
+    if cfg.uses_pool:
+        ppath = _pool_path(data, teachers[0], cfg, pool_dir)
+        resolutions = sorted({S})
+        log(f"[distill] patch pool: {ppath}")
+        pool = PatchPool.build(data.train, teachers[0].model, ppath, per_class=cfg.pool_per_class, size=S,
+                               resolutions=resolutions, candidates=cfg.pool_candidates, mean=data.mean, std=data.std,
+                               device=device, seed=cfg.seed, classes=data.classes, dataset_name=data.name,
+                               progress=progress)
+        counts = np.bincount(np.asarray(pool.labels), minlength=C)
+        short = [(data.classes[c], int(counts[c])) for c in range(C) if counts[c] < cfg.ipc]
+        if short:
+            raise ValueError(f"IPC {cfg.ipc} is larger than the pool of class(es) {short[:5]} (class size or "
+                             f"--pool-per-class {cfg.pool_per_class}): real-patch methods need one patch per image")
+        ranking = rded_ranking(pool, teachers[0].model, device)
+
+    def init_image(c: int, i: int) -> torch.Tensor:
+        if cfg.method == "sre2l":
+            return _noise(c, i, S, cfg.seed)
+        return pool.images([int(ranking[c][i])])[0]
+
+    if cfg.method == "rded":
+        mine = [it for n, it in enumerate(todo_all) if n % world_size == rank]
+        for c, i in mine:
+            save_png(item_path(out, c, i), _to_uint8(init_image(c, i), data.mean, data.std))
+            info["written"] += 1
+            if on_item:
+                on_item(c, i)
+        info["skipped"] = C * len(ipcs) - len(todo_all)
+        return info
+
+    # recover methods ------------------------------------------------------------------------
+    k = cfg.k()
+    m_pts = min(cfg.ipc, cfg.points_per_class)
+    if cfg.pta_on and m_pts <= k:
+        log(f"[distill] warning: PTA needs more than k={k} points per class but IPC {cfg.ipc} gives {m_pts}: "
+            f"the topology term stays 0 (use a larger IPC or --topo-k < {m_pts})")
+    crits = []
+    for t in teachers:
+        kw = dict(r_bn=cfg.r_bn, first_bn_weight=cfg.first_bn_weight)
+        if cfg.pta_on:
+            real = _real_points(t.model, pool, cfg.points_per_class, cfg.seed, device)
+            crits.append(RETALoss(t.model, lam_topo=cfg.lam_topo, real_feats=real, k=k, topo_refresh=cfg.topo_refresh,
+                                  **kw))
+        else:
+            crits.append(RETALoss(t.model, lam_topo=0.0, **kw))
+    jitter = cfg.jitter if cfg.jitter is not None else (4 if S <= 64 else 32)
+    bc, ipb = cfg.batch_shape(C)
+    groups = [list(range(a, min(C, a + bc))) for a in range(0, C, bc)]
+    info.update(batch_classes=bc, ipc_per_batch=ipb)
+    retriever = None
+    if cfg.method == "reta" and cfg.drc and cfg.partition:
+        feats_p, labels_p, cx_p = pool.retrieval_tensors(S, device=device)
+        share = torch.empty(len(labels_p), dtype=torch.int64)
+        for c in range(C):
+            r = torch.as_tensor(ranking[c], dtype=torch.int64)
+            share[r] = torch.arange(r.numel()) % cfg.ipc
+        retriever = PartitionedRetriever(feats_p, (labels_p.cpu() * cfg.ipc + share).to(device), cx_p, cfg.lam)
+    starts = list(range((cfg.ipc_start // ipb) * ipb, cfg.end, ipb))
+    batches = [(s, gi) for s in starts for gi in range(len(groups))]
+    todo_set = set(todo_all)
+    it = [b for n, b in enumerate(batches) if n % world_size == rank]
+    parts_log: List[dict] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(it), desc=f"distill {cfg.method}", unit="batch")
+    try:
+        for s, gi in it:
+            bi = (s // ipb) * len(groups) + gi  # global batch index: fixes seed and teacher
+            items = [(c, i) for i in range(max(s, cfg.ipc_start), min(s + ipb, cfg.end)) for c in groups[gi]]
+            todo = [x for x in items if x in todo_set and not item_path(out, *x).exists()]
+            if not todo:
+                info["skipped"] += len(items)
+                if bar is not None:
+                    bar.update(1)
+                continue
+            crit = crits[bi % len(crits)]
+            x0 = torch.stack([init_image(c, i) for c, i in items]).to(device)
+            y = torch.tensor([c for c, _ in items], device=device)
+            ids = torch.tensor([c * cfg.ipc + i for c, i in items], device=device)
+            if cfg.pta_on:
+                crit.reset_bank()
+                others = [(c, j) for c in groups[gi] for j in range(cfg.ipc)]
+                with torch.no_grad():
+                    xb = torch.stack([init_image(c, j) for c, j in others]).to(device)
+                    fb = torch.cat([teacher_features(crit.teacher, xb[a:a + 256])[1] for a in range(0, len(xb), 256)])
+                crit.seed_bank(fb.float(), torch.tensor([c for c, _ in others], device=device),
+                               torch.tensor([c * cfg.ipc + j for c, j in others], device=device))
+            rc = RecoverConfig(iterations=cfg.iterations, resolutions=[S] * cfg.n_blocks, lr=cfg.lr, jitter=jitter,
+                               alpha=cfg.alpha, drc=cfg.method == "reta" and cfg.drc, lam=cfg.lam, mean=data.mean,
+                               std=data.std)
+            if retriever is not None:
+                retriever.ids = ids  # query group of item (c, i) = c * ipc + i
+            x = recover(crit, x0, y, ids if cfg.pta_on else None, pool=pool if rc.drc else None, config=rc,
+                        seed=cfg.seed * 1_000_003 + bi, retrieval_teacher=teachers[0].model, retriever=retriever)
+            last = [h for h in rc.history if "ce" in h][-max(1, cfg.iterations // 10):]
+            parts = {key: float(np.mean([h[key] for h in last])) for key in ("ce", "bn", "topo")}
+            if not all(math.isfinite(v) for v in parts.values()):
+                raise FloatingPointError(f"the recover loss is not finite ({parts}) at batch {bi}: a broken teacher "
+                                         f"or too large lr={cfg.lr}; nothing was written for this batch")
+            parts_log.append(dict(batch=bi, **parts))
+            for n, (c, i) in enumerate(items):
+                if (c, i) in todo_set and not item_path(out, c, i).exists():
+                    save_png(item_path(out, c, i), _to_uint8(x[n], data.mean, data.std))
+                    info["written"] += 1
+                    if on_item:
+                        on_item(c, i)
+                else:
+                    info["skipped"] += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(ce=f"{parts['ce']:.3f}", bn=f"{parts['bn']:.3f}", topo=f"{parts['topo']:.4f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        for crit in crits:
+            crit.close()
+    if parts_log:
+        info["loss_parts"] = {key: float(np.mean([p[key] for p in parts_log])) for key in ("ce", "bn", "topo")}
+    info["topo_k"] = k if cfg.pta_on else None
+    return info
+
+
+# ------------------------------------------------------------------------------------------------
+# relabel / evaluate
+
+def _student(name: Optional[str], data, teacher_name: str):
+    from .teachers import build_arch, default_arch
+
+    arch = name or (teacher_name if teacher_name in ("convnet", "resnet18") else default_arch(data))
+    return build_arch(arch, len(data.classes), data.size)[0], arch
+
+
+def relabel_stage(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool = True, log=print) -> dict:
+    """Stored soft labels for every evaluation seed (``labels/seed{s}.pt``: teacher logits in fp16 for
+    each augmented batch the student protocol draws) and the tensor export ``export.pt`` (uint8
+    images, targets, classes, mean/std and the teacher's logits on the un-augmented images)."""
+    from .train import relabel
+
+    ecfg.validate()
+    out = Path(out)
+    x, y, ids = load_distilled(out, data.classes, data.mean, data.std, data.size)
+    teacher.model.to(device).eval()
+    info = dict(images=len(y), seeds=list(ecfg.seeds))
+    for s in ecfg.seeds:
+        path = out / "labels" / f"seed{s}.pt"
+        logits = relabel(teacher.model, x, epochs=ecfg.epochs, batch_size=ecfg.batch_size, crop_scale=ecfg.crop_scale,
+                         flip=data.flip, cutmix=ecfg.cutmix, seed=s, device=device, progress=progress)
+        save_torch(path, dict(logits=logits, epochs=ecfg.epochs, batch_size=ecfg.batch_size, seed=s, n=len(y),
+                              crop_scale=list(ecfg.crop_scale), cutmix=ecfg.cutmix, flip=data.flip, ids=ids))
+        log(f"[relabel] {tuple(logits.shape)} fp16 logits for seed {s} -> {path}")
+    with torch.no_grad():
+        plain = torch.cat([teacher.model(x[a:a + 256].to(device)).half().cpu() for a in range(0, len(x), 256)])
+    m = torch.tensor(data.mean).view(1, 3, 1, 1)
+    sd = torch.tensor(data.std).view(1, 3, 1, 1)
+    u8 = ((x * sd + m).clamp(0, 1) * 255).round().to(torch.uint8)
+    save_torch(out / "export.pt", dict(images=u8, targets=y, classes=list(data.classes), mean=list(data.mean),
+                                       std=list(data.std), soft_labels=plain, ids=ids))
+    log(f"[relabel] tensor export {out / 'export.pt'}")
+    return info
+
+
+def _stored_labels(out: Path, s: int, ecfg: EvalConfig, n: int, flip: bool) -> torch.Tensor:
+    path = out / "labels" / f"seed{s}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no stored soft labels {str(path)!r}: run `reta relabel` with the same evaluation "
+                                f"settings first, or use --labels online")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=False)
+        want = dict(epochs=ecfg.epochs, batch_size=ecfg.batch_size, n=n, crop_scale=list(ecfg.crop_scale),
+                    cutmix=ecfg.cutmix, flip=flip)
+        got = {k: d[k] for k in want}
+        logits = d["logits"]
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"stored soft labels {str(path)!r} are unreadable: {exc!r}") from None
+    if got != want:
+        raise ValueError(f"stored soft labels {str(path)!r} were made with {got}, this evaluation uses {want}: "
+                         f"run `reta relabel` again")
+    return logits
+
+
+def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool = True, log=print,
+             ipc: Optional[int] = None, seed: int = 0, workers: int = 0) -> dict:
+    """Train a student from scratch on the distilled set of ``out`` for every seed of ``ecfg`` and
+    report its top-1 on ``data.val``, with the teacher's top-1 and (``ecfg.baseline``) the random
+    real subset at the same IPC trained with the same protocol and seeds. Writes ``eval.json``."""
+    from .datasets import fits_in_memory, materialize
+    from .train import accuracy, train_student
+
+    ecfg.validate()
+    out = Path(out)
+    x, y, _ = load_distilled(out, data.classes, data.mean, data.std, data.size)
+    counts = torch.bincount(y, minlength=len(data.classes))
+    ipc = ipc or int(counts.max())
+    if int(counts.min()) < ipc:
+        missing = [data.classes[c] for c in range(len(data.classes)) if counts[c] < ipc][:5]
+        raise ValueError(f"the distilled set in {str(out)!r} is incomplete: classes {missing} have fewer than {ipc} "
+                         f"images (finish `reta distill` first)")
+    val = data.val
+    if fits_in_memory(val, data.size):
+        val, _ = materialize(val, data.size, progress=progress, what="val images")
+    acc_kw = dict(mean=data.mean, std=data.std, device=device, size=data.size, workers=workers)
+    teacher.model.to(device).eval()
+    t_acc = teacher.accuracy if teacher.accuracy is not None else accuracy(teacher.model, val, **acc_kw)
+    sets = {"distilled": x}
+    if ecfg.baseline:
+        rr = random_real_images(data, ipc, seed)
+        xr = torch.stack([rr[(c, i)] for c in range(len(data.classes)) for i in range(ipc)]).float() / 255.0
+        m, sd = torch.tensor(data.mean).view(1, 3, 1, 1), torch.tensor(data.std).view(1, 3, 1, 1)
+        sets["random-real"] = (xr - m) / sd
+    res: Dict[str, List[float]] = {k: [] for k in sets}
+    for name, imgs in sets.items():
+        for s in ecfg.seeds:
+            student, arch = _student(ecfg.student, data, teacher.name)
+            soft = None
+            if ecfg.labels == "stored" and name == "distilled":
+                soft = _stored_labels(out, s, ecfg, imgs.shape[0], data.flip)
+            train_student(student, None if soft is not None else teacher.model, imgs, epochs=ecfg.epochs,
+                          batch_size=ecfg.batch_size, lr=ecfg.lr, weight_decay=ecfg.weight_decay,
+                          temperature=ecfg.temperature, cutmix=ecfg.cutmix, crop_scale=ecfg.crop_scale,
+                          flip=data.flip, device=device, seed=s, progress=progress, soft_labels=soft)
+            acc = accuracy(student, val, **acc_kw)
+            res[name].append(acc)
+            log(f"[evaluate] {name} (IPC {ipc}) student {arch}, seed {s}: top-1 {acc:.2f}%")
+
+    def stat(v):
+        return dict(mean=float(np.mean(v)), std=float(np.std(v)), runs=[float(a) for a in v])
+
+    run = read_json(out / "run.json", "run manifest") if (out / "run.json").is_file() else {}
+    result = dict(method=run.get("method", "unknown"), ipc=ipc, student=arch, teacher=teacher.name,
+                  teacher_top1=float(t_acc), distilled=stat(res["distilled"]),
+                  random_real=stat(res["random-real"]) if "random-real" in res else None,
+                  protocol=dict(asdict(ecfg), crop_scale=list(ecfg.crop_scale), seeds=list(ecfg.seeds)),
+                  val_images=len(data.val))
+    write_json(out / "eval.json", result)
+    return result

@@ -1,0 +1,206 @@
+"""Run reports: ``report.md`` + ``report.json`` with the accuracy table, wall time and peak memory per
+stage, a grid of distilled images per class, and the Betti-0 / Betti-1 curves of real vs synthetic
+teacher features (the pull-to-anchor diagnostic of METHOD.md section 4: a synthetic Betti-0 curve
+shifted left means premature merging, a suppressed Betti-1 curve means lost loops)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .fileio import atomic_write, read_json, write_json
+
+__all__ = ["betti_curves", "write_report", "image_grid"]
+
+#: cap for classes that never die, above every distance of L2-normalised features (<= 2)
+_ESSENTIAL_CAP = 2.5
+
+
+@torch.no_grad()
+def betti_curves(points: torch.Tensor, k: int, grid: torch.Tensor) -> Dict[str, np.ndarray]:
+    """Mean Betti-0 and Betti-1 curves over the point sets ``points`` ``[C, m, D]`` (L2-normalised
+    first), of the mutual k-NN flag complex filtered by edge length, sampled at ``grid`` ``[T]``."""
+    from .persistence import persistence_diagrams
+
+    pts = F.normalize(points.float(), dim=-1)
+    dg = persistence_diagrams(pts, k, maxdim=1, essential=_ESSENTIAL_CAP)
+    t = grid.view(1, -1)
+    C = pts.shape[0]
+
+    def curve(d, off, dim):
+        out = torch.zeros(C, grid.numel())
+        for c in range(C):
+            bars = d[off[c]:off[c + 1]].detach().cpu()
+            if bars.numel():
+                alive = (bars[:, :1] <= t) & (t < bars[:, 1:2]) if dim else (t < bars[:, 1:2])
+                out[c] = alive.sum(0).float()
+        return out.mean(0).numpy()
+
+    return dict(b0=curve(dg.h0, dg.h0_offsets, 0), b1=curve(dg.h1, dg.h1_offsets, 1))
+
+
+def image_grid(images_u8: torch.Tensor, rows: int, cols: int) -> np.ndarray:
+    """``[rows * cols, 3, H, W]`` uint8 (row-major, missing cells black) -> ``[rows*(H+2), cols*(W+2), 3]``."""
+    n, _, H, W = images_u8.shape
+    canvas = np.full((rows * (H + 2), cols * (W + 2), 3), 255, dtype=np.uint8)
+    for idx in range(min(n, rows * cols)):
+        r, c = divmod(idx, cols)
+        canvas[r * (H + 2) + 1:r * (H + 2) + 1 + H, c * (W + 2) + 1:c * (W + 2) + 1 + W] = \
+            images_u8[idx].permute(1, 2, 0).numpy()
+    return canvas
+
+
+def _png(path: Path, fig) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    data = buf.getvalue()
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def _fmt_bytes(b: Optional[int]) -> str:
+    return "-" if b is None else f"{b / 2**20:.0f} MiB"
+
+
+def write_report(out, data, teacher, k: int = 10, max_classes: int = 10, max_ipc: int = 10, seed: int = 0,
+                 device="cpu", log=print) -> dict:
+    """Assemble ``out/report.md`` and ``out/report.json`` from what the stages left in ``out``
+    (``run.json``, ``stages/*.json``, ``eval.json``) and draw ``report/grid.png`` and
+    ``report/betti.png`` (teacher features of the distilled images vs as many random real images
+    per class)."""
+    from .pipeline import load_distilled, random_real_images
+    from .pool import teacher_features
+
+    out = Path(out)
+    run = read_json(out / "run.json", "run manifest") if (out / "run.json").is_file() else {}
+    ev = read_json(out / "eval.json", "evaluation") if (out / "eval.json").is_file() else None
+    stages = [read_json(p, "stage record") for p in sorted((out / "stages").glob("*.json"))] \
+        if (out / "stages").is_dir() else []
+    order = {"squeeze": 0, "distill": 1, "relabel": 2, "evaluate": 3}
+    stages.sort(key=lambda s: order.get(s.get("stage"), 9))
+    x, y, _ = load_distilled(out, data.classes, data.mean, data.std, data.size)
+    C = len(data.classes)
+    ipc = int(torch.bincount(y, minlength=C).min())
+    rep = dict(data=data.name, classes=C, size=data.size, method=run.get("method"), ipc=ipc,
+               config=run.get("config"), teacher=dict(name=teacher.name, top1=teacher.accuracy),
+               evaluation=ev, stages=stages, versions=run.get("versions"))
+    (out / "report").mkdir(exist_ok=True)
+    m = torch.tensor(data.mean).view(1, 3, 1, 1)
+    sd = torch.tensor(data.std).view(1, 3, 1, 1)
+    u8 = ((x * sd + m).clamp(0, 1) * 255).round().to(torch.uint8)
+    shown_c, shown_i = list(range(min(C, max_classes))), min(ipc, max_ipc)
+    cells = []
+    for c in shown_c:
+        rows = (y == c).nonzero().flatten()[:shown_i]
+        cells += [u8[r] for r in rows] + [torch.zeros_like(u8[0])] * (shown_i - rows.numel())
+    grid = image_grid(torch.stack(cells), len(shown_c), shown_i)
+    pictures = {}
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        plt = None
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(max(3, shown_i * 0.6), max(3, len(shown_c) * 0.6)))
+        ax.imshow(grid, interpolation="nearest")
+        ax.set_yticks([(data.size + 2) * (r + 0.5) for r in range(len(shown_c))])
+        ax.set_yticklabels([data.classes[c][:14] for c in shown_c], fontsize=7)
+        ax.set_xticks([])
+        ax.set_title(f"{run.get('method', '')} distilled images (IPC {ipc})", fontsize=9)
+        _png(out / "report" / "grid.png", fig)
+        plt.close(fig)
+        pictures["grid"] = "report/grid.png"
+
+    # Betti curves: the synthetic set vs as many random real images per class
+    kk = min(k, ipc - 1)
+    if kk >= 1 and ipc >= 3:
+        rr = random_real_images(data, ipc, seed + 1)
+        xr = (torch.stack([rr[(c, i)] for c in range(C) for i in range(ipc)]).float() / 255.0 - m) / sd
+        xs = torch.cat([x[y == c][:ipc] for c in range(C)])
+        model = teacher.model.to(device).eval()
+        with torch.no_grad():
+            feats = [torch.cat([teacher_features(model, z[a:a + 256].to(device))[1].float().cpu()
+                                for a in range(0, len(z), 256)]).view(C, ipc, -1) for z in (xr, xs)]
+        grid_t = torch.linspace(0, 2.0, 201)
+        real_c, syn_c = (betti_curves(f, kk, grid_t) for f in feats)
+        rep["betti"] = dict(k=kk, points_per_class=ipc, t=grid_t.tolist(),
+                            real=dict(b0=real_c["b0"].tolist(), b1=real_c["b1"].tolist()),
+                            synthetic=dict(b0=syn_c["b0"].tolist(), b1=syn_c["b1"].tolist()))
+        if plt is not None:
+            fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+            for ax, key, title in ((axes[0], "b0", "Betti-0 (components)"), (axes[1], "b1", "Betti-1 (loops)")):
+                ax.plot(grid_t, real_c[key], label="real", color="#1f77b4")
+                ax.plot(grid_t, syn_c[key], label="synthetic", color="#d62728")
+                ax.set_xlabel("edge length (L2-normalised teacher features)")
+                ax.set_title(title, fontsize=9)
+                ax.grid(alpha=0.3)
+            axes[0].legend()
+            fig.suptitle(f"mutual {kk}-NN flag complex, {ipc} points per class, mean over {C} classes", fontsize=9)
+            _png(out / "report" / "betti.png", fig)
+            plt.close(fig)
+            pictures["betti"] = "report/betti.png"
+    else:
+        rep["betti"] = None
+    rep["pictures"] = pictures
+    write_json(out / "report.json", rep)
+    atomic_write(out / "report.md", lambda fh: fh.write(_markdown(rep).encode()))
+    log(f"[report] {out / 'report.md'}")
+    return rep
+
+
+def _markdown(rep: dict) -> str:
+    L = [f"# reta_fast run: {rep['method']} on {rep['data']}", "",
+         f"{rep['classes']} classes at {rep['size']} px, IPC {rep['ipc']}; teacher {rep['teacher']['name']}"
+         + (f" (top-1 {rep['teacher']['top1']:.2f}%)" if rep['teacher']['top1'] is not None else "") + ".", ""]
+    ev = rep.get("evaluation")
+    L += ["## Accuracy (student top-1 on the validation split)", ""]
+    if ev:
+        def ms(s):
+            return "-" if not s else f"{s['mean']:.2f} ± {s['std']:.2f} (n={len(s['runs'])})"
+        L += ["| method | IPC | student | top-1 % | teacher % | random real % (same IPC) |", "|---|---|---|---|---|---|",
+              f"| {ev['method']} | {ev['ipc']} | {ev['student']} | {ms(ev['distilled'])} | {ev['teacher_top1']:.2f} | "
+              f"{ms(ev.get('random_real'))} |", ""]
+        p = ev["protocol"]
+        L += [f"Protocol: {p['epochs']} epochs, batch {p['batch_size']}, AdamW lr {p['lr']} wd {p['weight_decay']}, "
+              f"KL at T={p['temperature']}, RandomResizedCrop {tuple(p['crop_scale'])} + flip"
+              f"{' + CutMix' if p['cutmix'] else ''}, {p['labels']} soft labels, seeds {p['seeds']}.", ""]
+    else:
+        L += ["Not evaluated yet (`reta evaluate`).", ""]
+    L += ["## Stages", "", "| stage | wall time | peak memory | notes |", "|---|---|---|---|"]
+    for s in rep["stages"]:
+        notes = []
+        if s.get("loss_parts"):
+            lp = s["loss_parts"]
+            notes.append(f"final loss parts ce {lp['ce']:.3f}, bn {lp['bn']:.3f}, topo {lp['topo']:.4f}")
+        if "written" in s:
+            notes.append(f"{s['written']} images written, {s.get('skipped', 0)} already there")
+        L.append(f"| {s['stage']} | {s['seconds']:.1f} s | {_fmt_bytes(s.get('peak_bytes'))} ({s.get('peak_kind', '')}) | "
+                 f"{'; '.join(notes)} |")
+    L.append("")
+    pics = rep.get("pictures", {})
+    if "grid" in pics:
+        L += ["## Distilled images", "", f"![distilled images]({pics['grid']})", ""]
+    L += ["## Topology: Betti curves, real vs synthetic", ""]
+    if rep.get("betti"):
+        b = rep["betti"]
+        if "betti" in pics:
+            L += [f"![Betti curves]({pics['betti']})", ""]
+        t = np.asarray(b["t"])
+
+        def area(v):
+            return float(np.trapezoid(np.asarray(v), t)) if hasattr(np, "trapezoid") else float(np.trapz(v, t))
+        L += [f"Mutual {b['k']}-NN flag complex of L2-normalised teacher features, {b['points_per_class']} points per "
+              f"class. Area under the curves (real / synthetic): Betti-0 {area(b['real']['b0']):.3f} / "
+              f"{area(b['synthetic']['b0']):.3f}, Betti-1 {area(b['real']['b1']):.4f} / {area(b['synthetic']['b1']):.4f}. "
+              f"A smaller synthetic Betti-0 area means components merge earlier (pull-to-anchor); a smaller "
+              f"Betti-1 area means suppressed loops.", ""]
+    else:
+        L += ["Needs at least 3 images per class.", ""]
+    if rep.get("versions"):
+        L += ["Versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), ""]
+    return "\n".join(L)

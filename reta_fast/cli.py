@@ -109,11 +109,30 @@ def _data(args):
 
 
 def _teachers(args, data):
-    from .teachers import resolve_teachers
+    """The teachers of ``--teacher``, or the cached default one (squeezed now if missing: that stage's
+    record is kept in ``args.squeeze_record`` and written once the output folder is accepted)."""
+    from .pipeline import Stage
+    from .teachers import default_arch, default_teacher_path, resolve_teachers
 
-    return resolve_teachers(args.teacher, data, device=args.device, seed=args.seed, weights=args.teacher_weights,
-                            arch=getattr(args, "arch", None), epochs=getattr(args, "epochs", None),
-                            progress=not args.quiet, log=args.log)
+    arch = getattr(args, "arch", None)
+    kw = dict(device=args.device, seed=args.seed, weights=args.teacher_weights, arch=arch,
+              epochs=getattr(args, "squeeze_epochs", None), progress=not args.quiet, log=args.log)
+    if args.teacher or default_teacher_path(data, arch or default_arch(data), args.seed).is_file():
+        return resolve_teachers(args.teacher, data, **kw)
+    with Stage(None, "squeeze", args.device, args.log) as st:
+        teachers = resolve_teachers(None, data, **kw)
+        st.info.update(teacher=teachers[0].name, top1=teachers[0].accuracy, checkpoint=str(teachers[0].path))
+    args.squeeze_record = st.record
+    return teachers
+
+
+def _keep_squeeze_record(args):
+    rec = getattr(args, "squeeze_record", None)
+    if rec is not None:
+        from .fileio import write_json
+
+        write_json(Path(args.out) / "stages" / "squeeze.json", rec)
+        args.squeeze_record = None
 
 
 def _rank():
@@ -182,6 +201,7 @@ def cmd_distill(args, data=None, teachers=None) -> int:
                args.log) as st:
         st.info.update(distill(data, teachers, out, cfg, device=args.device, pool_dir=args.pool,
                                progress=not args.quiet, log=args.log, rank=rank, world_size=world))
+    _keep_squeeze_record(args)
     if world > 1:
         from .fileio import write_json
         write_json(out / "stages" / f"distill-rank{rank}.json", st.record)
@@ -243,7 +263,7 @@ DEMO = dict(data="digits", method="reta", ipc=10, iterations=200, blocks=4, batc
             eval_epochs=150, eval_batch=50, eval_lr=1e-2, out="reta-demo")
 
 
-def _common(p, demo=False):
+def _common(p, demo=False, squeeze=False):
     g = p.add_argument_group("common")
     g.add_argument("--data", default="digits" if demo else None, required=not demo,
                    help="ImageFolder path (ROOT/<class>/ or ROOT/train + ROOT/val), digits, or a torchvision name")
@@ -256,6 +276,10 @@ def _common(p, demo=False):
                                       "squeezed once and cached")
     g.add_argument("--teacher-weights", help="state-dict file (or DEFAULT) for torchvision:/timm: teachers")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    if not squeeze:
+        g.add_argument("--arch", choices=["convnet", "resnet18"],
+                       help="architecture of the default teacher when one is squeezed (see reta squeeze)")
+        g.add_argument("--squeeze-epochs", type=int, help="epochs of that squeeze")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=0, help="data loader processes for streamed data sets")
     g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
@@ -316,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("squeeze", help="train a BN teacher on a data set")
-    _common(s)
+    _common(s, squeeze=True)
     s.add_argument("--arch", choices=["convnet", "resnet18"], help="default: convnet for digits, else resnet18")
     s.add_argument("--epochs", type=int)
     s.add_argument("--squeeze-lr", type=float)

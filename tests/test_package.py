@@ -49,11 +49,11 @@ def test_no_extension_env_forces_reference_path_with_a_warning():
 
 
 def test_cli_demo_runs():
-    r = _run([sys.executable, "-m", "reta_fast.cli", "demo", "--classes", "2", "--points", "24", "--dim", "8",
+    r = _run([sys.executable, "-m", "reta_fast.cli", "topo-demo", "--classes", "2", "--points", "24", "--dim", "8",
               "--steps", "4", "--k", "4"])
     assert r.returncode == 0, r.stderr
     assert "PTA loss" in r.stdout and "lower" in r.stdout
-    bad = _run([sys.executable, "-m", "reta_fast.cli", "demo", "--points", "0"])
+    bad = _run([sys.executable, "-m", "reta_fast.cli", "topo-demo", "--points", "0"])
     assert bad.returncode == 2 and "--points must be >= 1" in bad.stderr
 
 

@@ -1,0 +1,359 @@
+"""The distillation pipeline end to end on tiny data: data sets, teachers, every --method, outputs,
+resume, sharding, refusal of foreign folders, bad input, relabel/evaluate and the report."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("sklearn")
+
+from reta_fast import pipeline as P  # noqa: E402
+from reta_fast.datasets import load_data, materialize  # noqa: E402
+from reta_fast.fileio import atomic_write  # noqa: E402
+from reta_fast.teachers import Teacher, load_teacher, squeeze  # noqa: E402
+
+TINY = dict(ipc=3, iterations=4, blocks=2, pool_per_class=8, points_per_class=6, topo_k=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    old = os.environ.get("RETA_FAST_CACHE")
+    os.environ["RETA_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("RETA_FAST_CACHE")
+    else:
+        os.environ["RETA_FAST_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data("digits")
+
+
+@pytest.fixture(scope="module")
+def teacher(data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "t.pt"
+    return squeeze(data, epochs=4, out=path, progress=False, log=lambda m: None)
+
+
+def run(data, teacher, out, log=None, **kw):
+    cfg = P.DistillConfig(**{**TINY, **kw})
+    return P.distill(data, [teacher], out, cfg, progress=False, log=log or (lambda m: None),
+                     pool_dir=Path(out).parent / f"pool-{teacher.name}")
+
+
+def png_bytes(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(Path(out, "images").rglob("*.png"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# data and teachers
+
+def make_folder(root: Path, per_class=6, classes=("a", "b", "c"), size=12, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for ci, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = (rng.random((size, size + 4, 3)) * 60 + 60 * ci).astype(np.uint8)
+            Image.fromarray(arr).save(root / c / f"img {i} é.png")
+    return root
+
+
+def test_load_data_folder_layouts_and_errors(tmp_path):
+    make_folder(tmp_path / "ds" / "train")
+    make_folder(tmp_path / "ds" / "val", per_class=2)
+    d = load_data(str(tmp_path / "ds"))
+    assert d.classes == ["a", "b", "c"] and len(d.train) == 18 and len(d.val) == 6 and d.size == 12
+    flat = load_data(str(make_folder(tmp_path / "flat", per_class=10)), seed=1)
+    assert len(flat.train) + len(flat.val) == 30 and len(flat.val) == 3 and flat.notes
+    assert set(flat.train.indices).isdisjoint(flat.val.indices)
+    with pytest.raises(FileNotFoundError, match="neither an existing folder"):
+        load_data(str(tmp_path / "missing"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        load_data(str(tmp_path / "file.txt"))
+    (tmp_path / "flat" / "empty").mkdir()
+    with pytest.raises(ValueError, match="without any image"):
+        load_data(str(tmp_path / "flat"))
+    make_folder(tmp_path / "bad" / "train")
+    make_folder(tmp_path / "bad" / "val", classes=("a", "b", "x"))
+    with pytest.raises(ValueError, match="class order"):
+        load_data(str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="size"):
+        load_data("digits", size=3)
+
+
+def test_corrupt_and_non_image_files_are_skipped_with_a_count(tmp_path):
+    root = make_folder(tmp_path / "ds", per_class=4)
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "b" / "empty.jpg").write_bytes(b"")
+    (root / "c" / "notes.txt").write_text("not an image")
+    d = load_data(str(root), val=str(root), size=8)
+    with pytest.warns(RuntimeWarning, match="2 unreadable"):
+        mem, skipped = materialize(d.train, 8)
+    assert skipped == 2 and len(mem) == 12 and mem.images.shape[1:] == (3, 8, 8)
+
+
+def test_teacher_checkpoint_round_trip_and_refusals(data, teacher, tmp_path):
+    t2 = load_teacher(teacher.path, data)
+    x = torch.randn(4, 3, data.size, data.size)
+    with torch.no_grad():
+        assert torch.equal(teacher.model(x), t2.model(x))
+    assert t2.accuracy == pytest.approx(teacher.accuracy) and t2.classes == data.classes
+    other = load_data("digits", size=20)
+    with pytest.raises(ValueError, match="px"):
+        load_teacher(teacher.path, other)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable or not a reta_fast teacher"):
+        load_teacher(tmp_path / "junk.pt", data)
+    with pytest.raises(FileNotFoundError):
+        load_teacher(tmp_path / "nope.pt", data)
+
+
+# ---------------------------------------------------------------------------------------------
+# distill
+
+@pytest.mark.parametrize("method", P.METHODS)
+def test_every_method_writes_a_complete_imagefolder(data, teacher, tmp_path, method):
+    out = tmp_path / method
+    info = run(data, teacher, out, method=method)
+    assert info["written"] == 30
+    files = sorted(p.relative_to(out / "images").as_posix() for p in (out / "images").rglob("*"))
+    expect = sorted([f"new{c:03d}" for c in range(10)]
+                    + [f"new{c:03d}/class{c:03d}_id{i:03d}.png" for c in range(10) for i in range(3)])
+    assert files == expect
+    assert json.loads((out / "classes.json").read_text())["classes"] == data.classes
+    run_manifest = json.loads((out / "run.json").read_text())
+    assert run_manifest["method"] == method and run_manifest["config"]["seed"] == 0
+    x, y, ids = P.load_distilled(out, data.classes, data.mean, data.std, data.size)
+    assert x.shape == (30, 3, 16, 16) and torch.bincount(y).tolist() == [3] * 10
+    assert not list(out.rglob("*.tmp")), "no temporary file may be left behind"
+    if method in ("rded", "fadrm", "reta"):  # real-patch initialisations differ within a class
+        assert len({bytes(v) for v in (x[y == 0].numpy() * 1000).astype(np.int32)}) == 3
+
+
+def test_same_seed_same_images_and_resume_after_interruption(data, teacher, tmp_path):
+    full = tmp_path / "full"
+    run(data, teacher, full, method="reta")
+    ref = png_bytes(full)
+
+    class Stop(Exception):
+        pass
+
+    written = []
+
+    def stop_after_12(c, i):
+        written.append((c, i))
+        if len(written) == 12:
+            raise Stop
+
+    part = tmp_path / "part"
+    with pytest.raises(Stop):
+        P.distill(data, [teacher], part, P.DistillConfig(**{**TINY, "method": "reta"}), progress=False,
+                  log=lambda m: None, pool_dir=tmp_path / f"pool-{teacher.name}", on_item=stop_after_12)
+    assert len(png_bytes(part)) == 12
+    info = run(data, teacher, part, method="reta")
+    assert info["written"] == 18
+    assert png_bytes(part) == ref, "a resumed run must equal an uninterrupted one, image for image"
+    again = run(data, teacher, part, method="reta")
+    assert again["written"] == 0 and png_bytes(part) == ref
+
+
+def test_ipc_slices_and_rank_shards_union_equals_one_run(data, teacher, tmp_path):
+    kw = dict(method="reta", ipc_per_batch=1)
+    run(data, teacher, tmp_path / "one", **kw)
+    ref = png_bytes(tmp_path / "one")
+    run(data, teacher, tmp_path / "sl", ipc_start=0, ipc_end=1, **kw)
+    run(data, teacher, tmp_path / "sl", ipc_start=1, **kw)
+    assert png_bytes(tmp_path / "sl") == ref
+    for r in range(2):
+        P.distill(data, [teacher], tmp_path / "sh", P.DistillConfig(**{**TINY, **kw}), progress=False,
+                  log=lambda m: None, pool_dir=tmp_path / f"pool-{teacher.name}", rank=r, world_size=2)
+    assert png_bytes(tmp_path / "sh") == ref
+
+
+def test_other_configuration_is_refused_and_nothing_is_touched(data, teacher, tmp_path):
+    out = tmp_path / "o"
+    run(data, teacher, out, method="rded")
+    before = png_bytes(out)
+    with pytest.raises(P.RunMismatch, match="method"):
+        run(data, teacher, out, method="reta")
+    with pytest.raises(P.RunMismatch, match="iterations"):
+        run(data, teacher, out, method="rded", iterations=5)
+    assert png_bytes(out) == before
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(P.RunMismatch, match="not a reta output folder"):
+        run(data, teacher, foreign, method="rded")
+    assert (foreign / "thesis.tex").read_text() == "precious" and not (foreign / "images").exists()
+
+
+def test_ipc_larger_than_the_class_is_refused(data, teacher, tmp_path):
+    with pytest.raises(ValueError, match="IPC 9 is larger than"):
+        run(data, teacher, tmp_path / "a", method="rded", ipc=9)
+    with pytest.raises(ValueError, match="IPC 500 is larger than class"):
+        run(data, teacher, tmp_path / "b", method="random-real", ipc=500)
+
+
+def test_bad_config_values_are_named(data, teacher, tmp_path):
+    for kw, msg in ((dict(method="magic"), "method"), (dict(ipc=0), "ipc"), (dict(ipc_start=3), "ipc_start"),
+                    (dict(lr=float("nan")), "lr"), (dict(method="fadrm", drc=False), "ablations of reta")):
+        with pytest.raises(ValueError, match=msg):
+            run(data, teacher, tmp_path / "x", **kw)
+
+
+class _NaNNet(nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def forward(self, x):
+        return self.base(x) * float("nan")
+
+
+def test_a_broken_teacher_stops_with_a_clear_error_and_writes_nothing(data, teacher, tmp_path):
+    broken = Teacher(_NaNNet(teacher.model), "broken", data.classes, data.size, data.mean, data.std)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        run(data, broken, tmp_path / "nan", method="sre2l")
+    assert not list((tmp_path / "nan").rglob("*.png"))
+
+
+def test_atomic_write_leaves_old_file_or_nothing(tmp_path):
+    target = tmp_path / "f.bin"
+
+    def boom(fh):
+        fh.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(target, boom)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    atomic_write(target, lambda fh: fh.write(b"v1"))
+    with pytest.raises(OSError):
+        atomic_write(target, boom)
+    assert target.read_bytes() == b"v1" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+# ---------------------------------------------------------------------------------------------
+# relabel / evaluate / report
+
+def test_stored_soft_labels_replay_the_online_stream(data, teacher, tmp_path):
+    out = tmp_path / "r"
+    run(data, teacher, out, method="rded")
+    ecfg = P.EvalConfig(epochs=2, batch_size=8, seeds=(0,), labels="stored")
+    P.relabel_stage(data, teacher, out, ecfg, progress=False, log=lambda m: None)
+    stored = torch.load(out / "labels" / "seed0.pt", weights_only=False)["logits"]
+    x, _, _ = P.load_distilled(out, data.classes, data.mean, data.std)
+    from reta_fast.train import student_batches
+
+    with torch.no_grad():
+        online = torch.cat([teacher.model(b) for b in student_batches(x, 2, 8, flip=False, seed=0)])
+    assert stored.dtype == torch.float16 and stored.shape == online.shape == (60, 10)
+    torch.testing.assert_close(stored.float(), online, atol=2e-2, rtol=1e-2)
+    export = torch.load(out / "export.pt", weights_only=False)
+    assert export["images"].dtype == torch.uint8 and export["images"].shape == (30, 3, 16, 16)
+    res = P.evaluate(data, teacher, out, ecfg, progress=False, log=lambda m: None)
+    assert 0 <= res["distilled"]["mean"] <= 100 and res["random_real"] is not None
+    with pytest.raises(ValueError, match="relabel"):  # other settings than the stored labels
+        P.evaluate(data, teacher, out, P.EvalConfig(epochs=3, batch_size=8, labels="stored"), progress=False,
+                   log=lambda m: None)
+
+
+def test_evaluate_refuses_an_incomplete_set(data, teacher, tmp_path):
+    out = tmp_path / "inc"
+    run(data, teacher, out, method="rded")
+    P.item_path(out, 4, 2).unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        P.evaluate(data, teacher, out, P.EvalConfig(epochs=1), ipc=3, progress=False, log=lambda m: None)
+    with pytest.raises(ValueError, match="classes"):
+        P.load_distilled(out, list("abcdefghij"), data.mean, data.std)
+
+
+def test_betti_curves_count_components_and_loops():
+    from reta_fast.report import betti_curves
+
+    t = torch.linspace(0, 2, 101)
+    ang = torch.linspace(0, 2 * np.pi, 13)[:-1]
+    ring = torch.stack([torch.cos(ang), torch.sin(ang), torch.full_like(ang, 3.0)], 1)  # a loop after normalising
+    curves = betti_curves(ring[None], k=2, grid=t)
+    assert curves["b0"][0] == 12 and curves["b0"][-1] == 1
+    assert np.all(np.diff(curves["b0"]) <= 0) and curves["b1"].max() == 1
+
+
+def test_cli_demo_runs_every_stage_and_resumes(tmp_path, capsys):
+    from reta_fast.cli import main
+
+    out = tmp_path / "demo out"
+    args = ["demo", "--out", str(out), "--quiet"]  # the README's demo, full size
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "student top-1" in text and "random real" in text
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["method"] == "reta" and rep["ipc"] == 10 and rep["betti"] is not None
+    assert (out / "report" / "grid.png").stat().st_size > 1000 and (out / "report" / "betti.png").is_file()
+    assert {s["stage"] for s in rep["stages"]} == {"squeeze", "distill", "evaluate"}
+    before = png_bytes(out)
+    assert main(args + ["--no-baseline"]) == 0  # resumes: nothing rewritten
+    assert png_bytes(out) == before
+    assert main(["demo", "--out", str(out), "--quiet", "--iterations", "41"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    from reta_fast.cli import main
+
+    assert main(["distill", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "neither an existing folder" in capsys.readouterr().err
+    assert main(["evaluate", "--data", "digits", "--out", str(tmp_path / "o2"), "--quiet"]) == 2
+    assert "class mapping" in capsys.readouterr().err
+
+
+def test_teacher_without_batchnorm_needs_no_bn(data, tmp_path, capsys):
+    from reta_fast.cli import main
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
+    path = tmp_path / "lin.pt"
+    torch.save(dict(format=1, arch="convnet", arch_kwargs={}, state_dict={}, classes=data.classes, size=16,
+                    mean=list(data.mean), std=list(data.std)), path)
+    # a checkpoint whose architecture does not fit its weights is refused by name
+    assert main(["distill", "--data", "digits", "--teacher", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    t = Teacher(model, "linear", data.classes, 16, data.mean, data.std)
+    with pytest.raises(ValueError, match="no BatchNorm2d"):
+        P.distill(data, [t], tmp_path / "o3", P.DistillConfig(**{**TINY, "method": "sre2l"}), progress=False,
+                  log=lambda m: None)
+    info = P.distill(data, [t], tmp_path / "o4", P.DistillConfig(**{**TINY, "method": "sre2l", "r_bn": 0.0}),
+                     progress=False, log=lambda m: None)
+    assert info["written"] == 30
+
+
+def test_cli_run_on_an_imagefolder_with_broken_files(tmp_path, capsys):
+    from reta_fast.cli import main
+
+    root = make_folder(tmp_path / "my data" / "train", per_class=8)
+    make_folder(tmp_path / "my data" / "val", per_class=3, seed=1)
+    (root / "a" / "zero.jpg").write_bytes(b"")
+    (root / "b" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    out = tmp_path / "out"
+    common = ["--data", str(tmp_path / "my data"), "--arch", "convnet", "--squeeze-epochs", "2", "--quiet"]
+    assert main(["squeeze"] + common[:2] + ["--arch", "convnet", "--epochs", "2", "--quiet",
+                                            "--teacher-out", str(tmp_path / "t.pt")]) == 0
+    assert "top-1" in capsys.readouterr().out
+    assert main(["run", "--teacher", str(tmp_path / "t.pt"), "--out", str(out), "--method", "fadrm", "--ipc", "2",
+                 "--iterations", "4", "--blocks", "2", "--eval-epochs", "2", "--eval-seeds", "0", "1"]
+                + common) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["ipc"] == 2 and len(ev["distilled"]["runs"]) == 2 and ev["random_real"] is not None
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["classes.json", "new000", "new001", "new002"] \
+        or sorted(p.name for p in (out / "images").iterdir()) == ["new000", "new001", "new002"]
+    assert (out / "report.md").read_text().startswith("# reta_fast run: fadrm")
+    assert main(["squeeze"] + common[:2] + ["--quiet", "--teacher-out", str(tmp_path / "t.pt")]) == 2
+    assert "never overwritten" in capsys.readouterr().err

@@ -459,6 +459,13 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     write_json(out / "classes.json", dict(classes=list(data.classes),
                                           folders=[f"new{c:03d}" for c in range(len(data.classes))]))
     C, S = len(data.classes), data.size
+    now = time.time()
+    for stale in (out / "images").glob("new*/.*.tmp"):  # left by a killed run; a live writer's are seconds old
+        try:
+            if now - stale.stat().st_mtime > 120:
+                stale.unlink()
+        except OSError:
+            pass
     info = dict(method=cfg.method, ipc=cfg.ipc, ipc_start=cfg.ipc_start, ipc_end=cfg.end, written=0, skipped=0)
     ipcs = list(range(cfg.ipc_start, cfg.end))
     todo_all = [(c, i) for i in ipcs for c in range(C) if not item_path(out, c, i).exists()]

@@ -367,7 +367,17 @@ class PatchPool:
             for f in tmp.iterdir():  # durable before the rename publishes the pool
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            os.rename(tmp, out)  # atomic: a pool folder is either complete or absent
+            try:
+                os.rename(tmp, out)  # atomic: a pool folder is either complete or absent
+            except OSError:
+                if not (out / "manifest.json").is_file():
+                    raise
+                # another process (a torchrun rank) published the same pool first: use theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+                return cls.build(dataset, teacher, out, per_class=per_class, size=size, resolutions=resolutions,
+                                 candidates=candidates, crop_scale=crop_scale, sigma=sigma, mean=mean, std=std,
+                                 batch_size=batch_size, device=device, seed=seed, classes=classes,
+                                 dataset_name=dataset_name, progress=False)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -93,17 +93,29 @@ class _Log:
 
 
 def _device(name: str) -> str:
+    """``auto``: ``cuda:$LOCAL_RANK`` (torchrun) or ``cuda`` when CUDA is available, else ``cpu``."""
+    import os
+
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 
 def _data(args):
     from .datasets import load_data
 
-    data = load_data(args.data, size=args.size, val=args.val, root=args.data_root, seed=args.seed)
+    data = load_data(args.data, size=args.size, val=args.val, root=args.data_root)  # fixed split, any --seed
     args.log(f"[data] {data.describe()}" + "".join(f"; {n}" for n in data.notes))
     return data
 
@@ -116,13 +128,40 @@ def _teachers(args, data):
 
     arch = getattr(args, "arch", None)
     kw = dict(device=args.device, seed=args.seed, weights=args.teacher_weights, arch=arch,
-              epochs=getattr(args, "squeeze_epochs", None), progress=not args.quiet, log=args.log)
+              epochs=getattr(args, "squeeze_epochs", None), progress=not args.quiet, log=args.log,
+              workers=args.workers)
+    run_json = Path(args.out) / "run.json" if getattr(args, "out", None) else None
+    if not args.teacher and args.command in ("relabel", "evaluate", "report") and run_json and run_json.is_file():
+        return _recorded_teachers(args, data, run_json, kw)
     if args.teacher or default_teacher_path(data, arch or default_arch(data), args.seed).is_file():
         return resolve_teachers(args.teacher, data, **kw)
+    if _rank()[1] > 1:
+        raise ValueError("under torchrun every rank needs the same teacher: run `reta squeeze` (or pass --teacher) "
+                         "before launching the ranks")
     with Stage(None, "squeeze", args.device, args.log) as st:
         teachers = resolve_teachers(None, data, **kw)
         st.info.update(teacher=teachers[0].name, top1=teachers[0].accuracy, checkpoint=str(teachers[0].path))
     args.squeeze_record = st.record
+    return teachers
+
+
+def _recorded_teachers(args, data, run_json, kw):
+    """The teachers ``run.json`` names (later stages use the distilling teacher unless told otherwise),
+    refused if the file now holds another network."""
+    from .fileio import read_json
+    from .pool import teacher_fingerprint
+    from .teachers import resolve_teachers
+
+    run = read_json(run_json, "run manifest")
+    specs, recorded = run.get("teacher_specs") or [], run.get("teachers") or []
+    if not specs:
+        raise ValueError(f"{run_json} does not say which teacher distilled this set: pass --teacher")
+    teachers = resolve_teachers(",".join(specs), data, **kw)
+    for t, r in zip(teachers, recorded):
+        if teacher_fingerprint(t.model) != r.get("fingerprint"):
+            raise ValueError(f"teacher {t.path} is not the network that distilled {args.out} (fingerprint "
+                             f"{teacher_fingerprint(t.model)} vs {r.get('fingerprint')}): pass --teacher explicitly")
+    args.log(f"[teacher] using the distilling teacher recorded in run.json: {specs[0]}")
     return teachers
 
 
@@ -200,7 +239,8 @@ def cmd_distill(args, data=None, teachers=None) -> int:
     with Stage(out if world == 1 else None, "distill" if world == 1 else f"distill-rank{rank}", args.device,
                args.log) as st:
         st.info.update(distill(data, teachers, out, cfg, device=args.device, pool_dir=args.pool,
-                               progress=not args.quiet, log=args.log, rank=rank, world_size=world))
+                               progress=not args.quiet, log=args.log, rank=rank, world_size=world,
+                               teacher_specs=[str(t.path) if t.path else t.name for t in teachers]))
     _keep_squeeze_record(args)
     if world > 1:
         from .fileio import write_json
@@ -271,10 +311,12 @@ def _common(p, demo=False, squeeze=False):
     g.add_argument("--data-root", help="download folder for torchvision data sets")
     g.add_argument("--size", type=int, help="working image size (default: 16 for digits, 32 for CIFAR, probed "
                                              "for folders, at most 224)")
-    g.add_argument("--teacher", help="teacher checkpoint, torchvision:<name> or timm:<name>; a comma-separated "
-                                      "list takes turns (FADRM+). Default: the data set's default teacher, "
-                                      "squeezed once and cached")
-    g.add_argument("--teacher-weights", help="state-dict file (or DEFAULT) for torchvision:/timm: teachers")
+    if not squeeze:
+        g.add_argument("--teacher", help="teacher checkpoint, torchvision:<name> or timm:<name>; a comma-separated "
+                                          "list takes turns (FADRM+). Default: for distill/run the data set's "
+                                          "default teacher, squeezed once and cached; for relabel/evaluate/report "
+                                          "the teacher recorded in OUT/run.json")
+        g.add_argument("--teacher-weights", help="state-dict file (or DEFAULT) for torchvision:/timm: teachers")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     if not squeeze:
         g.add_argument("--arch", choices=["convnet", "resnet18"],

@@ -63,10 +63,11 @@ class DataSpec:
     std: Tuple[float, float, float]
     flip: bool = True
     notes: List[str] = field(default_factory=list)
+    split: str = ""
 
     @property
     def fingerprint(self) -> str:
-        h = hashlib.sha256(f"{self.name}|{self.size}|{len(self.train)}|{len(self.val)}|".encode())
+        h = hashlib.sha256(f"{self.name}|{self.size}|{len(self.train)}|{len(self.val)}|{self.split}|".encode())
         h.update("|".join(self.classes).encode())
         return h.hexdigest()[:12]
 
@@ -162,7 +163,10 @@ def _holdout(dataset, fraction: float, seed: int):
 def load_data(spec: str, size: Optional[int] = None, val: Optional[str] = None, root: Optional[str] = None,
               holdout: float = 0.1, seed: int = 0, download: bool = True) -> DataSpec:
     """Resolve a ``--data`` argument (see the module docstring). Raises FileNotFoundError /
-    ValueError naming the problem for missing folders, empty classes or unknown names."""
+    ValueError naming the problem for missing folders, empty classes or unknown names.
+
+    ``seed`` only chooses the holdout split (the pipeline keeps it at 0 whatever ``--seed`` is, so
+    validation images never change between runs); split and size are part of the fingerprint."""
     if not isinstance(spec, (str, os.PathLike)) or not str(spec):
         raise ValueError(f"data must be a folder path or one of digits, {', '.join(TORCHVISION_SETS)}; got {spec!r}")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 8):
@@ -210,7 +214,9 @@ def load_data(spec: str, size: Optional[int] = None, val: Optional[str] = None, 
         raise ValueError(f"class folder(s) without any image file in {str(path)!r}: {empty[:5]}")
     base = train.dataset if isinstance(train, Subset) else train
     s = size or _probe_size(base)
-    return DataSpec(str(path.resolve()), train, valset, classes, s, IMAGENET_MEAN, IMAGENET_STD, notes=notes)
+    split = f"holdout{holdout}-seed{seed}" if isinstance(train, Subset) else ""
+    return DataSpec(str(path.resolve()), train, valset, classes, s, IMAGENET_MEAN, IMAGENET_STD, notes=notes,
+                    split=split)
 
 
 def _torchvision(key: str, size, root, download) -> DataSpec:
@@ -229,7 +235,7 @@ def _torchvision(key: str, size, root, download) -> DataSpec:
         else:
             tr, va = cls(root, train=True, download=download), cls(root, train=False, download=download)
     except (OSError, RuntimeError) as exc:
-        raise RuntimeError(f"could not load torchvision data set {key!r} under {root!r} ({exc}); download it on a "
+        raise ValueError(f"could not load torchvision data set {key!r} under {root!r} ({exc}); download it on a "
                            f"machine with network access, or pass an ImageFolder path") from None
     default = 32 if key in ("cifar10", "cifar100", "svhn") else 28
     return DataSpec(key, tr, va, [str(c) for c in tr.classes], size or default, IMAGENET_MEAN, IMAGENET_STD,

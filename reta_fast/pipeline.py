@@ -55,6 +55,9 @@ __all__ = ["METHODS", "DistillConfig", "EvalConfig", "distill", "evaluate", "rel
 
 METHODS = ("random-real", "rded", "sre2l", "fadrm", "reta")
 RUN_FORMAT = 1
+#: what a reta output folder may hold (anything else means it is somebody else's folder)
+OUTPUT_NAMES = {"run.json", "classes.json", "images", "stages", "labels", "export.pt", "eval.json", "report.md",
+                "report.json", "report"}
 
 
 class RunMismatch(ValueError):
@@ -318,9 +321,9 @@ def _check_run(out: Path, manifest: dict) -> None:
             raise RunMismatch(f"{str(out)!r} holds a run with other settings ({'; '.join(detail[:6])}): refusing to "
                               f"mix them. Use another --out, or the original settings to resume.")
         return
-    if out.exists() and any(p.name not in ("run.json",) for p in out.iterdir()) and not (out / "images").exists() \
-            and not (out / "stages").exists():
-        raise RunMismatch(f"{str(out)!r} exists and is not a reta output folder: refusing to write into it")
+    foreign = [p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES and not p.name.startswith(".")]
+    if foreign:
+        raise RunMismatch(f"{str(out)!r} is not a reta output folder (it holds {foreign[:3]}): refusing to write into it")
     write_json(path, manifest)
 
 
@@ -430,7 +433,8 @@ def _real_points(teacher, pool, m: int, seed: int, device) -> torch.Tensor:
 
 
 def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None, progress: bool = True,
-            log: Callable = print, rank: int = 0, world_size: int = 1, on_item: Optional[Callable] = None) -> dict:
+            log: Callable = print, rank: int = 0, world_size: int = 1, on_item: Optional[Callable] = None,
+            teacher_specs: Optional[Sequence[str]] = None) -> dict:
     """Produce the items ``(c, i)``, ``c`` over all classes and ``i`` in ``[cfg.ipc_start, cfg.end)``,
     that are not on disk yet, as PNGs under ``out/images`` (each written atomically).
 
@@ -453,6 +457,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
                     data=dict(name=data.name, fingerprint=data.fingerprint, size=data.size, classes=len(data.classes),
                               mean=list(data.mean), std=list(data.std)),
                     teachers=[dict(name=t.name, fingerprint=teacher_fingerprint(t.model)) for t in teachers],
+                    teacher_specs=list(teacher_specs) if teacher_specs else [str(t.path) for t in teachers if t.path],
                     versions=versions())
     out.mkdir(parents=True, exist_ok=True)
     _check_run(out, manifest)
@@ -476,8 +481,10 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     for t in teachers:
         t.model.to(device).eval()
 
+    all_items = [(c, i) for i in ipcs for c in range(C)]  # fixed order: shards never depend on what exists
+    todo_set = set(todo_all)
     if cfg.method == "random-real":
-        mine = [it for n, it in enumerate(todo_all) if n % world_size == rank]
+        mine = [it for n, it in enumerate(all_items) if n % world_size == rank and it in todo_set]
         classes = sorted({c for c, _ in mine})
         imgs = random_real_images(data, cfg.ipc, cfg.seed, classes, cfg.ipc_start, cfg.end)
         for c, i in mine:
@@ -510,7 +517,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
         return pool.images([int(ranking[c][i])])[0]
 
     if cfg.method == "rded":
-        mine = [it for n, it in enumerate(todo_all) if n % world_size == rank]
+        mine = [it for n, it in enumerate(all_items) if n % world_size == rank and it in todo_set]
         for c, i in mine:
             save_png(item_path(out, c, i), _to_uint8(init_image(c, i), data.mean, data.std))
             info["written"] += 1
@@ -548,7 +555,6 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
         retriever = PartitionedRetriever(feats_p, (labels_p.cpu() * cfg.ipc + share).to(device), cx_p, cfg.lam)
     starts = list(range((cfg.ipc_start // ipb) * ipb, cfg.end, ipb))
     batches = [(s, gi) for s in starts for gi in range(len(groups))]
-    todo_set = set(todo_all)
     it = [b for n, b in enumerate(batches) if n % world_size == rank]
     parts_log: List[dict] = []
     bar = None
@@ -559,10 +565,11 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     try:
         for s, gi in it:
             bi = (s // ipb) * len(groups) + gi  # global batch index: fixes seed and teacher
-            items = [(c, i) for i in range(max(s, cfg.ipc_start), min(s + ipb, cfg.end)) for c in groups[gi]]
+            # the whole batch, whatever slice this process makes: a batch's images depend on the batch only
+            items = [(c, i) for i in range(s, min(s + ipb, cfg.ipc)) for c in groups[gi]]
             todo = [x for x in items if x in todo_set and not item_path(out, *x).exists()]
             if not todo:
-                info["skipped"] += len(items)
+                info["skipped"] += sum(x in set(all_items) for x in items)
                 if bar is not None:
                     bar.update(1)
                 continue
@@ -570,12 +577,12 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
             x0 = torch.stack([init_image(c, i) for c, i in items]).to(device)
             y = torch.tensor([c for c, _ in items], device=device)
             ids = torch.tensor([c * cfg.ipc + i for c, i in items], device=device)
+            crit.reset()  # no state from earlier batches (bank, PTA grids, pairings)
             if cfg.pta_on:
-                crit.reset_bank()
                 others = [(c, j) for c in groups[gi] for j in range(cfg.ipc)]
                 with torch.no_grad():
-                    xb = torch.stack([init_image(c, j) for c, j in others]).to(device)
-                    fb = torch.cat([teacher_features(crit.teacher, xb[a:a + 256])[1] for a in range(0, len(xb), 256)])
+                    fb = torch.cat([teacher_features(crit.teacher, torch.stack(
+                        [init_image(c, j) for c, j in others[a:a + 256]]).to(device))[1] for a in range(0, len(others), 256)])
                 crit.seed_bank(fb.float(), torch.tensor([c for c, _ in others], device=device),
                                torch.tensor([c * cfg.ipc + j for c, j in others], device=device))
             rc = RecoverConfig(iterations=cfg.iterations, resolutions=[S] * cfg.n_blocks, lr=cfg.lr, jitter=jitter,
@@ -597,7 +604,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
                     info["written"] += 1
                     if on_item:
                         on_item(c, i)
-                else:
+                elif cfg.ipc_start <= i < cfg.end:
                     info["skipped"] += 1
             if bar is not None:
                 bar.update(1)
@@ -683,7 +690,8 @@ def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool 
     out = Path(out)
     x, y, _ = load_distilled(out, data.classes, data.mean, data.std, data.size)
     counts = torch.bincount(y, minlength=len(data.classes))
-    ipc = ipc or int(counts.max())
+    run = read_json(out / "run.json", "run manifest") if (out / "run.json").is_file() else {}
+    ipc = ipc or (run.get("config") or {}).get("ipc") or int(counts.max())
     if int(counts.min()) < ipc:
         missing = [data.classes[c] for c in range(len(data.classes)) if counts[c] < ipc][:5]
         raise ValueError(f"the distilled set in {str(out)!r} is incomplete: classes {missing} have fewer than {ipc} "
@@ -718,7 +726,6 @@ def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool 
     def stat(v):
         return dict(mean=float(np.mean(v)), std=float(np.std(v)), runs=[float(a) for a in v])
 
-    run = read_json(out / "run.json", "run manifest") if (out / "run.json").is_file() else {}
     result = dict(method=run.get("method", "unknown"), ipc=ipc, student=arch, teacher=teacher.name,
                   teacher_top1=float(t_acc), distilled=stat(res["distilled"]),
                   random_real=stat(res["random-real"]) if "random-real" in res else None,

@@ -84,6 +84,10 @@ def write_report(out, data, teacher, k: int = 10, max_classes: int = 10, max_ipc
     x, y, _ = load_distilled(out, data.classes, data.mean, data.std, data.size)
     C = len(data.classes)
     ipc = int(torch.bincount(y, minlength=C).min())
+    if ipc == 0:
+        empty = [data.classes[c] for c in range(C) if not (y == c).any()][:5]
+        raise ValueError(f"the distilled set in {str(out)!r} is incomplete (no image for classes {empty}): finish "
+                         f"`reta distill` first")
     rep = dict(data=data.name, classes=C, size=data.size, method=run.get("method"), ipc=ipc,
                config=run.get("config"), teacher=dict(name=teacher.name, top1=teacher.accuracy),
                evaluation=ev, stages=stages, versions=run.get("versions"))

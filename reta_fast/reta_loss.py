@@ -108,6 +108,14 @@ class RETALoss(nn.Module):
         if self.topo is not None:
             self._bank.clear()
 
+    def reset(self) -> None:
+        """Forget all state carried between calls: the bank, and the PTA loss's image grids (derived
+        from the first real features it sees) and stored pairings. The pipeline calls it before every
+        batch, so each batch's result depends on that batch alone."""
+        if self.topo is not None:
+            self._bank.clear()
+            self.topo.reset()
+
     @torch.no_grad()
     def seed_bank(self, feats: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> None:
         """Put detached features ``[N, D]`` of images with classes ``y`` ``[N]`` and ids ``ids`` ``[N]``

@@ -176,7 +176,7 @@ def _named_model(spec: str, num_classes: int, weights: Optional[str]) -> nn.Modu
         except (ValueError, KeyError) as exc:
             raise ValueError(f"torchvision has no model {name!r}: {exc}") from None
         except (OSError, RuntimeError) as exc:  # download failed
-            raise RuntimeError(f"could not fetch torchvision weights for {name!r}: {exc}; pass --teacher-weights "
+            raise ValueError(f"could not fetch torchvision weights for {name!r}: {exc}; pass --teacher-weights "
                                f"FILE") from None
     try:
         import timm
@@ -185,12 +185,15 @@ def _named_model(spec: str, num_classes: int, weights: Optional[str]) -> nn.Modu
     try:
         return timm.create_model(name, pretrained=weights == "DEFAULT", num_classes=num_classes)
     except (RuntimeError, OSError) as exc:
-        raise RuntimeError(f"could not create timm model {name!r}: {exc}") from None
+        raise ValueError(f"could not create timm model {name!r}: {exc}") from None
 
 
 def _named_teacher(spec, data, device, weights) -> Teacher:
     if data is None:
         raise ValueError(f"teacher {spec!r} needs the data set (class order, image size)")
+    if weights is None:
+        raise ValueError(f"teacher {spec!r} needs --teacher-weights FILE (or DEFAULT for the library's pretrained "
+                         f"weights): a randomly initialised teacher cannot distil anything")
     model = _named_model(spec, len(data.classes), weights)
     if weights not in (None, "DEFAULT"):
         try:
@@ -207,7 +210,7 @@ def _named_teacher(spec, data, device, weights) -> Teacher:
 
 
 def resolve_teachers(specs, data, device="cpu", seed: int = 0, weights=None, arch=None, epochs=None,
-                     progress=True, log=print):
+                     progress=True, log=print, workers: int = 0):
     """``--teacher`` (comma-separated list, round-robin over recover batches as in FADRM+) or, when
     empty, the default teacher for ``data`` squeezed once and cached (keyed by data set, arch, seed)."""
     if not specs:
@@ -218,7 +221,8 @@ def resolve_teachers(specs, data, device="cpu", seed: int = 0, weights=None, arc
             log(f"[squeeze] reusing cached teacher {path} (top-1 {t.accuracy:.2f}%)")
             return [t]
         log(f"[squeeze] no teacher given: training the default {arch} teacher for {data.name} (cached at {path})")
-        return [squeeze(data, arch, epochs=epochs, seed=seed, device=device, out=path, progress=progress, log=log)]
+        return [squeeze(data, arch, epochs=epochs, seed=seed, device=device, out=path, progress=progress, log=log,
+                        workers=workers)]
     out = []
     for s in [s for s in str(specs).split(",") if s]:
         out.append(load_teacher(s, data, device, weights))

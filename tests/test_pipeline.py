@@ -404,3 +404,71 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(data, teacher, tmp_path):
     assert interrupted, "the run was never killed before it finished"
     subprocess.run(args + ["--out", str(out)], check=True, env=env, capture_output=True, timeout=600)
     assert png_bytes(out) == png_bytes(ref)  # no image lost, duplicated, partial or different
+
+
+def test_unaligned_slices_and_several_class_groups_equal_one_run(data, teacher, tmp_path):
+    """Slices that cut a batch, and resumes/shards that start at another class group, must not change
+    any image (each batch is recovered whole, and no state carries over between batches)."""
+    kw = dict(method="reta", batch_classes=5)  # two class groups, each batch = 5 classes x 3 items
+    run(data, teacher, tmp_path / "one", **kw)
+    ref = png_bytes(tmp_path / "one")
+    run(data, teacher, tmp_path / "sl", ipc_start=0, ipc_end=1, **kw)
+    run(data, teacher, tmp_path / "sl", ipc_start=1, ipc_end=2, **kw)
+    run(data, teacher, tmp_path / "sl", ipc_start=2, **kw)
+    assert png_bytes(tmp_path / "sl") == ref
+    for c in range(5):  # drop the first group: the resume starts with the second group
+        for i in range(3):
+            P.item_path(tmp_path / "one", c, i).unlink()
+    run(data, teacher, tmp_path / "one", **kw)
+    assert png_bytes(tmp_path / "one") == ref
+    for r in (1, 0):  # rank 1 first
+        P.distill(data, [teacher], tmp_path / "sh", P.DistillConfig(**{**TINY, **kw}), progress=False,
+                  log=lambda m: None, pool_dir=tmp_path / f"pool-{teacher.name}", rank=r, world_size=2)
+    assert png_bytes(tmp_path / "sh") == ref
+
+
+@pytest.mark.parametrize("method", ["rded", "random-real"])
+def test_real_image_methods_shard_completely(data, teacher, tmp_path, method):
+    run(data, teacher, tmp_path / "one", method=method)
+    for r in (0, 1):  # ranks one after the other: rank 1 sees rank 0's files
+        P.distill(data, [teacher], tmp_path / "sh", P.DistillConfig(**{**TINY, "method": method}), progress=False,
+                  log=lambda m: None, pool_dir=tmp_path / f"pool-{teacher.name}", rank=r, world_size=2)
+    assert png_bytes(tmp_path / "sh") == png_bytes(tmp_path / "one")
+
+
+def test_later_stages_use_the_recorded_teacher(data, teacher, tmp_path, capsys):
+    from reta_fast.cli import main
+
+    out = tmp_path / "rec"
+    common = ["--data", "digits", "--out", str(out), "--quiet"]
+    assert main(["distill", "--teacher", str(teacher.path), "--method", "rded", "--ipc", "3",
+                 "--pool-per-class", "8"] + common) == 0
+    assert json.loads((out / "run.json").read_text())["teacher_specs"] == [str(teacher.path)]
+    assert main(["evaluate", "--eval-epochs", "1", "--no-baseline"] + common) == 0
+    assert f"teacher {teacher.accuracy:.2f}%" in capsys.readouterr().out
+    other = squeeze(data, epochs=1, seed=3, out=tmp_path / "other.pt", progress=False, log=lambda m: None)
+    os.replace(other.path, teacher.path.parent / "swapped.pt")
+    run_json = json.loads((out / "run.json").read_text())
+    run_json["teacher_specs"] = [str(teacher.path.parent / "swapped.pt")]
+    (out / "run.json").write_text(json.dumps(run_json))
+    assert main(["evaluate", "--eval-epochs", "1"] + common) == 2
+    assert "not the network that distilled" in capsys.readouterr().err
+
+
+def test_more_bad_input(data, teacher, tmp_path):
+    from reta_fast.report import write_report
+    from reta_fast.teachers import load_teacher as lt
+
+    out = tmp_path / "o"
+    run(data, teacher, out, method="rded")
+    for i in range(3):
+        P.item_path(out, 9, i).unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        write_report(out, data, teacher, log=lambda m: None)
+    mixed = tmp_path / "mixed"
+    (mixed / "images").mkdir(parents=True)
+    (mixed / "notes.txt").write_text("mine")
+    with pytest.raises(P.RunMismatch, match="not a reta output folder"):
+        run(data, teacher, mixed, method="rded")
+    with pytest.raises(ValueError, match="teacher-weights"):
+        lt("torchvision:resnet18", data)

@@ -300,7 +300,7 @@ def cmd_run(args) -> int:
 
 
 DEMO = dict(data="digits", method="reta", ipc=10, iterations=200, blocks=4, batch_classes=10, topo_k=4,
-            eval_epochs=150, eval_batch=50, eval_lr=1e-2, out="reta-demo")
+            eval_epochs=150, eval_batch=50, eval_lr=1e-2, eval_seeds=[0, 1, 2], out="reta-demo")
 
 
 def _common(p, demo=False, squeeze=False):
@@ -373,7 +373,7 @@ def _eval_args(p, demo=False):
     g.add_argument("--temperature", type=float, default=20.0)
     g.add_argument("--labels", choices=["online", "stored"], default="online",
                    help="soft labels from the teacher during training, or stored by `reta relabel`")
-    g.add_argument("--eval-seeds", type=int, nargs="+", default=[0])
+    g.add_argument("--eval-seeds", type=int, nargs="+", default=d.get("eval_seeds", [0]))
     g.add_argument("--no-baseline", action="store_true", help="skip the random-real baseline")
 
 

@@ -729,7 +729,7 @@ def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool 
     result = dict(method=run.get("method", "unknown"), ipc=ipc, student=arch, teacher=teacher.name,
                   teacher_top1=float(t_acc), distilled=stat(res["distilled"]),
                   random_real=stat(res["random-real"]) if "random-real" in res else None,
-                  protocol=dict(asdict(ecfg), crop_scale=list(ecfg.crop_scale), seeds=list(ecfg.seeds)),
+                  protocol=dict(asdict(ecfg), crop_scale=list(ecfg.crop_scale), seeds=list(ecfg.seeds), flip=data.flip),
                   val_images=len(data.val))
     write_json(out / "eval.json", result)
     return result

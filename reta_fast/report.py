@@ -171,7 +171,7 @@ def _markdown(rep: dict) -> str:
               f"{ms(ev.get('random_real'))} |", ""]
         p = ev["protocol"]
         L += [f"Protocol: {p['epochs']} epochs, batch {p['batch_size']}, AdamW lr {p['lr']} wd {p['weight_decay']}, "
-              f"KL at T={p['temperature']}, RandomResizedCrop {tuple(p['crop_scale'])} + flip"
+              f"KL at T={p['temperature']}, RandomResizedCrop {tuple(p['crop_scale'])}{' + flip' if p.get('flip', True) else ''}"
               f"{' + CutMix' if p['cutmix'] else ''}, {p['labels']} soft labels, seeds {p['seeds']}.", ""]
     else:
         L += ["Not evaluated yet (`reta evaluate`).", ""]

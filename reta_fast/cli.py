@@ -184,7 +184,7 @@ def _distill_config(args):
     from .pipeline import DistillConfig
 
     return DistillConfig(method=args.method, ipc=args.ipc, ipc_start=args.ipc_start, ipc_end=args.ipc_end,
-                         iterations=args.iterations, blocks=args.blocks, batch_classes=args.batch_classes,
+                         iterations=args.iterations, blocks=args.blocks, resolutions=args.resolutions, batch_classes=args.batch_classes,
                          ipc_per_batch=args.ipc_per_batch, lr=args.lr, jitter=args.jitter, alpha=args.alpha,
                          lam=args.lam, r_bn=0.0 if args.no_bn else args.r_bn, first_bn_weight=args.first_bn_weight,
                          lam_topo=args.lam_topo, topo_k=args.topo_k, points_per_class=args.points_per_class,
@@ -341,6 +341,8 @@ def _distill_args(p, demo=False):
     g.add_argument("--ipc-end", type=int, default=None, help="one past the last ipc index (default: --ipc)")
     g.add_argument("--iterations", type=int, default=d.get("iterations", 1000), help="recover steps per batch")
     g.add_argument("--blocks", type=int, default=d.get("blocks", 4), help="multi-resolution blocks (FADRM)")
+    g.add_argument("--resolutions", type=lambda v: [int(r) for r in v.split(",")], default=None,
+                   help="one resolution per block, comma-separated (ImageNet: 200,224,200,224); overrides --blocks")
     g.add_argument("--batch-classes", type=int, default=d.get("batch_classes"),
                    help="classes per batch (default: min(classes, 100))")
     g.add_argument("--ipc-per-batch", type=int, default=None,

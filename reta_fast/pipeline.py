@@ -72,7 +72,9 @@ class DistillConfig:
         method: one of :data:`METHODS`.
         ipc: images per class of the whole set; ``ipc_start``/``ipc_end``: the slice this process
             produces (``None`` = up to ``ipc``).
-        iterations: recover steps per batch B, split over ``blocks`` blocks at the data's size.
+        iterations: recover steps per batch B, split over ``blocks`` blocks at the data's size, or over
+            one block per entry of ``resolutions`` (ImageNet: 200, 224, 200, 224; the last must be the
+            data's size, which the written images have).
         batch_classes: classes per recover batch; ``ipc_per_batch``: items of each class per batch (batch
             = ``batch_classes * ipc_per_batch`` images; BN statistics over the batch). Defaults [pred:
             batches of 100 images]: ``min(C, 100)`` classes and ``max(1, 100 // batch_classes)`` items
@@ -98,6 +100,7 @@ class DistillConfig:
     ipc_end: Optional[int] = None
     iterations: int = 1000
     blocks: int = 4
+    resolutions: Optional[Sequence[int]] = None
     batch_classes: Optional[int] = None
     ipc_per_batch: Optional[int] = None
     lr: float = 0.25
@@ -139,6 +142,9 @@ class DistillConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.resolutions is not None and (not self.resolutions or any(
+                isinstance(r, bool) or not isinstance(r, int) or r < 8 for r in self.resolutions)):
+            raise ValueError(f"resolutions must be a non-empty list of integers >= 8, got {self.resolutions!r}")
         if self.topo_k is not None and self.topo_k < 1:
             raise ValueError(f"topo_k must be >= 1, got {self.topo_k}")
 
@@ -152,7 +158,13 @@ class DistillConfig:
 
     @property
     def n_blocks(self) -> int:
-        return 1 if self.method == "sre2l" else self.blocks
+        return len(self.block_resolutions(0))
+
+    def block_resolutions(self, size: int) -> List[int]:
+        """One resolution per recover block (SRe2L: a single block at ``size``)."""
+        if self.method == "sre2l":
+            return [size]
+        return list(self.resolutions) if self.resolutions else [size] * self.blocks
 
     @property
     def end(self) -> int:
@@ -381,8 +393,9 @@ class PartitionedRetriever:
     """DRC retrieval where item ``(c, i)`` (query group ``ids = c * ipc + i``) searches only its own
     share of the class pool (``groups`` of the pool patches); a ``retriever`` for :func:`recover`."""
 
-    def __init__(self, feats, groups, complexity, lam: float):
-        self.feats, self.groups, self.complexity, self.lam = feats, groups, complexity, lam
+    def __init__(self, pool, groups, lam: float, device):
+        self.pool, self.groups, self.lam, self.device = pool, groups, lam, device
+        self._tensors: Dict[int, tuple] = {}  # resolution -> (feats, complexity scaled per class)
         self.ids: Optional[torch.Tensor] = None
 
     def __call__(self, q: torch.Tensor, y: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -390,7 +403,11 @@ class PartitionedRetriever:
 
         if self.ids is None or self.ids.shape != y.shape:
             raise RuntimeError("PartitionedRetriever.ids must hold the batch's item ids")
-        return retrieve(q, self.ids, self.feats, self.groups, self.complexity, lam=self.lam)
+        if resolution not in self._tensors:
+            feats, _, cx = self.pool.retrieval_tensors(resolution, device=self.device)
+            self._tensors[resolution] = (feats, cx)
+        feats, cx = self._tensors[resolution]
+        return retrieve(q, self.ids, feats, self.groups, cx, lam=self.lam)
 
 
 def _noise(c: int, i: int, size: int, seed: int) -> torch.Tensor:
@@ -410,7 +427,7 @@ def _pool_path(data, teacher, cfg: DistillConfig, pool_dir) -> Path:
     from .teachers import cache_dir
 
     key = f"{data.fingerprint}|{teacher_fingerprint(teacher.model)}|{cfg.pool_per_class}|{cfg.pool_candidates}|" \
-          f"{data.size}|{cfg.seed}"
+          f"{data.size}|{cfg.seed}|{sorted(set(cfg.block_resolutions(data.size)))}"
     return cache_dir() / "pools" / f"pool-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -464,6 +481,9 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     write_json(out / "classes.json", dict(classes=list(data.classes),
                                           folders=[f"new{c:03d}" for c in range(len(data.classes))]))
     C, S = len(data.classes), data.size
+    if cfg.uses_recover and cfg.block_resolutions(S)[-1] != S:
+        raise ValueError(f"the last block's resolution must be the data's size {S} (the images are written at it), "
+                         f"got resolutions {cfg.block_resolutions(S)}")
     now = time.time()
     for stale in (out / "images").glob("new*/.*.tmp"):  # left by a killed run; a live writer's are seconds old
         try:
@@ -498,7 +518,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     pool = None
     if cfg.uses_pool:
         ppath = _pool_path(data, teachers[0], cfg, pool_dir)
-        resolutions = sorted({S})
+        resolutions = sorted(set(cfg.block_resolutions(S)))
         log(f"[distill] patch pool: {ppath}")
         pool = PatchPool.build(data.train, teachers[0].model, ppath, per_class=cfg.pool_per_class, size=S,
                                resolutions=resolutions, candidates=cfg.pool_candidates, mean=data.mean, std=data.std,
@@ -547,12 +567,12 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     info.update(batch_classes=bc, ipc_per_batch=ipb)
     retriever = None
     if cfg.method == "reta" and cfg.drc and cfg.partition:
-        feats_p, labels_p, cx_p = pool.retrieval_tensors(S, device=device)
+        labels_p = torch.as_tensor(np.asarray(pool.labels))
         share = torch.empty(len(labels_p), dtype=torch.int64)
         for c in range(C):
             r = torch.as_tensor(ranking[c], dtype=torch.int64)
             share[r] = torch.arange(r.numel()) % cfg.ipc
-        retriever = PartitionedRetriever(feats_p, (labels_p.cpu() * cfg.ipc + share).to(device), cx_p, cfg.lam)
+        retriever = PartitionedRetriever(pool, (labels_p * cfg.ipc + share).to(device), cfg.lam, device)
     starts = list(range((cfg.ipc_start // ipb) * ipb, cfg.end, ipb))
     batches = [(s, gi) for s in starts for gi in range(len(groups))]
     it = [b for n, b in enumerate(batches) if n % world_size == rank]
@@ -585,7 +605,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
                         [init_image(c, j) for c, j in others[a:a + 256]]).to(device))[1] for a in range(0, len(others), 256)])
                 crit.seed_bank(fb.float(), torch.tensor([c for c, _ in others], device=device),
                                torch.tensor([c * cfg.ipc + j for c, j in others], device=device))
-            rc = RecoverConfig(iterations=cfg.iterations, resolutions=[S] * cfg.n_blocks, lr=cfg.lr, jitter=jitter,
+            rc = RecoverConfig(iterations=cfg.iterations, resolutions=cfg.block_resolutions(S), lr=cfg.lr, jitter=jitter,
                                alpha=cfg.alpha, drc=cfg.method == "reta" and cfg.drc, lam=cfg.lam, mean=data.mean,
                                std=data.std)
             if retriever is not None:

@@ -472,3 +472,13 @@ def test_more_bad_input(data, teacher, tmp_path):
         run(data, teacher, mixed, method="rded")
     with pytest.raises(ValueError, match="teacher-weights"):
         lt("torchvision:resnet18", data)
+
+
+def test_multi_resolution_blocks(data, teacher, tmp_path):
+    info = run(data, teacher, tmp_path / "mr", method="reta", resolutions=[12, 16, 12, 16])
+    assert info["written"] == 30
+    x, _, _ = P.load_distilled(tmp_path / "mr", data.classes, data.mean, data.std, data.size)
+    assert x.shape[-1] == 16
+    assert json.loads((tmp_path / "mr" / "run.json").read_text())["config"]["resolutions"] == [12, 16, 12, 16]
+    with pytest.raises(ValueError, match="last block"):
+        run(data, teacher, tmp_path / "bad", method="fadrm", resolutions=[16, 12])

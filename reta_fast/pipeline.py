@@ -556,7 +556,8 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     for t in teachers:
         kw = dict(r_bn=cfg.r_bn, first_bn_weight=cfg.first_bn_weight)
         if cfg.pta_on:
-            real = _real_points(t.model, pool, cfg.points_per_class, cfg.seed, device)
+            # every class of the pool has >= ipc patches (checked above), and PTA uses min(ipc, points) points
+            real = _real_points(t.model, pool, min(cfg.points_per_class, int(counts.min())), cfg.seed, device)
             crits.append(RETALoss(t.model, lam_topo=cfg.lam_topo, real_feats=real, k=k, topo_refresh=cfg.topo_refresh,
                                   **kw))
         else:
@@ -646,7 +647,8 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
 def _student(name: Optional[str], data, teacher_name: str):
     from .teachers import build_arch, default_arch
 
-    arch = name or (teacher_name if teacher_name in ("convnet", "resnet18") else default_arch(data))
+    arch = name or (teacher_name if teacher_name == "resnet18" or teacher_name.startswith("convnet")
+                    else default_arch(data))
     return build_arch(arch, len(data.classes), data.size)[0], arch
 
 

@@ -60,16 +60,18 @@ def default_arch(data) -> str:
 def build_arch(arch: str, num_classes: int, size: int, kwargs: Optional[dict] = None) -> Tuple[nn.Module, dict]:
     """A fresh ``convnet`` (ConvNet-BN) or ``resnet18`` (CIFAR stem up to 64 px); ``kwargs`` as stored
     in a checkpoint override the size-based defaults."""
-    if kwargs is not None and arch in ("convnet", "resnet18"):
-        return (models.convnet_bn if arch == "convnet" else models.resnet18)(**kwargs), dict(kwargs)
-    if arch == "convnet":
-        kw = dict(num_classes=num_classes, width=32 if size <= 16 else 64, depth=2 if size <= 16 else 3)
+    if kwargs is not None and (arch.startswith("convnet") or arch == "resnet18"):
+        return (models.resnet18 if arch == "resnet18" else models.convnet_bn)(**kwargs), dict(kwargs)
+    wide = re.fullmatch(r"convnet-w(\d+)", arch)
+    if arch == "convnet" or wide:
+        width = int(wide.group(1)) if wide else (32 if size <= 16 else 64)
+        kw = dict(num_classes=num_classes, width=width, depth=2 if size <= 16 else 3)
         return models.convnet_bn(**kw), kw
     if arch == "resnet18":
         kw = dict(num_classes=num_classes, cifar_stem=size <= 64)
         return models.resnet18(**kw), kw
-    raise ValueError(f"unknown teacher architecture {arch!r}: use convnet, resnet18, torchvision:<name> or "
-                     f"timm:<name>")
+    raise ValueError(f"unknown teacher architecture {arch!r}: use convnet, convnet-w<width>, resnet18, "
+                     f"torchvision:<name> or timm:<name>")
 
 
 def default_teacher_path(data, arch: str, seed: int) -> Path:

@@ -482,3 +482,26 @@ def test_multi_resolution_blocks(data, teacher, tmp_path):
     assert json.loads((tmp_path / "mr" / "run.json").read_text())["config"]["resolutions"] == [12, 16, 12, 16]
     with pytest.raises(ValueError, match="last block"):
         run(data, teacher, tmp_path / "bad", method="fadrm", resolutions=[16, 12])
+
+
+def test_quality_experiment_runs_and_resumes(tmp_path):
+    import subprocess
+    import sys
+
+    make_folder(tmp_path / "ds" / "train", per_class=6, size=16)
+    make_folder(tmp_path / "ds" / "test", per_class=2, size=16, seed=1)
+    script = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+    cmd = [sys.executable, str(script), "--data", str(tmp_path / "ds"), "--scale", "smoke", "--ipcs", "2",
+           "--methods", "random-real", "fadrm", "reta", "--seeds", "0", "1", "--work", str(tmp_path / "w"),
+           "--results", str(tmp_path / "res"), "--device", "cpu"]
+    env = dict(os.environ, RETA_FAST_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert [(x["name"], x["ipc"]) for x in res["rows"]] == [("random-real", 2), ("fadrm", 2), ("reta", 2)]
+    assert all(len(x["top1"]["runs"]) == 2 for x in res["rows"])
+    table = (tmp_path / "res" / "table.md").read_text()
+    assert "| reta | " in table and "No parameter tuned on the test split" in table
+    r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)  # resumes: reuses everything
+    assert r2.returncode == 0 and "[evaluate]" not in r2.stdout
+    assert json.loads((tmp_path / "res" / "results.json").read_text())["rows"] == res["rows"]

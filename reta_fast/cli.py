@@ -5,6 +5,7 @@
     reta relabel   stored soft labels for the student protocol + a tensor export
     reta evaluate  train students on the distilled set; top-1 vs the teacher and random real images
     reta report    report.md / report.json with pictures
+    reta plan      expected wall time and peak memory of a distill job, from a short calibration
     reta run       all of the above
     reta demo      all of the above on the embedded digits data set (no download, minutes on a CPU)
     reta topo-demo the PTA loss alone on synthetic point clouds
@@ -227,24 +228,58 @@ def _no_bn_check(args, teachers):
                              f"pass --no-bn to recover without it (CE + PTA only)")
 
 
+def _process_group(args) -> bool:
+    """Under torchrun (MASTER_ADDR set) join the process group (NCCL on CUDA, gloo on the CPU) so that
+    rank 0 can build the pool before the others start and merge the stage records at the end. A rank
+    started alone with only RANK/WORLD_SIZE set (a restart) works without one."""
+    import os
+
+    import torch.distributed as dist
+
+    if _rank()[1] == 1 or not dist.is_available() or "MASTER_ADDR" not in os.environ:
+        return False
+    if not dist.is_initialized():
+        if str(args.device).startswith("cuda"):
+            torch.cuda.set_device(torch.device(args.device))
+        dist.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
+    return True
+
+
 def cmd_distill(args, data=None, teachers=None) -> int:
-    from .pipeline import Stage, distill
+    from .fileio import read_json, write_json
+    from .pipeline import Stage, build_pool, distill
 
     data = data or _data(args)
     teachers = teachers or _teachers(args, data)
     _no_bn_check(args, teachers)
     cfg = _distill_config(args)
+    cfg.validate()
     rank, world = _rank()
     out = Path(args.out)
+    group = _process_group(args)
+    if group:
+        import torch.distributed as dist
+
+        if rank == 0 and cfg.uses_pool:  # one rank builds the pool; the others then load it
+            build_pool(data, teachers[0], cfg, args.device, args.pool, not args.quiet, args.log)
+        dist.barrier()
     with Stage(out if world == 1 else None, "distill" if world == 1 else f"distill-rank{rank}", args.device,
                args.log) as st:
         st.info.update(distill(data, teachers, out, cfg, device=args.device, pool_dir=args.pool,
-                               progress=not args.quiet, log=args.log, rank=rank, world_size=world,
+                               progress=not args.quiet and rank == 0, log=args.log, rank=rank, world_size=world,
                                teacher_specs=[str(t.path) if t.path else t.name for t in teachers]))
     _keep_squeeze_record(args)
     if world > 1:
-        from .fileio import write_json
         write_json(out / "stages" / f"distill-rank{rank}.json", st.record)
+    if group:
+        dist.barrier()
+        if rank == 0:  # one record for the whole distillation: wall time of the slowest rank, summed counts
+            recs = [read_json(out / "stages" / f"distill-rank{r}.json", "stage record") for r in range(world)]
+            merged = dict(recs[0], seconds=max(r["seconds"] for r in recs), ranks=world,
+                          peak_bytes=max(r["peak_bytes"] for r in recs),
+                          written=sum(r.get("written", 0) for r in recs), skipped=sum(r.get("skipped", 0) for r in recs))
+            merged.pop("stage", None)
+            write_json(out / "stages" / "distill.json", dict(stage="distill", **merged))
     i = st.info
     args.log(f"[distill] {i['written']} images written, {i['skipped']} already there -> {out / 'images'}")
     return 0
@@ -289,13 +324,38 @@ def cmd_run(args) -> int:
     data = _data(args)
     teachers = _teachers(args, data)
     cmd_distill(args, data, teachers)
-    if _rank()[1] > 1:
-        return 0  # ranks only distil; evaluate once afterwards
+    if _rank()[1] > 1 and _rank()[0] != 0:
+        return 0  # the other ranks only distil; rank 0 evaluates once all images exist
+    if _rank()[1] > 1 and not torch.distributed.is_initialized():
+        args.log("[run] ranks without a process group: run `reta evaluate` once every rank has finished")
+        return 0
     if args.labels == "stored":
         cmd_relabel(args, data, teachers)
     cmd_evaluate(args, data, teachers)
     cmd_report(args, data, teachers)
     print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .plan import calibrate
+    from .teachers import Teacher, build_arch, default_arch, default_teacher_path, resolve_teachers
+
+    data = _data(args)
+    arch = args.arch or default_arch(data)
+    if args.teacher or default_teacher_path(data, arch, args.seed).is_file():
+        teacher = resolve_teachers(args.teacher, data, device=args.device, seed=args.seed,
+                                   weights=args.teacher_weights, arch=arch, log=args.log)[0]
+    else:  # the step time does not depend on the weights
+        model, _ = build_arch(arch, len(data.classes), data.size)
+        teacher = Teacher(model, arch, data.classes, data.size, data.mean, data.std)
+        args.log(f"[plan] no teacher yet: timing an untrained {arch} (the step cost does not depend on weights)")
+    cfg = _distill_config(args)
+    est = calibrate(data, teacher, cfg, device=args.device, steps=args.calibration_steps, gpus=args.gpus,
+                    log=args.log)
+    print(f"reta plan: {cfg.method} on {data.name}, IPC {cfg.ipc}, teacher {teacher.name}, {args.gpus} device(s) "
+          f"like this one ({args.device})")
+    print(est.table())
     return 0
 
 
@@ -412,6 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
             q.set_defaults(method=None)
         q.set_defaults(func=fn)
 
+    q = sub.add_parser("plan", help="estimate a distill job's wall time and peak memory from a short calibration")
+    _common(q)
+    _distill_args(q)
+    q.add_argument("--gpus", type=int, default=1, help="devices (torchrun ranks) the job will use")
+    q.add_argument("--calibration-steps", type=int, default=5)
+    q.set_defaults(func=cmd_plan, out=None)
+
     d = sub.add_parser("topo-demo", help="PTA on synthetic point clouds: align a collapsed set to real loops")
     d.add_argument("--classes", type=int, default=8)
     d.add_argument("--points", type=int, default=64)
@@ -450,6 +517,9 @@ def main(argv=None) -> int:
         print(f"reta {args.command}: interrupted; finished items are kept, re-run the same command to resume",
               file=sys.stderr)
         return 130
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from .fileio import read_json, save_png, save_torch, write_json
 
-__all__ = ["METHODS", "DistillConfig", "EvalConfig", "distill", "evaluate", "relabel_stage", "item_path",
+__all__ = ["METHODS", "DistillConfig", "EvalConfig", "distill", "build_pool", "evaluate", "relabel_stage", "item_path",
            "load_distilled", "random_real_images", "Stage", "RunMismatch"]
 
 METHODS = ("random-real", "rded", "sre2l", "fadrm", "reta")
@@ -449,6 +449,21 @@ def _real_points(teacher, pool, m: int, seed: int, device) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def build_pool(data, teacher, cfg: DistillConfig, device="cpu", pool_dir=None, progress: bool = True,
+               log: Callable = print):
+    """Build (or load) the patch pool ``distill`` uses: one crop per real image, at the data's size,
+    with complexities at every block resolution; in a cache folder keyed by data, teacher and
+    parameters unless ``pool_dir`` is given."""
+    from .pool import PatchPool
+
+    ppath = _pool_path(data, teacher, cfg, pool_dir)
+    log(f"[distill] patch pool: {ppath}")
+    return PatchPool.build(data.train, teacher.model, ppath, per_class=cfg.pool_per_class, size=data.size,
+                           resolutions=sorted(set(cfg.block_resolutions(data.size))), candidates=cfg.pool_candidates,
+                           mean=data.mean, std=data.std, device=device, seed=cfg.seed, classes=data.classes,
+                           dataset_name=data.name, progress=progress)
+
+
 def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None, progress: bool = True,
             log: Callable = print, rank: int = 0, world_size: int = 1, on_item: Optional[Callable] = None,
             teacher_specs: Optional[Sequence[str]] = None) -> dict:
@@ -459,7 +474,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     first one builds the pool and serves DRC's retrieval. ``rank``/``world_size`` shard the batches
     (torchrun). ``on_item(c, i)`` is called after each image is written. Returns the stage info.
     """
-    from .pool import PatchPool, teacher_features, teacher_fingerprint
+    from .pool import teacher_features, teacher_fingerprint
     from .recover import RecoverConfig, recover
     from .reta_loss import RETALoss
 
@@ -517,13 +532,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
 
     pool = None
     if cfg.uses_pool:
-        ppath = _pool_path(data, teachers[0], cfg, pool_dir)
-        resolutions = sorted(set(cfg.block_resolutions(S)))
-        log(f"[distill] patch pool: {ppath}")
-        pool = PatchPool.build(data.train, teachers[0].model, ppath, per_class=cfg.pool_per_class, size=S,
-                               resolutions=resolutions, candidates=cfg.pool_candidates, mean=data.mean, std=data.std,
-                               device=device, seed=cfg.seed, classes=data.classes, dataset_name=data.name,
-                               progress=progress)
+        pool = build_pool(data, teachers[0], cfg, device, pool_dir, progress, log)
         counts = np.bincount(np.asarray(pool.labels), minlength=C)
         short = [(data.classes[c], int(counts[c])) for c in range(C) if counts[c] < cfg.ipc]
         if short:

@@ -505,3 +505,55 @@ def test_quality_experiment_runs_and_resumes(tmp_path):
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)  # resumes: reuses everything
     assert r2.returncode == 0 and "[evaluate]" not in r2.stdout
     assert json.loads((tmp_path / "res" / "results.json").read_text())["rows"] == res["rows"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_ranks_equal_one_process(teacher, tmp_path):
+    import subprocess
+    import sys
+
+    base = ["distill", "--data", "digits", "--teacher", str(teacher.path), "--method", "reta", "--ipc", "3",
+            "--ipc-per-batch", "1", "--iterations", "6", "--blocks", "2", "--pool-per-class", "8",
+            "--points-per-class", "6", "--topo-k", "2", "--quiet", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "reta_fast.cli"] + base + ["--out", str(one), "--pool", str(tmp_path / "p1")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                        "reta_fast.cli"] + base + ["--out", str(two), "--pool", str(tmp_path / "p2")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert png_bytes(two) == png_bytes(one)
+    rec = json.loads((two / "stages" / "distill.json").read_text())
+    assert rec["ranks"] == 2 and rec["written"] == 30
+    ranks = [json.loads((two / "stages" / f"distill-rank{i}.json").read_text()) for i in range(2)]
+    assert all(x["written"] > 0 for x in ranks)  # both ranks did work
+
+
+def test_cost_model_arithmetic():
+    from reta_fast.plan import estimate
+
+    e = estimate(1000, 50, 100, 1, 1000, 0.01, 300_000, 0.002, 2 << 30, "cuda_max_allocated", gpus=8)
+    assert e.batches == 500 and e.batch_images == 100
+    assert e.distill_seconds == pytest.approx(63 * 1000 * 0.01)  # ceil(500 / 8) batches on the busiest device
+    assert e.pool_seconds == pytest.approx(600.0)
+    e1 = estimate(10, 10, 10, 10, 300, 0.05, 3000, 0.001, 1, gpus=1)
+    assert e1.batches == 1 and e1.distill_seconds == pytest.approx(15.0)
+    with pytest.raises(ValueError):
+        estimate(10, 0, 10, 1, 1, 0.1, 1, 0.1, 1)
+    assert "distill wall time on 8 device(s)" in e.table()
+
+
+def test_reta_plan_calibrates(data, teacher, capsys):
+    from reta_fast.cli import main
+
+    assert main(["plan", "--data", "digits", "--teacher", str(teacher.path), "--ipc", "20", "--iterations", "100",
+                 "--calibration-steps", "2", "--gpus", "2", "--quiet", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "recover batches | 2 of 100 images, 100 steps each" in text and "2 device(s)" in text
+    from reta_fast.plan import calibrate
+
+    est = calibrate(data, teacher, P.DistillConfig(**{**TINY, "method": "reta"}), steps=2)
+    assert est.seconds_per_step > 0 and est.pool_images == 80 and est.seconds_per_pool_image > 0
+    assert est.peak_bytes > 0

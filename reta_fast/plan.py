@@ -1,0 +1,158 @@
+"""Cost model for ``reta distill`` (``reta plan``): size a job before launching it.
+
+A short calibration run times the real recover step (augment, teacher forward with the BN hooks,
+CE + BN + PTA, backward to the pixels, Adam, clamp) on one batch of the run's shape, and the pool's
+per-image cost (decode + crop + teacher forward) on a sample of the data set; the model then counts
+the job's batches and steps:
+
+    batches    = ceil(C / classes_per_batch) * ceil(IPC / items_per_batch)
+    distill    = ceil(batches / GPUs) * iterations * seconds_per_step        (ranks share batches evenly)
+    pool       = C * min(pool_per_class, class size) * seconds_per_pool_image  (built once, by rank 0)
+    peak       = the calibration batch's peak (CUDA max allocated; process RSS on the CPU)
+
+The step time does not depend on the teacher's weights, so an untrained network of the default
+architecture stands in when no teacher exists yet (said so in the output).
+"""
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Estimate", "estimate", "calibrate"]
+
+
+@dataclass
+class Estimate:
+    """The model's answer; times in seconds, memory in bytes."""
+
+    batches: int
+    steps_per_batch: int
+    seconds_per_step: float
+    distill_seconds: float
+    pool_images: int
+    seconds_per_pool_image: float
+    pool_seconds: float
+    peak_bytes: int
+    peak_kind: str
+    gpus: int
+    batch_images: int
+
+    def table(self) -> str:
+        def hms(s: float) -> str:
+            s = int(round(s))
+            return f"{s // 3600}h{(s % 3600) // 60:02d}m{s % 60:02d}s"
+
+        return "\n".join([
+            "| quantity | estimate |", "|---|---|",
+            f"| recover batches | {self.batches} of {self.batch_images} images, {self.steps_per_batch} steps each |",
+            f"| recover step | {1e3 * self.seconds_per_step:.1f} ms |",
+            f"| distill wall time on {self.gpus} device(s) | {hms(self.distill_seconds)} |",
+            f"| patch pool ({self.pool_images} images, once) | {hms(self.pool_seconds)} |",
+            f"| total | {hms(self.distill_seconds + self.pool_seconds)} |",
+            f"| peak memory per device | {self.peak_bytes / 2**30:.2f} GiB ({self.peak_kind}) |",
+        ])
+
+
+def estimate(num_classes: int, ipc: int, classes_per_batch: int, items_per_batch: int, iterations: int,
+             seconds_per_step: float, pool_images: int, seconds_per_pool_image: float, peak_bytes: int,
+             peak_kind: str = "", gpus: int = 1) -> Estimate:
+    """The arithmetic of the model (see the module docstring), separate from the measurement."""
+    if min(num_classes, ipc, classes_per_batch, items_per_batch, iterations, gpus) < 1:
+        raise ValueError("classes, ipc, batch shape, iterations and gpus must all be >= 1")
+    batches = math.ceil(num_classes / classes_per_batch) * math.ceil(ipc / items_per_batch)
+    distill = math.ceil(batches / gpus) * iterations * seconds_per_step
+    return Estimate(batches, iterations, seconds_per_step, distill, pool_images, seconds_per_pool_image,
+                    pool_images * seconds_per_pool_image, int(peak_bytes), peak_kind, gpus,
+                    min(classes_per_batch, num_classes) * min(items_per_batch, ipc))
+
+
+def _peak(device) -> tuple:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return rss, "process_peak_rss"
+
+
+def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int = 64, gpus: int = 1,
+              log=print) -> Estimate:
+    """Measure one batch's recover step (``steps`` timed steps after one warm-up step) and the pool's
+    per-image cost, then apply :func:`estimate` to the whole job described by ``cfg``."""
+    from .datasets import SizedImages
+    from .pool import teacher_features
+    from .recover import RecoverConfig, recover
+    from .reta_loss import RETALoss
+
+    cfg.validate()
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    C, S = len(data.classes), data.size
+    bc, ipb = cfg.batch_shape(C)
+    res = max(cfg.block_resolutions(S))
+    model = teacher.model.to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    n_img = min(bc, C) * min(ipb, cfg.ipc)
+    x = torch.randn(n_img, 3, res, res, generator=g).to(device)
+    y = torch.arange(min(bc, C), device=device).repeat(min(ipb, cfg.ipc))
+    ids = torch.arange(n_img, device=device)
+    kw = dict(r_bn=cfg.r_bn, first_bn_weight=cfg.first_bn_weight)
+    if cfg.method in ("random-real", "rded"):
+        steps_per_batch, sec_step, peak, kind = 0, 0.0, *_peak(device)
+    else:
+        if cfg.pta_on:
+            with torch.no_grad():
+                d = teacher_features(model, x[:2])[1].shape[1]
+            m = min(cfg.ipc, cfg.points_per_class)
+            real = torch.nn.functional.normalize(torch.randn(C, m, d, generator=g), dim=-1).to(device)
+            crit = RETALoss(model, lam_topo=cfg.lam_topo, real_feats=real, k=cfg.k(), **kw)
+        else:
+            crit = RETALoss(model, lam_topo=0.0, **kw)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            rc = RecoverConfig(iterations=1, resolutions=[res], drc=False, mean=data.mean, std=data.std)
+            recover(crit, x, y, ids if cfg.pta_on else None, config=rc)  # warm-up (allocations, kernels)
+            rc = RecoverConfig(iterations=steps, resolutions=[res], drc=False, mean=data.mean, std=data.std)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            recover(crit, x, y, ids if cfg.pta_on else None, config=rc)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
+            sec_step = (time.perf_counter() - t0) / steps
+        finally:
+            crit.close()
+        peak, kind = _peak(device)
+        steps_per_batch = cfg.iterations
+    # pool: decode + resize a sample of real images, plus a teacher forward per image
+    pool_images = 0
+    sec_pool = 0.0
+    if cfg.uses_pool:
+        from .data import dataset_targets
+
+        targets = dataset_targets(data.train)
+        if targets is not None:
+            counts = torch.bincount(torch.tensor(targets), minlength=C)
+            pool_images = int(counts.clamp(max=cfg.pool_per_class).sum())
+        else:
+            pool_images = C * cfg.pool_per_class
+        sized = SizedImages(data.train, S)
+        idx = torch.randperm(len(sized), generator=g)[:pool_sample].tolist()
+        t0 = time.perf_counter()
+        imgs = [sized[i][0] for i in idx]
+        imgs = [v for v in imgs if v is not None]
+        if imgs:
+            with torch.no_grad():
+                teacher_features(model, (torch.stack(imgs).float() / 255).to(device))
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)
+        sec_pool = (time.perf_counter() - t0) / max(1, len(idx))
+    est = estimate(C, cfg.ipc, bc, ipb, max(1, steps_per_batch), sec_step, pool_images, sec_pool, peak, kind, gpus)
+    if steps_per_batch == 0:
+        est.steps_per_batch, est.distill_seconds = 0, 0.0
+    return est

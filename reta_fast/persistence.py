@@ -292,15 +292,23 @@ def persistence_pairs(
         num_nodes: nodes per graph: an int (all graphs) or one per graph.
         maxdim: 0 (components only) or 1 (components and loops).
         offsets: ``[B + 1]`` graph boundaries in ``edges`` (``None``: a single graph).
-        backend: ``"auto"`` (native when built), ``"native"`` (raise if missing) or ``"reference"``.
+        backend: ``"auto"`` (native when built), ``"native"`` (raise if missing), ``"reference"``, or
+            ``"device"`` (H0 only: Borůvka with tensor ops on the inputs' device,
+            :mod:`reta_fast.h0_device`; no copy of the graph to the host).
 
     Returns:
         :class:`PersistencePairs` (CPU tensors; global edge indices).
     """
     if maxdim not in (0, 1):
         raise ValueError(f"maxdim must be 0 or 1, got {maxdim!r}")
-    if backend not in ("auto", "native", "reference"):
-        raise ValueError(f"backend must be 'auto', 'native' or 'reference', got {backend!r}")
+    if backend not in ("auto", "native", "reference", "device"):
+        raise ValueError(f"backend must be 'auto', 'native', 'reference' or 'device', got {backend!r}")
+    if backend == "device":
+        if maxdim != 0:
+            raise ValueError("backend='device' computes H0 only: pass maxdim=0 (or another backend for H1)")
+        from .h0_device import h0_pairs_device
+
+        return h0_pairs_device(edges, weights, num_nodes, offsets)
     use_native = backend == "native" or (backend == "auto" and _ext.has_native())
     e_t, w_t, offsets_t, nodes = _check_graph_input(edges, weights, num_nodes, offsets, per_edge=not use_native)
     if not use_native:

@@ -197,3 +197,35 @@ def test_point_cloud_diagrams_match_gudhi_on_exact_lengths(rng):
         assert len(ours1) == len(ref[1][0])
         assert_close(torch.tensor(ours1).reshape(-1, 2), torch.tensor(ref[1][0]).reshape(-1, 2), atol=1e-5, what="H1")
         assert int(dg.pairs.components[g]) == ref[0][1]
+
+
+@pytest.mark.parametrize("integer_weights", [False, True])
+def test_device_h0_equals_the_union_find(integer_weights):
+    """Borůvka on tensors (the GPU path) = Kruskal + union-find, death edges and order included."""
+    rng = np.random.default_rng(11 + integer_weights)
+    graphs = []
+    for n in (1, 2, 5, 17, 40, 64, 3, 0):
+        e, w = random_graph(rng, n, p=0.25 if n > 20 else 0.6, integer_weights=integer_weights)
+        graphs.append((e, w, n))
+    graphs.append((torch.zeros((0, 2), dtype=torch.int64), torch.zeros(0, dtype=torch.float64), 9))  # no edges
+    edges = torch.cat([e for e, _, _ in graphs])
+    weights = torch.cat([w for _, w, _ in graphs])
+    offsets = np.cumsum([0] + [len(e) for e, _, _ in graphs])
+    nodes = [n for _, _, n in graphs]
+    ref = rf.persistence_pairs(edges, weights, nodes, maxdim=0, offsets=offsets, backend=BACKENDS[-1])
+    dev = rf.persistence_pairs(edges, weights, nodes, maxdim=0, offsets=offsets, backend="device")
+    assert torch.equal(dev.h0, ref.h0) and torch.equal(dev.h0_offsets, ref.h0_offsets)
+    assert torch.equal(dev.components, ref.components)
+    with pytest.raises(ValueError, match="H0 only"):
+        rf.persistence_pairs(edges, weights, nodes, maxdim=1, offsets=offsets, backend="device")
+
+
+def test_device_h0_on_knn_graphs_of_point_clouds():
+    g = torch.Generator().manual_seed(3)
+    pts = torch.randn(6, 80, 16, generator=g)
+    pts[2, 40:] = pts[2, :40]  # duplicates: zero-length edges and ties
+    kg = rf.mutual_knn_graph(pts, k=5)
+    w = kg.lengths.detach()
+    ref = rf.persistence_pairs(kg.edges, w, kg.num_nodes, maxdim=0, offsets=kg.offsets, backend=BACKENDS[-1])
+    dev = rf.persistence_pairs(kg.edges, w, kg.num_nodes, maxdim=0, offsets=kg.offsets, backend="device")
+    assert torch.equal(dev.h0, ref.h0) and torch.equal(dev.components, ref.components)

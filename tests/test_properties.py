@@ -52,3 +52,16 @@ def test_knn_backends_equal_reference_on_integer_points(n, d, k, seed, backend):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-2, 3, (1, n, d), generator=g).float()  # exact distances, many ties
     assert torch.equal(rf.knn(x, k, backend=backend), rf.knn_ref(x, k))
+
+
+@SETTINGS
+@given(st.lists(weighted_graphs(), min_size=1, max_size=5))
+def test_device_h0_equals_reference_union_find(graphs):
+    edges = torch.tensor([e for _, es, _ in graphs for e in es], dtype=torch.int64).reshape(-1, 2)
+    weights = torch.tensor([w for _, _, ws in graphs for w in ws], dtype=torch.float64)
+    offsets = np.cumsum([0] + [len(es) for _, es, _ in graphs])
+    nodes = [n for n, _, _ in graphs]
+    a = rf.persistence_pairs(edges, weights, nodes, maxdim=0, offsets=offsets, backend="device")
+    b = rf.persistence_pairs(edges, weights, nodes, maxdim=0, offsets=offsets, backend="reference")
+    assert torch.equal(a.h0, b.h0) and torch.equal(a.h0_offsets, b.h0_offsets)
+    assert torch.equal(a.components, b.components)

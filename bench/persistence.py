@@ -61,6 +61,9 @@ def setup_h0(cfg: dict, device: str) -> Case:
         "reta_fast persistence_pairs": lambda: rf.persistence_pairs(edges, weights, n, maxdim=0, offsets=offsets),
         "scipy MST (per graph)": lambda: scipy_mst_loop(mats),
     }
+    ed, wd = edges.to(device), weights.to(device)
+    impls["reta_fast device H0 (Borůvka)"] = lambda: rf.persistence_pairs(ed, wd, n, maxdim=0, offsets=offsets,
+                                                                          backend="device")
     if b * n <= 100_000 and _has("gudhi"):
         impls["GUDHI SimplexTree loop"] = lambda: gudhi_loop(edges, weights, offsets, n, 0)
     if b <= 100 and n <= 512 and _has("gudhi"):

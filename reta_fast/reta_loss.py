@@ -148,8 +148,7 @@ class RETALoss(nn.Module):
             if not self._capturing:
                 return
             x = inp[0].float()
-            mean = x.mean(dim=(0, 2, 3))
-            var = x.var(dim=(0, 2, 3), unbiased=False)
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)  # one pass over the activations
             self._bn_terms.append(weight * (torch.norm(mean - mod.running_mean.float(), 2)
                                             + torch.norm(var - mod.running_var.float(), 2)))
         return hook

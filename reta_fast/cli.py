@@ -385,6 +385,8 @@ def _common(p, demo=False, squeeze=False):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=0, help="data loader processes for streamed data sets")
     g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels only (torch.use_deterministic_algorithms; slower)")
 
 
 def _out(p, demo=False):
@@ -504,6 +506,12 @@ def main(argv=None) -> int:
                 return 2
         return args.func(args)
     args.log = _Log(args.quiet)
+    if getattr(args, "deterministic", False):
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA initialises
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     try:
         args.device = _device(args.device)
         return args.func(args)

@@ -577,7 +577,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     info.update(batch_classes=bc, ipc_per_batch=ipb)
     retriever = None
     if cfg.method == "reta" and cfg.drc and cfg.partition:
-        labels_p = torch.as_tensor(np.asarray(pool.labels))
+        labels_p = torch.tensor(np.asarray(pool.labels))  # a copy: pool arrays are read-only memory maps
         share = torch.empty(len(labels_p), dtype=torch.int64)
         for c in range(C):
             r = torch.as_tensor(ranking[c], dtype=torch.int64)

@@ -35,6 +35,9 @@ VARIANTS = {
     "reta unpartitioned DRC": dict(method="reta", partition=False),
     "reta DRC lam 0": dict(method="reta", lam=0.0),
     "reta alpha 0.75": dict(method="reta", alpha=0.75),
+    # second round, combining the first round's winners
+    "reta lr 0.05 lam_topo 2": dict(method="reta", lr=0.05, lam_topo=2.0),
+    "reta --no-drc lr 0.05 lam_topo 2": dict(method="reta", drc=False, lr=0.05, lam_topo=2.0),
 }
 
 

@@ -50,6 +50,7 @@ VARIANTS = [  # (name, DistillConfig overrides); the first seven run by default
     # settings chosen on the validation split by bench/tune.py (see tuning.md), for the same comparison
     ("fadrm lr 0.05", dict(method="fadrm", lr=0.05)),
     ("reta lr 0.05", dict(method="reta", lr=0.05)),
+    ("reta lr 0.05 lam_topo 2", dict(method="reta", lr=0.05, lam_topo=2.0)),
 ]
 DEFAULT_METHODS = [v[0] for v in VARIANTS[:7]]
 

@@ -23,18 +23,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import ROOT, SCALES, machine  # noqa: E402
 
-VARIANTS = {
-    "reta (defaults)": dict(method="reta"),
-    "reta --no-drc": dict(method="reta", drc=False),
-    "fadrm": dict(method="fadrm"),
+VARIANTS = {  # lr 0.25 was the default when these ran (METHOD.md's [pred] value)
+    "reta (defaults)": dict(method="reta", lr=0.25),
+    "reta --no-drc": dict(method="reta", drc=False, lr=0.25),
+    "fadrm": dict(method="fadrm", lr=0.25),
     "reta lr 0.05": dict(method="reta", lr=0.05),
     "reta --no-drc lr 0.05": dict(method="reta", drc=False, lr=0.05),
     "fadrm lr 0.05": dict(method="fadrm", lr=0.05),
-    "reta --no-drc lam_topo 2": dict(method="reta", drc=False, lam_topo=2.0),
-    "reta --no-drc topo_k 4": dict(method="reta", drc=False, topo_k=4),
-    "reta unpartitioned DRC": dict(method="reta", partition=False),
-    "reta DRC lam 0": dict(method="reta", lam=0.0),
-    "reta alpha 0.75": dict(method="reta", alpha=0.75),
+    "reta --no-drc lam_topo 2": dict(method="reta", drc=False, lam_topo=2.0, lr=0.25),
+    "reta --no-drc topo_k 4": dict(method="reta", drc=False, topo_k=4, lr=0.25),
+    "reta unpartitioned DRC": dict(method="reta", partition=False, lr=0.25),
+    "reta DRC lam 0": dict(method="reta", lam=0.0, lr=0.25),
+    "reta alpha 0.75": dict(method="reta", alpha=0.75, lr=0.25),
     # second round, combining the first round's winners
     "reta lr 0.05 lam_topo 2": dict(method="reta", lr=0.05, lam_topo=2.0),
     "reta --no-drc lr 0.05 lam_topo 2": dict(method="reta", drc=False, lr=0.05, lam_topo=2.0),

@@ -409,7 +409,8 @@ def _distill_args(p, demo=False):
                    help="classes per batch (default: min(classes, 100))")
     g.add_argument("--ipc-per-batch", type=int, default=None,
                    help="items of each class per batch (default: 100 images per batch)")
-    g.add_argument("--lr", type=float, default=0.25)
+    g.add_argument("--lr", type=float, default=None,
+                   help="recover lr (default: 0.25 above 64 px as in SRe2L/FADRM, 0.05 up to 64 px, tuned on CIFAR-10)")
     g.add_argument("--jitter", type=int, default=None)
     g.add_argument("--alpha", type=float, default=0.5, help="residual weight of the synthetic image")
     g.add_argument("--lam", type=float, default=0.1, help="DRC complexity weight lambda")

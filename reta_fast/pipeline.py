@@ -40,7 +40,7 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -84,7 +84,11 @@ class DistillConfig:
             rank ``r`` has ``r % ipc == i`` [ours]. Without it, all images of a class tend to retrieve the
             same few low-complexity patches and, after three residual injections, collapse onto them
             (measured on digits: 1-3 distinct retrieved patches per class of 10 images).
-        lr, jitter (None: 4 px up to 64 px data, 32 above), alpha, lam: see :class:`RecoverConfig`.
+        lr: Adam's pixel learning rate. None: 0.25 above 64 px ([pred], the ImageNet setting) and 0.05 up to
+            64 px ([ours]: chosen on a validation split of CIFAR-10 training images, where 0.25 over-optimises
+            the small images and falls below its own real-patch initialisation; +5 points for FADRM and
+            RETA alike, bench/results/quality-*/tuning.md).
+        jitter (None: 4 px up to 64 px data, 32 above), alpha, lam: see :class:`RecoverConfig`.
         r_bn, first_bn_weight, lam_topo: see :class:`RETALoss`.
         topo_k: mutual k-NN parameter of PTA (None: min(10, ipc - 1) [ours], since a class's point set
             holds ipc synthetic images and PTA needs more than k points).
@@ -103,7 +107,7 @@ class DistillConfig:
     resolutions: Optional[Sequence[int]] = None
     batch_classes: Optional[int] = None
     ipc_per_batch: Optional[int] = None
-    lr: float = 0.25
+    lr: Optional[float] = None
     jitter: Optional[int] = None
     alpha: float = 0.5
     lam: float = 0.1
@@ -140,6 +144,8 @@ class DistillConfig:
             raise ValueError(f"iterations ({self.iterations}) must be >= the number of blocks ({self.n_blocks})")
         for name in ("lr", "alpha", "lam", "r_bn", "first_bn_weight", "lam_topo"):
             v = getattr(self, name)
+            if v is None and name == "lr":
+                continue
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.resolutions is not None and (not self.resolutions or any(
@@ -179,6 +185,9 @@ class DistillConfig:
         bc = self.batch_classes or min(num_classes, 100)
         ipb = self.ipc_per_batch or max(1, min(self.ipc, 100 // bc))
         return bc, ipb
+
+    def lr_for(self, size: int) -> float:
+        return self.lr if self.lr is not None else (0.25 if size > 64 else 0.05)
 
     def k(self) -> int:
         return self.topo_k if self.topo_k is not None else max(1, min(10, self.ipc - 1))
@@ -479,6 +488,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     from .reta_loss import RETALoss
 
     cfg.validate()
+    cfg = replace(cfg, lr=cfg.lr_for(data.size))  # the run manifest records the lr actually used
     if not teachers:
         raise ValueError("distill needs at least one teacher")
     out = Path(out)
@@ -615,7 +625,8 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
                         [init_image(c, j) for c, j in others[a:a + 256]]).to(device))[1] for a in range(0, len(others), 256)])
                 crit.seed_bank(fb.float(), torch.tensor([c for c, _ in others], device=device),
                                torch.tensor([c * cfg.ipc + j for c, j in others], device=device))
-            rc = RecoverConfig(iterations=cfg.iterations, resolutions=cfg.block_resolutions(S), lr=cfg.lr, jitter=jitter,
+            rc = RecoverConfig(iterations=cfg.iterations, resolutions=cfg.block_resolutions(S), lr=cfg.lr_for(S),
+                               jitter=jitter,
                                alpha=cfg.alpha, drc=cfg.method == "reta" and cfg.drc, lam=cfg.lam, mean=data.mean,
                                std=data.std)
             if retriever is not None:

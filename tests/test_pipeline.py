@@ -557,3 +557,13 @@ def test_reta_plan_calibrates(data, teacher, capsys):
     est = calibrate(data, teacher, P.DistillConfig(**{**TINY, "method": "reta"}), steps=2)
     assert est.seconds_per_step > 0 and est.pool_images == 80 and est.seconds_per_pool_image > 0
     assert est.peak_bytes > 0
+
+
+def test_recover_lr_default_depends_on_the_image_size_and_is_recorded(data, teacher, tmp_path):
+    assert P.DistillConfig().lr_for(32) == 0.05 and P.DistillConfig().lr_for(224) == 0.25
+    assert P.DistillConfig(lr=0.1).lr_for(224) == 0.1
+    run(data, teacher, tmp_path / "lr", method="fadrm")
+    assert json.loads((tmp_path / "lr" / "run.json").read_text())["config"]["lr"] == 0.05
+    run(data, teacher, tmp_path / "lr", method="fadrm", lr=0.05)  # the same run, spelled out: accepted
+    with pytest.raises(P.RunMismatch, match="lr"):
+        run(data, teacher, tmp_path / "lr", method="fadrm", lr=0.25)

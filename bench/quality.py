@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(ROOT / "bench" / "out" / "quality"))
     ap.add_argument("--results", help="where results.json/table.md go (default bench/results/quality-<scale>-<machine>)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of an existing results.json that this invocation does not recompute")
     args = ap.parse_args(argv)
     unknown = set(args.methods) - {v[0] for v in VARIANTS}
     if unknown:
@@ -183,6 +185,13 @@ def main(argv=None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     from reta_fast.fileio import atomic_write, write_json
 
+    if args.merge and (results / "results.json").is_file():
+        old = json.loads((results / "results.json").read_text())
+        if old["meta"]["scale"] == meta["scale"] and old["meta"]["teacher"]["top1"] == meta["teacher"]["top1"]:
+            mine = {(r["name"], r["ipc"]) for r in rows}
+            rows = [r for r in old["rows"] if (r["name"], r["ipc"]) not in mine] + rows
+            order = {v[0]: i for i, v in enumerate(VARIANTS)}
+            rows.sort(key=lambda r: (order.get(r["name"], 99), r["ipc"]))
     write_json(results / "results.json", dict(meta=meta, rows=rows))
     table = render(meta, rows)
     atomic_write(results / "table.md", lambda fh: fh.write(table.encode()))

@@ -23,14 +23,18 @@ def weighted_graphs(draw):
     return n, edges, [float(w) for w in weights]
 
 
+def batch_of(graphs):
+    """(edges, weights, offsets, num_nodes) of a list of drawn graphs, concatenated."""
+    edges = torch.tensor([e for _, es, _ in graphs for e in es], dtype=torch.int64).reshape(-1, 2)
+    weights = torch.tensor([w for _, _, ws in graphs for w in ws], dtype=torch.float64)
+    return edges, weights, np.cumsum([0] + [len(es) for _, es, _ in graphs]), [n for n, _, _ in graphs]
+
+
 @pytest.mark.skipif(not rf.has_native(), reason="native extension not built")
 @SETTINGS
 @given(st.lists(weighted_graphs(), min_size=1, max_size=4))
 def test_native_h0_equals_reference_union_find(graphs):
-    edges = torch.tensor([e for _, es, _ in graphs for e in es], dtype=torch.int64).reshape(-1, 2)
-    weights = torch.tensor([w for _, _, ws in graphs for w in ws], dtype=torch.float64)
-    offsets = np.cumsum([0] + [len(es) for _, es, _ in graphs])
-    nodes = [n for n, _, _ in graphs]
+    edges, weights, offsets, nodes = batch_of(graphs)
     a = rf.persistence_pairs(edges, weights, nodes, maxdim=1, offsets=offsets, backend="native")
     b = rf.persistence_pairs(edges, weights, nodes, maxdim=1, offsets=offsets, backend="reference")
     assert torch.equal(a.h0, b.h0) and torch.equal(a.components, b.components)
@@ -57,10 +61,7 @@ def test_knn_backends_equal_reference_on_integer_points(n, d, k, seed, backend):
 @SETTINGS
 @given(st.lists(weighted_graphs(), min_size=1, max_size=5))
 def test_device_h0_equals_reference_union_find(graphs):
-    edges = torch.tensor([e for _, es, _ in graphs for e in es], dtype=torch.int64).reshape(-1, 2)
-    weights = torch.tensor([w for _, _, ws in graphs for w in ws], dtype=torch.float64)
-    offsets = np.cumsum([0] + [len(es) for _, es, _ in graphs])
-    nodes = [n for n, _, _ in graphs]
+    edges, weights, offsets, nodes = batch_of(graphs)
     a = rf.persistence_pairs(edges, weights, nodes, maxdim=0, offsets=offsets, backend="device")
     b = rf.persistence_pairs(edges, weights, nodes, maxdim=0, offsets=offsets, backend="reference")
     assert torch.equal(a.h0, b.h0) and torch.equal(a.h0_offsets, b.h0_offsets)

@@ -52,6 +52,16 @@ VARIANTS = [  # (name, DistillConfig overrides); the first seven run by default
     ("fadrm lr 0.05", dict(method="fadrm", lr=0.05)),
     ("reta lr 0.05", dict(method="reta", lr=0.05)),
     ("reta lr 0.05 lam_topo 2", dict(method="reta", lr=0.05, lam_topo=2.0)),
+    # the ablations at that lr, and other distillation seeds (the pool, initial patches and augmentation
+    # streams all change with the seed): how much of a gap is the method and how much the draw
+    ("reta lr 0.05 --no-drc", dict(method="reta", lr=0.05, drc=False)),
+    ("reta lr 0.05 --no-pta", dict(method="reta", lr=0.05, pta=False)),
+    ("fadrm lr 0.05 seed 1", dict(method="fadrm", lr=0.05, seed=1)),
+    ("fadrm lr 0.05 seed 2", dict(method="fadrm", lr=0.05, seed=2)),
+    ("reta lr 0.05 seed 1", dict(method="reta", lr=0.05, seed=1)),
+    ("reta lr 0.05 seed 2", dict(method="reta", lr=0.05, seed=2)),
+    ("rded seed 1", dict(method="rded", lr=0.25, seed=1)),
+    ("rded seed 2", dict(method="rded", lr=0.25, seed=2)),
 ]
 DEFAULT_METHODS = [v[0] for v in VARIANTS[:7]]
 
@@ -149,7 +159,7 @@ def main(argv=None) -> int:
             cfg = P.DistillConfig(ipc=ipc, iterations=sc["iterations"], **over)
             with P.Stage(out, "distill", args.device, print) as st:
                 st.info.update(P.distill(data, [teacher], out, cfg, device=args.device,
-                                         pool_dir=work / "pool", progress=False, log=print,
+                                         pool_dir=work / ("pool" if cfg.seed == 0 else f"pool-seed{cfg.seed}"), progress=False, log=print,
                                          teacher_specs=[str(tpath)]))
             dstage = json.loads((out / "stages" / "distill.json").read_text())
             first = out / "stages" / "distill-first.json"

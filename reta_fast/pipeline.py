@@ -7,7 +7,7 @@ Output folder layout (``out``)::
     classes.json              class index -> class name (folder name / WNID) and image folder name
     images/new{c:03d}/class{c:03d}_id{i:03d}.png    the distilled set (an ImageFolder)
     stages/<stage>.json       wall time, peak memory and loss parts of each stage that ran
-    labels/seed{s}.pt         stored soft labels (``reta relabel``), per evaluation seed
+    labels/seed{s}.logits     stored soft labels (``reta relabel``), per evaluation seed (reta_fast.labels)
     export.pt                 tensor export: uint8 images, targets, classes, teacher logits
     eval.json, report.md, report.json, report/grid.png, report/betti.png
 
@@ -473,6 +473,26 @@ def build_pool(data, teacher, cfg: DistillConfig, device="cpu", pool_dir=None, p
                            dataset_name=data.name, progress=progress)
 
 
+def _shard_batches(cfg: DistillConfig, C: int, rank: int, world_size: int):
+    """Recover methods: the batch shape, the class groups and this rank's batches ``(ipc start, group)``
+    of the slice ``[cfg.ipc_start, cfg.end)``: every ``world_size``-th batch of a fixed order."""
+    bc, ipb = cfg.batch_shape(C)
+    groups = [list(range(a, min(C, a + bc))) for a in range(0, C, bc)]
+    starts = list(range((cfg.ipc_start // ipb) * ipb, cfg.end, ipb))
+    batches = [(s, gi) for s in starts for gi in range(len(groups))]
+    return bc, ipb, groups, [b for n, b in enumerate(batches) if n % world_size == rank]
+
+
+def _shard_items(cfg: DistillConfig, C: int, rank: int, world_size: int) -> List[tuple]:
+    """The items ``(c, i)`` of the slice that rank ``rank`` of ``world_size`` produces (a fixed order:
+    shards never depend on what exists)."""
+    all_items = [(c, i) for i in range(cfg.ipc_start, cfg.end) for c in range(C)]
+    if not cfg.uses_recover:
+        return [it for n, it in enumerate(all_items) if n % world_size == rank]
+    _, ipb, groups, mine = _shard_batches(cfg, C, rank, world_size)
+    return [(c, i) for s, gi in mine for i in range(max(s, cfg.ipc_start), min(s + ipb, cfg.end)) for c in groups[gi]]
+
+
 def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None, progress: bool = True,
             log: Callable = print, rank: int = 0, world_size: int = 1, on_item: Optional[Callable] = None,
             teacher_specs: Optional[Sequence[str]] = None) -> dict:
@@ -521,7 +541,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     todo_all = [(c, i) for i in ipcs for c in range(C) if not item_path(out, c, i).exists()]
     if not todo_all:
         log(f"[distill] all {C * len(ipcs)} items of ipc [{cfg.ipc_start}, {cfg.end}) already exist in {out}")
-        info["skipped"] = C * len(ipcs)
+        info["skipped"] = len(_shard_items(cfg, C, rank, world_size))  # this rank's share: ranks' counts add up
         return info
     for t in teachers:
         t.model.to(device).eval()
@@ -529,7 +549,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     all_items = [(c, i) for i in ipcs for c in range(C)]  # fixed order: shards never depend on what exists
     todo_set = set(todo_all)
     if cfg.method == "random-real":
-        mine = [it for n, it in enumerate(all_items) if n % world_size == rank and it in todo_set]
+        mine = [it for it in _shard_items(cfg, C, rank, world_size) if it in todo_set]
         classes = sorted({c for c, _ in mine})
         imgs = random_real_images(data, cfg.ipc, cfg.seed, classes, cfg.ipc_start, cfg.end)
         for c, i in mine:
@@ -537,7 +557,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
             info["written"] += 1
             if on_item:
                 on_item(c, i)
-        info["skipped"] = C * len(ipcs) - len(todo_all)
+        info["skipped"] = len(_shard_items(cfg, C, rank, world_size)) - len(mine)
         return info
 
     pool = None
@@ -556,13 +576,13 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
         return pool.images([int(ranking[c][i])])[0]
 
     if cfg.method == "rded":
-        mine = [it for n, it in enumerate(all_items) if n % world_size == rank and it in todo_set]
+        mine = [it for it in _shard_items(cfg, C, rank, world_size) if it in todo_set]
         for c, i in mine:
             save_png(item_path(out, c, i), _to_uint8(init_image(c, i), data.mean, data.std))
             info["written"] += 1
             if on_item:
                 on_item(c, i)
-        info["skipped"] = C * len(ipcs) - len(todo_all)
+        info["skipped"] = len(_shard_items(cfg, C, rank, world_size)) - len(mine)
         return info
 
     # recover methods ------------------------------------------------------------------------
@@ -582,8 +602,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
         else:
             crits.append(RETALoss(t.model, lam_topo=0.0, **kw))
     jitter = cfg.jitter if cfg.jitter is not None else (4 if S <= 64 else 32)
-    bc, ipb = cfg.batch_shape(C)
-    groups = [list(range(a, min(C, a + bc))) for a in range(0, C, bc)]
+    bc, ipb, groups, it = _shard_batches(cfg, C, rank, world_size)
     info.update(batch_classes=bc, ipc_per_batch=ipb)
     retriever = None
     if cfg.method == "reta" and cfg.drc and cfg.partition:
@@ -593,9 +612,6 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
             r = torch.as_tensor(ranking[c], dtype=torch.int64)
             share[r] = torch.arange(r.numel()) % cfg.ipc
         retriever = PartitionedRetriever(pool, (labels_p * cfg.ipc + share).to(device), cfg.lam, device)
-    starts = list(range((cfg.ipc_start // ipb) * ipb, cfg.end, ipb))
-    batches = [(s, gi) for s in starts for gi in range(len(groups))]
-    it = [b for n, b in enumerate(batches) if n % world_size == rank]
     parts_log: List[dict] = []
     bar = None
     if progress:
@@ -673,10 +689,12 @@ def _student(name: Optional[str], data, teacher_name: str):
 
 
 def relabel_stage(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool = True, log=print) -> dict:
-    """Stored soft labels for every evaluation seed (``labels/seed{s}.pt``: teacher logits in fp16 for
-    each augmented batch the student protocol draws) and the tensor export ``export.pt`` (uint8
-    images, targets, classes, mean/std and the teacher's logits on the un-augmented images)."""
-    from .train import relabel
+    """Stored soft labels for every evaluation seed (``labels/seed{s}.logits``: the teacher's fp16
+    logits for each augmented batch the student protocol draws, streamed to disk, see
+    :mod:`reta_fast.labels`) and the tensor export ``export.pt`` (uint8 images, targets, classes,
+    mean/std and the teacher's logits on the un-augmented images)."""
+    from .labels import write_logits
+    from .train import relabel_batches
 
     ecfg.validate()
     out = Path(out)
@@ -684,12 +702,14 @@ def relabel_stage(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: 
     teacher.model.to(device).eval()
     info = dict(images=len(y), seeds=list(ecfg.seeds))
     for s in ecfg.seeds:
-        path = out / "labels" / f"seed{s}.pt"
-        logits = relabel(teacher.model, x, epochs=ecfg.epochs, batch_size=ecfg.batch_size, crop_scale=ecfg.crop_scale,
-                         flip=data.flip, cutmix=ecfg.cutmix, seed=s, device=device, progress=progress)
-        save_torch(path, dict(logits=logits, epochs=ecfg.epochs, batch_size=ecfg.batch_size, seed=s, n=len(y),
-                              crop_scale=list(ecfg.crop_scale), cutmix=ecfg.cutmix, flip=data.flip, ids=ids))
-        log(f"[relabel] {tuple(logits.shape)} fp16 logits for seed {s} -> {path}")
+        path = out / "labels" / f"seed{s}.logits"
+        meta = dict(_label_settings(ecfg, len(y), data.flip), seed=s, ids=[list(i) for i in ids])
+        rows = ecfg.epochs * len(y)
+        write_logits(path, relabel_batches(teacher.model, x, epochs=ecfg.epochs, batch_size=ecfg.batch_size,
+                                           crop_scale=ecfg.crop_scale, flip=data.flip, cutmix=ecfg.cutmix, seed=s,
+                                           device=device, progress=progress),
+                     rows=rows, classes=len(data.classes), meta=meta)
+        log(f"[relabel] ({rows}, {len(data.classes)}) fp16 logits for seed {s} -> {path}")
     with torch.no_grad():
         plain = torch.cat([teacher.model(x[a:a + 256].to(device)).half().cpu() for a in range(0, len(x), 256)])
     m = torch.tensor(data.mean).view(1, 3, 1, 1)
@@ -701,21 +721,25 @@ def relabel_stage(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: 
     return info
 
 
-def _stored_labels(out: Path, s: int, ecfg: EvalConfig, n: int, flip: bool) -> torch.Tensor:
-    path = out / "labels" / f"seed{s}.pt"
+def _label_settings(ecfg: EvalConfig, n: int, flip: bool) -> dict:
+    """What stored soft labels depend on besides the seed: the stream must be replayed exactly."""
+    return dict(epochs=ecfg.epochs, batch_size=ecfg.batch_size, n=n, crop_scale=[float(v) for v in ecfg.crop_scale],
+                cutmix=bool(ecfg.cutmix), flip=bool(flip))
+
+
+def _stored_labels(out: Path, s: int, ecfg: EvalConfig, n: int, flip: bool, classes: int):
+    from .labels import StoredLogits
+
+    path = out / "labels" / f"seed{s}.logits"
     if not path.is_file():
         raise FileNotFoundError(f"no stored soft labels {str(path)!r}: run `reta relabel` with the same evaluation "
                                 f"settings first, or use --labels online")
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=False)
-        want = dict(epochs=ecfg.epochs, batch_size=ecfg.batch_size, n=n, crop_scale=list(ecfg.crop_scale),
-                    cutmix=ecfg.cutmix, flip=flip)
-        got = {k: d[k] for k in want}
-        logits = d["logits"]
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"stored soft labels {str(path)!r} are unreadable: {exc!r}") from None
-    if got != want:
-        raise ValueError(f"stored soft labels {str(path)!r} were made with {got}, this evaluation uses {want}: "
+    logits = StoredLogits(path)
+    want = _label_settings(ecfg, n, flip)
+    got = {k: logits.meta.get(k) for k in want}
+    if got != want or logits.meta.get("seed") != s or logits.shape != (ecfg.epochs * n, classes):
+        raise ValueError(f"stored soft labels {str(path)!r} were made with {got} (seed {logits.meta.get('seed')}, "
+                         f"{logits.shape[1]} classes), this evaluation uses {want} (seed {s}, {classes} classes): "
                          f"run `reta relabel` again")
     return logits
 
@@ -756,7 +780,7 @@ def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool 
             student, arch = _student(ecfg.student, data, teacher.name)
             soft = None
             if ecfg.labels == "stored" and name == "distilled":
-                soft = _stored_labels(out, s, ecfg, imgs.shape[0], data.flip)
+                soft = _stored_labels(out, s, ecfg, imgs.shape[0], data.flip, len(data.classes))
             train_student(student, None if soft is not None else teacher.model, imgs, epochs=ecfg.epochs,
                           batch_size=ecfg.batch_size, lr=ecfg.lr, weight_decay=ecfg.weight_decay,
                           temperature=ecfg.temperature, cutmix=ecfg.cutmix, crop_scale=ecfg.crop_scale,

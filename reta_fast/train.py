@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["TensorImageDataset", "digits_dataset", "train_classifier", "accuracy", "train_student", "relabel",
-           "student_batches"]
+           "relabel_batches", "student_batches"]
 
 
 class TensorImageDataset:
@@ -192,34 +192,43 @@ def student_batches(images: torch.Tensor, epochs: int, batch_size: int, crop_sca
             yield x
 
 
-@torch.no_grad()
-def relabel(teacher: nn.Module, images: torch.Tensor, epochs: int = 300, batch_size: int = 64,
-            crop_scale=(0.08, 1.0), flip: bool = True, cutmix: bool = True, seed: int = 0, device="cpu",
-            progress: bool = False) -> torch.Tensor:
-    """FKD-style stored soft labels: the teacher's logits (fp16) for every augmented batch the student
-    protocol will draw with this ``seed``: ``[steps * B (ragged last batch), K]`` in stream order.
-    Pass them to :func:`train_student` (``soft_labels=``) with the same arguments."""
+def relabel_batches(teacher: nn.Module, images: torch.Tensor, epochs: int = 300, batch_size: int = 64,
+                    crop_scale=(0.08, 1.0), flip: bool = True, cutmix: bool = True, seed: int = 0, device="cpu",
+                    progress: bool = False) -> Iterator[torch.Tensor]:
+    """FKD-style soft labels, one batch at a time: the teacher's logits (fp16, on the CPU) for every
+    augmented batch the student protocol will draw with this ``seed``, in stream order. Stream them
+    to disk with :func:`reta_fast.labels.write_logits`; :func:`relabel` collects them in memory."""
     teacher.to(device).eval()
-    out = []
     stream = student_batches(images, epochs, batch_size, crop_scale, flip, cutmix, seed, device)
     if progress:
         from tqdm.auto import tqdm
 
         stream = tqdm(stream, desc="relabel", unit="step", total=epochs * math.ceil(images.shape[0] / batch_size))
     for x in stream:
-        out.append(teacher(x).half().cpu())
-    return torch.cat(out)
+        with torch.no_grad():  # not around the yield: grad mode would leak into the caller
+            logits = teacher(x).half().cpu()
+        yield logits
+
+
+def relabel(teacher: nn.Module, images: torch.Tensor, epochs: int = 300, batch_size: int = 64,
+            crop_scale=(0.08, 1.0), flip: bool = True, cutmix: bool = True, seed: int = 0, device="cpu",
+            progress: bool = False) -> torch.Tensor:
+    """All of :func:`relabel_batches` in memory: ``[epochs * N, K]`` fp16 in stream order. Pass them
+    to :func:`train_student` (``soft_labels=``) with the same arguments."""
+    return torch.cat(list(relabel_batches(teacher, images, epochs, batch_size, crop_scale, flip, cutmix, seed,
+                                          device, progress)))
 
 
 def train_student(student: nn.Module, teacher: Optional[nn.Module], images: torch.Tensor, epochs: int = 300,
                   batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.01, temperature: float = 20.0,
                   cutmix: bool = True, crop_scale=(0.08, 1.0), flip: bool = True, device="cpu", seed: int = 0,
-                  progress: bool = False, soft_labels: Optional[torch.Tensor] = None) -> nn.Module:
+                  progress: bool = False, soft_labels=None) -> nn.Module:
     """The student protocol of METHOD.md section 1.
 
     ``images`` ``[N, 3, H, W]`` are normalised synthetic images. Each step (:func:`student_batches`):
     RandomResizedCrop + flip per image, CutMix; soft labels = the teacher's logits on the same
-    augmented batch (online), or the stored ``soft_labels`` from :func:`relabel` with the same seed
+    augmented batch (online), or the stored ``soft_labels`` from :func:`relabel` (a tensor) or
+    :class:`reta_fast.labels.StoredLogits` (read from disk row range by row range) with the same seed
     and arguments; loss ``KL(softmax(t/T) || softmax(s/T)) * T^2``; AdamW, cosine over all steps.
     """
     if (teacher is None) == (soft_labels is None):

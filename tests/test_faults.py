@@ -125,3 +125,131 @@ def test_a_full_disk_is_a_clean_error(tmp_path):
     with pytest.raises(OSError):
         atomic_write(tmp_path / "f", to_full)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# stored soft labels: streamed to one file, read back by row ranges
+
+def test_stored_logits_round_trip_and_refusals(tmp_path):
+    from reta_fast.labels import StoredLogits, write_logits
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 7, generator=g) * 5 for n in (3, 8, 1, 8)]
+    path = write_logits(tmp_path / "s.logits", iter(parts), rows=20, classes=7, meta=dict(seed=3, ids=[[0, 1]]))
+    st = StoredLogits(path)
+    full = torch.cat(parts).half()
+    assert st.shape == (20, 7) and len(st) == 20 and st.meta["seed"] == 3 and st.meta["ids"] == [[0, 1]]
+    assert torch.equal(st.read(), full) and torch.equal(st[5:13], full[5:13]) and st[19:40].shape == (1, 7)
+    assert st[7:7].shape == (0, 7)
+    with pytest.raises(TypeError, match="row ranges"):
+        st[3]
+    before = path.read_bytes()
+    # a wrong row count, a batch of another width or a NaN stores nothing and keeps the old file
+    for batches, rows, match in (([torch.zeros(4, 7)], 5, "4 rows, 5 were announced"),
+                                 ([torch.zeros(6, 7)], 5, "6 rows, 5 were announced"),
+                                 ([torch.zeros(4, 6)], 4, r"expected \[\*, 7\]"),
+                                 ([torch.full((2, 7), float("nan"))], 2, "non-finite")):
+        with pytest.raises(ValueError, match=match):
+            write_logits(path, iter(batches), rows=rows, classes=7)
+        assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.logits"]
+    # truncated, padded, foreign or empty files are refused by name
+    for name, data in (("trunc", before[:-3]), ("long", before + b"\0\0"), ("foreign", b"PK\x03\x04" + before[4:]),
+                       ("empty", b""), ("header", before[:8] + (10**9).to_bytes(8, "little"))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=name):
+            StoredLogits(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        StoredLogits(tmp_path / "missing")
+
+
+def test_student_trains_the_same_from_stored_logits_on_disk_or_in_memory(tmp_path):
+    from reta_fast.labels import StoredLogits, write_logits
+    from reta_fast.models import convnet_bn
+    from reta_fast.train import relabel, relabel_batches, train_student
+
+    torch.manual_seed(0)
+    teacher = convnet_bn(4, width=8, depth=2).eval()
+    images = torch.randn(12, 3, 16, 16)
+    kw = dict(epochs=2, batch_size=5, seed=4)
+    mem = relabel(teacher, images, **kw)
+    assert torch.is_grad_enabled()
+    path = write_logits(tmp_path / "l", relabel_batches(teacher, images, **kw), rows=24, classes=4)
+    disk = StoredLogits(path)
+    assert torch.equal(disk.read(), mem)
+
+    def student_from(labels):
+        torch.manual_seed(1)
+        s = convnet_bn(4, width=8, depth=2)
+        return train_student(s, None, images, soft_labels=labels, **kw).state_dict()
+
+    a, b = student_from(mem), student_from(disk)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+LABELS = r"""
+import resource, sys, torch
+from reta_fast.labels import StoredLogits, write_logits
+
+rows, k = int(sys.argv[1]), 1000
+def batches():  # 1,000-class logits made on demand, 2,000 rows at a time
+    for a in range(0, rows, 2000):
+        yield torch.randn(min(2000, rows - a), k, generator=torch.Generator().manual_seed(a))
+path = write_logits(sys.argv[2], batches(), rows=rows, classes=k)
+st, total = StoredLogits(path), 0.0
+for a in range(0, rows, 2000):
+    total += float(st[a:a + 2000].float().sum())
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_stored_labels_memory_stays_flat_as_the_rows_grow(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def peak_kib(rows):
+        r = subprocess.run([sys.executable, "-c", LABELS, str(rows), str(tmp_path / f"l{rows}")], capture_output=True,
+                           text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (tmp_path / f"l{rows}").stat().st_size > rows * 2000
+        return int(r.stdout.strip().splitlines()[-1])
+
+    small, big = peak_kib(10_000), peak_kib(80_000)
+    # holding 80,000 x 1,000 fp16 logits would take 153 MiB (fp32 during a cat: 305 MiB more)
+    assert big - small < 40 * 1024, f"peak RSS grew by {(big - small) / 1024:.0f} MiB from 10k to 80k rows"
+
+
+POOL = r"""
+import resource, sys, torch
+from reta_fast.models import convnet_bn
+from reta_fast.pool import PatchPool
+
+class OnTheFly:  # no .targets: the builder must decode every image it visits to learn its class
+    def __init__(self, n):
+        self.n = n
+    def __len__(self):
+        return self.n
+    def __getitem__(self, i):  # class 9 only on the last 20 images: filling it visits the whole set
+        return torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)), (9 if i >= self.n - 20 else i % 9)
+
+torch.manual_seed(0)
+n = int(sys.argv[1])
+pool = PatchPool.build(OnTheFly(n), convnet_bn(10, width=8, depth=2).eval(), sys.argv[2], per_class=20, size=64,
+                       resolutions=[32, 64], classes=[str(c) for c in range(10)], progress=False)
+assert len(pool) == 200 and pool.manifest["dataset_size"] == n
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_pool_building_memory_stays_flat_as_the_data_grows(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def peak_kib(n):
+        r = subprocess.run([sys.executable, "-c", POOL, str(n), str(tmp_path / f"pool{n}")], capture_output=True,
+                           text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return int(r.stdout.strip().splitlines()[-1])
+
+    small, big = peak_kib(1000), peak_kib(8000)
+    # the 8,000 decoded images would take 375 MiB as float (94 MiB as uint8)
+    assert big - small < 40 * 1024, f"peak RSS grew by {(big - small) / 1024:.0f} MiB from 1,000 to 8,000 images"

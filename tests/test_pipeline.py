@@ -250,7 +250,9 @@ def test_stored_soft_labels_replay_the_online_stream(data, teacher, tmp_path):
     run(data, teacher, out, method="rded")
     ecfg = P.EvalConfig(epochs=2, batch_size=8, seeds=(0,), labels="stored")
     P.relabel_stage(data, teacher, out, ecfg, progress=False, log=lambda m: None)
-    stored = torch.load(out / "labels" / "seed0.pt", weights_only=False)["logits"]
+    from reta_fast.labels import StoredLogits
+
+    stored = StoredLogits(out / "labels" / "seed0.logits").read()
     x, _, _ = P.load_distilled(out, data.classes, data.mean, data.std)
     from reta_fast.train import student_batches
 
@@ -531,6 +533,82 @@ def test_torchrun_two_gloo_ranks_equal_one_process(teacher, tmp_path):
     assert all(x["written"] > 0 for x in ranks)  # both ranks did work
 
 
+def _children(pid):
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def _rank_pid(root_pid, rank):
+    """The pid of the torchrun worker with RANK=rank among the descendants of root_pid (Linux /proc)."""
+    todo, seen = [root_pid], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_WORLD_SIZE=2" in env and pid != root_pid:
+            return pid
+        todo += _children(pid)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the torchrun workers through /proc")
+def test_kill_9_of_one_torchrun_rank_then_restarts_equal_one_process(teacher, tmp_path):
+    """kill -9 one rank of a 2-rank torchrun mid-run (torchrun then stops the other), restart each rank
+    alone (RANK/WORLD_SIZE, no process group), then the whole torchrun command again: the set equals a
+    1-process run image for image, and the last run finds nothing left to do."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = ["distill", "--data", "digits", "--teacher", str(teacher.path), "--method", "reta", "--ipc", "4",
+            "--ipc-per-batch", "1", "--iterations", "40", "--blocks", "2", "--pool-per-class", "8",
+            "--points-per-class", "6", "--topo-k", "2", "--quiet", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli = [sys.executable, "-m", "reta_fast.cli"]
+    r = subprocess.run(cli + base + ["--out", str(one), "--pool", str(tmp_path / "p1")], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    dist = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "reta_fast.cli"] + base + ["--out", str(two), "--pool", str(tmp_path / "p2")]
+    proc = subprocess.Popen(dist, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, killed = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(two.rglob("*.png"))) >= 10:
+            killed = _rank_pid(proc.pid, 1)
+            if killed:
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    assert proc.wait(timeout=300) != 0 and killed, "rank 1 was not killed while the run was going"
+    done = len(list(two.rglob("*.png")))
+    assert 10 <= done < 40, f"{done} images after the kill: not interrupted mid-run"
+    for rank in (1, 0):  # each rank restarted alone
+        r = subprocess.run(cli + base + ["--out", str(two), "--pool", str(tmp_path / "p2")], capture_output=True,
+                           text=True, env=dict(env, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0"), timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert png_bytes(two) == png_bytes(one)  # nothing lost, duplicated, partial or different
+    assert not [p for p in two.rglob("*") if p.name.endswith(".tmp")] or all(
+        time.time() - p.stat().st_mtime < 600 for p in two.rglob("*.tmp"))
+    r = subprocess.run(dist, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((two / "stages" / "distill.json").read_text())
+    assert rec["ranks"] == 2 and rec["written"] == 0 and rec["skipped"] == 40
+    assert png_bytes(two) == png_bytes(one)
+
+
 def test_cost_model_arithmetic():
     from reta_fast.plan import estimate
 
@@ -567,3 +645,68 @@ def test_recover_lr_default_depends_on_the_image_size_and_is_recorded(data, teac
     run(data, teacher, tmp_path / "lr", method="fadrm", lr=0.05)  # the same run, spelled out: accepted
     with pytest.raises(P.RunMismatch, match="lr"):
         run(data, teacher, tmp_path / "lr", method="fadrm", lr=0.25)
+
+
+@pytest.mark.parametrize("method", ["random-real", "rded", "reta"])
+def test_rank_shards_partition_every_slice(method):
+    from reta_fast.pipeline import _shard_items
+
+    for ipc, start, end, per_batch, world in [(5, 0, None, 2, 2), (7, 2, 6, 3, 3), (4, 1, 2, 1, 4), (3, 0, None, 0, 5)]:
+        cfg = P.DistillConfig(method=method, ipc=ipc, ipc_start=start, ipc_end=end, ipc_per_batch=per_batch,
+                              batch_classes=4)
+        shards = [_shard_items(cfg, 10, r, world) for r in range(world)]
+        flat = [it for sh in shards for it in sh]
+        assert len(flat) == len(set(flat)) == 10 * (cfg.end - start)  # disjoint and complete
+        assert set(flat) == {(c, i) for c in range(10) for i in range(start, cfg.end)}
+
+
+def _can_mount_tmpfs() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    r = subprocess.run(["unshare", "-Urm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d"],
+                       capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -Urm` and tmpfs mounts (a real small filesystem)")
+def test_a_real_disk_filling_up_mid_run_is_a_clean_error_then_resumes(teacher, tmp_path):
+    """distill onto a 64 KiB tmpfs (in a private mount namespace) that fills up part-way: a clean
+    'No space left' error, every file on it complete (no partial PNG, no temporary left), then the
+    same command after the filesystem grows finishes the set equal to a run on a roomy disk."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "reta_fast.cli", "distill", "--data", "digits", "--teacher", str(teacher.path),
+            "--method", "rded", "--ipc", "6", "--pool-per-class", "8", "--pool", str(tmp_path / "pool"),
+            "--quiet", "--device", "cpu"]
+    ref = tmp_path / "ref"
+    r = subprocess.run(args + ["--out", str(ref)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    small, copy = tmp_path / "small", tmp_path / "copy"
+    small.mkdir()
+    q = " ".join(f"'{a}'" for a in args + ["--out", str(small / "out")])
+    script = f"""
+mount -t tmpfs -o size=64k tmpfs '{small}' || exit 90
+{q} 2> '{tmp_path}/err1'; echo $? > '{tmp_path}/rc1'
+cp -a '{small}/out' '{tmp_path}/after-full'
+mount -o remount,size=4m '{small}' || exit 91
+{q} 2> '{tmp_path}/err2'; echo $? > '{tmp_path}/rc2'
+cp -a '{small}/out' '{copy}'
+"""
+    r = subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    err1 = (tmp_path / "err1").read_text()
+    assert (tmp_path / "rc1").read_text().strip() != "0" and "No space left on device" in err1, err1[-2000:]
+    assert "Traceback" not in err1
+    full = tmp_path / "after-full"
+    pngs = {p.relative_to(full): p.read_bytes() for p in full.rglob("*.png")}
+    want = png_bytes(ref)
+    assert 0 < len(pngs) < len(want), "the filesystem did not fill up part-way"
+    assert all(want[str(k)] == v for k, v in pngs.items())  # each image on the full disk is complete and right
+    assert not [p for p in full.rglob("*") if p.name.endswith(".tmp")]  # no temporary left behind
+    assert (tmp_path / "rc2").read_text().strip() == "0", (tmp_path / "err2").read_text()[-2000:]
+    assert png_bytes(copy) == want

@@ -19,24 +19,49 @@ def setup(cfg: dict, device: str) -> Case:
     y = torch.arange(C, device=device)
     g = torch.Generator().manual_seed(0)
 
-    def make_step(crit, ids=None):
+    def make_step(crit, ids=None, amp=None, channels_last=False):
         x = torch.randn(C, 3, res, res, device=device, requires_grad=True)
         opt = torch.optim.Adam([x], lr=0.25, betas=(0.5, 0.9))
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        # RETALoss.terms: no host sync per step (recover() reads the loss parts once per block)
+        loss_fn = getattr(crit, "terms", crit)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            loss, _ = crit(augment(x, res, 4, (0.08, 1.0), g), y, ids) if ids is not None else crit(augment(x, res, 4, (0.08, 1.0), g), y)
+            xa = augment(x, res, 4, (0.08, 1.0), g).contiguous(memory_format=fmt)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                loss, _ = loss_fn(xa, y, ids) if ids is not None else loss_fn(xa, y)
             loss.backward()
             opt.step()
             with torch.no_grad():
                 x.clamp_(-3.0, 3.0)
         return step
 
-    reta = rf.RETALoss(teacher, real_feats=real, k=cfg["k"])
-    with torch.no_grad():  # fill the PTA bank: n distinct images per class already seen
-        for b in range(n):
-            reta(torch.randn(C, 3, res, res, device=device), y, y * n + b)
+    def engine_teacher(channels_last):
+        t = rf.models.resnet18(num_classes=C, cifar_stem=res <= 64).to(device).eval()
+        t.load_state_dict(teacher.state_dict())
+        return t.to(memory_format=torch.channels_last) if channels_last else t
+
+    def filled(crit):
+        with torch.no_grad():  # fill the PTA bank: n distinct images per class already seen
+            for b in range(n):
+                crit(torch.randn(C, 3, res, res, device=device), y, y * n + b)
+        return crit
+
+    reta = filled(rf.RETALoss(teacher, real_feats=real, k=cfg["k"]))
     plain = rf.RETALoss(teacher, lam_topo=0.0)
+    variants = {}  # the recover engine's options (RecoverConfig amp / channels_last / compile)
+    for name, amp, cl, mode in cfg.get("engine", []):
+        crit = filled(rf.RETALoss(engine_teacher(cl), real_feats=real, k=cfg["k"]))
+        if mode is not None:
+            crit.compile(mode)
+        variants[f"reta_fast RETA step, {name}"] = make_step(crit, y * n, amp=amp, channels_last=cl)
+    if cfg.get("engine"):  # the same engine without DRC+PTA: what RETA's overhead is measured against
+        name, amp, cl, mode = cfg["engine"][-1]
+        crit = rf.RETALoss(engine_teacher(cl), lam_topo=0.0)
+        if mode is not None:
+            crit.compile(mode)
+        variants[f"reta_fast step without PTA, {name}"] = make_step(crit, amp=amp, channels_last=cl)
 
     eager_teacher = rf.models.resnet18(num_classes=C, cifar_stem=res <= 64).to(device).eval()
     eager_teacher.load_state_dict(teacher.state_dict())  # weights requiring grad, as in published code
@@ -54,11 +79,17 @@ def setup(cfg: dict, device: str) -> Case:
     return Case({
         "reta_fast RETA step (CE+BN+PTA)": make_step(reta, y * n),
         "reta_fast step without PTA (CE+BN)": make_step(plain),
+        **variants,
         "eager SRe2L-style step (CE+BN, teacher grads)": make_step(sre2l),
     }, unit="images/s", work=C, note=f"PTA on {n} points per class, k={cfg['k']}")
 
 
-OPS = {"recover_step": Op(setup, sweep=[dict(classes=100, res=32, points=16, k=10)],
+# (label, amp, channels_last, torch.compile mode); the last one also runs without PTA
+CPU_ENGINE = [("channels-last", None, True, None), ("bf16 autocast", "bf16", False, None),
+              ("compiled", None, False, "default")]
+GPU_ENGINE = [("channels-last + bf16", "bf16", True, None), ("compiled", None, False, "default"),
+              ("bf16 + channels-last + CUDA graphs (compile reduce-overhead)", "bf16", True, "reduce-overhead")]
+OPS = {"recover_step": Op(setup, sweep=[dict(classes=100, res=32, points=16, k=10, engine=CPU_ENGINE)],
                           quick=[dict(classes=10, res=32, points=12, k=10)],
-                          gpu_sweep=[dict(classes=100, res=32, points=16, k=10),
-                                     dict(classes=100, res=224, points=16, k=10)])}
+                          gpu_sweep=[dict(classes=100, res=32, points=16, k=10, engine=GPU_ENGINE),
+                                     dict(classes=100, res=224, points=16, k=10, engine=GPU_ENGINE)])}

@@ -119,7 +119,8 @@ def _cpu_model() -> str:
 
 
 def _fmt_cfg(cfg: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in cfg.items())
+    """The size columns of a row; ``engine`` (which variants run) is named by the rows themselves."""
+    return " ".join(f"{k}={v}" for k, v in cfg.items() if k != "engine")
 
 
 def main(argv=None) -> int:

@@ -190,7 +190,8 @@ def _distill_config(args):
                          lam=args.lam, r_bn=0.0 if args.no_bn else args.r_bn, first_bn_weight=args.first_bn_weight,
                          lam_topo=args.lam_topo, topo_k=args.topo_k, points_per_class=args.points_per_class,
                          pool_per_class=args.pool_per_class, pool_candidates=args.pool_candidates,
-                         drc=not args.no_drc, pta=not args.no_pta, seed=args.seed)
+                         drc=not args.no_drc, pta=not args.no_pta, seed=args.seed, topo_refresh=args.topo_refresh,
+                         amp=args.amp, channels_last=args.channels_last, compile=args.compile)
 
 
 def _eval_config(args):
@@ -425,6 +426,14 @@ def _distill_args(p, demo=False):
     g.add_argument("--pool-candidates", type=int, default=1, help="RDED best-of-N crops per image")
     g.add_argument("--no-drc", action="store_true", help="ablation: static anchor instead of DRC retrieval")
     g.add_argument("--no-pta", action="store_true", help="ablation: no topology alignment")
+    g.add_argument("--topo-refresh", type=int, default=1,
+                   help="recompute PTA's graphs and pairings every T steps, re-gather lengths in between")
+    e = p.add_argument_group("recover engine (changes images at rounding level; recorded in run.json)")
+    e.add_argument("--amp", choices=["bf16"], default=None, help="teacher forward under bf16 autocast")
+    e.add_argument("--channels-last", action="store_true", help="teacher and batch in channels-last format")
+    e.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the teacher's forward (reduce-overhead: CUDA graphs on a GPU)")
 
 
 def _eval_args(p, demo=False):

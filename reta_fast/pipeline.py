@@ -60,6 +60,9 @@ OUTPUT_NAMES = {"run.json", "classes.json", "images", "stages", "labels", "expor
                 "report.json", "report"}
 
 
+ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None)
+
+
 class RunMismatch(ValueError):
     """The output folder belongs to a run with other parameters: refused, nothing is overwritten."""
 
@@ -96,6 +99,10 @@ class DistillConfig:
         pool_per_class, pool_candidates: patch pool size per class and RDED's best-of-N crops.
         drc, pta: the RETA ablations (``reta`` only).
         seed: everything random derives from it.
+        amp, channels_last, compile: the recover step's engine (see :class:`RecoverConfig`): bf16
+            autocast, channels-last memory format, ``torch.compile`` mode. They change the images at
+            rounding level, so a non-default choice is part of the run's identity (defaults are left
+            out of it, so folders written before these options existed still resume).
     """
 
     method: str = "reta"
@@ -123,6 +130,9 @@ class DistillConfig:
     pta: bool = True
     partition: bool = True
     seed: int = 0
+    amp: Optional[str] = None
+    channels_last: bool = False
+    compile: Optional[str] = None
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -153,6 +163,9 @@ class DistillConfig:
             raise ValueError(f"resolutions must be a non-empty list of integers >= 8, got {self.resolutions!r}")
         if self.topo_k is not None and self.topo_k < 1:
             raise ValueError(f"topo_k must be >= 1, got {self.topo_k}")
+        from .recover import check_engine
+
+        check_engine(self.amp, self.compile)
 
     @property
     def uses_recover(self) -> bool:
@@ -197,6 +210,9 @@ class DistillConfig:
         identity is refused for another."""
         d = asdict(self)
         d.pop("ipc_start"), d.pop("ipc_end")
+        for name, default in ENGINE_DEFAULTS.items():
+            if d[name] == default:
+                d.pop(name)
         return d
 
 
@@ -644,7 +660,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
             rc = RecoverConfig(iterations=cfg.iterations, resolutions=cfg.block_resolutions(S), lr=cfg.lr_for(S),
                                jitter=jitter,
                                alpha=cfg.alpha, drc=cfg.method == "reta" and cfg.drc, lam=cfg.lam, mean=data.mean,
-                               std=data.std)
+                               std=data.std, amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile)
             if retriever is not None:
                 retriever.ids = ids  # query group of item (c, i) = c * ipc + i
             x = recover(crit, x0, y, ids if cfg.pta_on else None, pool=pool if rc.drc else None, config=rc,

@@ -6,6 +6,7 @@ and pool. It optimises one batch of images; the caller loops over batches (class
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from .pool import teacher_features
 from .retrieval import residual_inject, retrieve
 
-__all__ = ["RecoverConfig", "recover", "augment"]
+__all__ = ["RecoverConfig", "recover", "augment", "check_engine"]
 
 
 @dataclass
@@ -33,6 +34,16 @@ class RecoverConfig:
         drc: choose the injected patch by retrieval (RETA) rather than the static anchor (FADRM).
         lam: retrieval's complexity weight (0.1).
         mean, std: the normalisation of the images (pixels are clamped to the normalised [0, 1]).
+        amp: ``"bf16"``: the teacher's forward under ``torch.autocast`` in bfloat16 (the loss terms,
+            the pixels and Adam stay fp32); ``None``: fp32. (fp16 is not offered: pixel gradients
+            would need loss scaling.)
+        channels_last: run the teacher and the augmented batch in channels-last memory format (the
+            teacher module is converted in place; its values do not change).
+        compile: ``torch.compile`` mode for the teacher's forward (``"default"``, ``"reduce-overhead"``
+            = CUDA graphs on a GPU, ``"max-autotune"``, ...), through :meth:`RETALoss.compile`; ``None``:
+            eager. Compilation happens once per block shape (the first steps are slow).
+        amp, channels_last and compile change the images only at rounding level, but they do change
+        them: the pipeline records them in the run manifest.
     """
 
     iterations: int = 1000
@@ -46,6 +57,9 @@ class RecoverConfig:
     lam: float = 0.1
     mean: Sequence[float] = (0.485, 0.456, 0.406)
     std: Sequence[float] = (0.229, 0.224, 0.225)
+    amp: Optional[str] = None
+    channels_last: bool = False
+    compile: Optional[str] = None
     history: List[dict] = field(default_factory=list, repr=False)
 
     def validate(self) -> None:
@@ -60,6 +74,20 @@ class RecoverConfig:
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale!r}")
         if self.lr <= 0 or self.jitter < 0:
             raise ValueError("lr must be > 0 and jitter >= 0")
+        check_engine(self.amp, self.compile)
+
+
+AMP_MODES = (None, "bf16")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_engine(amp, compile_mode) -> None:
+    """Refuse an unknown autocast or ``torch.compile`` mode by name."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}"
+                         + (" (fp16 would need loss scaling of the pixel gradients)" if amp == "fp16" else ""))
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile_mode!r}")
 
 
 def augment(x: torch.Tensor, res: int, jitter: int, scale, g: torch.Generator, flip: bool = True) -> torch.Tensor:
@@ -127,24 +155,46 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
     per_block = [cfg.iterations // len(blocks) + (1 if b < cfg.iterations % len(blocks) else 0) for b in range(len(blocks))]
     anchor = x_init.detach()
     x = residual_inject(x_init.detach(), x_init.detach(), 1.0, size=blocks[0])  # resize only
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    if cfg.channels_last:
+        criterion.teacher.to(memory_format=torch.channels_last)
+    if cfg.compile is not None or getattr(criterion, "compile_mode", None) is not None:
+        if not hasattr(criterion, "compile"):
+            raise ValueError("config.compile needs a criterion with a compile(mode) method (RETALoss)")
+        criterion.compile(cfg.compile)
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if cfg.amp == "bf16" else contextlib.nullcontext
+    lazy = hasattr(criterion, "terms") and on_step is None  # parts read once per block: no per-step host sync
     step = 0
     for b, res in enumerate(blocks):
         x = x.detach().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=tuple(cfg.betas))  # state re-created per block
+        pending = []
         for _ in range(per_block[b]):
             lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / cfg.iterations))
             for grp in opt.param_groups:
                 grp["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            loss, parts = criterion(augment(x, res, cfg.jitter, cfg.crop_scale, g), y, ids)
+            xa = augment(x, res, cfg.jitter, cfg.crop_scale, g).contiguous(memory_format=fmt)
+            with autocast():
+                if lazy:
+                    loss, parts = criterion.terms(xa, y, ids)
+                else:
+                    loss, parts = criterion(xa, y, ids)
             loss.backward()
             opt.step()
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, hi), lo))
-            cfg.history.append(dict(step=step, block=b, lr=lr, **parts))
-            if on_step is not None:
-                on_step(step, parts)
+            if lazy:
+                pending.append((step, lr, parts))
+            else:
+                cfg.history.append(dict(step=step, block=b, lr=lr, **parts))
+                if on_step is not None:
+                    on_step(step, parts)
             step += 1
+        if pending:  # one host sync for the block's loss parts
+            values = torch.stack([p for _, _, p in pending]).tolist()
+            cfg.history.extend(dict(step=st, block=b, lr=lr_, ce=v[0], bn=v[1], topo=v[2])
+                               for (st, lr_, _), v in zip(pending, values))
         if b + 1 < len(blocks):
             nxt = blocks[b + 1]
             with torch.no_grad():

@@ -44,7 +44,8 @@ class RETALoss(nn.Module):
     ``[B]`` class indices and ``ids`` ``[B]`` image ids (for PTA); ``parts`` maps ``"ce"``, ``"bn"``,
     ``"topo"`` to floats (one host sync).
     Works under ``torch.autocast`` (statistics and losses are computed in fp32) and GradScaler.
-    Call :meth:`close` to remove the hooks it put on the teacher.
+    Call :meth:`close` to remove the hooks it put on the teacher; :meth:`compile` to run the teacher
+    through ``torch.compile``; :meth:`terms` for the loss without a host synchronisation.
     """
 
     def __init__(self, teacher: nn.Module, r_bn: float = 0.01, first_bn_weight: float = 10.0,
@@ -88,6 +89,23 @@ class RETALoss(nn.Module):
             self._handles.append(linears[-1].register_forward_hook(self._feat_hook))
             self._bank: Dict[int, Dict[int, torch.Tensor]] = {}  # class -> image id -> feature
             self._real_slices: Dict[tuple, torch.Tensor] = {}
+        self._forward_teacher = self.teacher
+        self.compile_mode: Optional[str] = None
+        self._checked = None  # (y, y._version, ids, ids._version, classes, per-class rows, per-class ids)
+
+    def compile(self, mode: Optional[str] = "default", **kwargs) -> "RETALoss":
+        """Run the teacher's forward (with the BN-statistic and feature hooks) through
+        ``torch.compile`` (``mode``: ``"default"``, ``"reduce-overhead"`` = CUDA-graph capture of the
+        compiled forward and backward on a GPU, ``"max-autotune"``...); the PTA term stays eager (its
+        persistence pairing runs on the host). One compilation per input shape (``dynamic=False``).
+        ``mode=None`` goes back to eager. Returns ``self``."""
+        if mode is None:
+            self._forward_teacher, self.compile_mode = self.teacher, None
+        elif mode != self.compile_mode:
+            self._forward_teacher = torch.compile(self.teacher, mode=None if mode == "default" else mode,
+                                                  dynamic=False, **kwargs)
+            self.compile_mode = mode
+        return self
 
     @classmethod
     def from_pool(cls, teacher: nn.Module, pool, points_per_class: int = 32, seed: int = 0, **kwargs) -> "RETALoss":
@@ -159,20 +177,40 @@ class RETALoss(nn.Module):
             h.remove()
         self._handles.clear()
 
-    def _topo_term(self, y: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+    def _layout(self, y: torch.Tensor, ids: Optional[torch.Tensor], num_classes: int):
+        """Check ``y`` (and ``ids``) and split the batch by class, once per pair of tensors: a
+        recover loop passes the same ``y``/``ids`` every step, so the host syncs of the checks and
+        of the split happen at its first step only (an in-place change of either is noticed)."""
+        c = self._checked
+        if (c is not None and c[0] is y and c[1] == y._version and c[2] is ids
+                and c[3] == (None if ids is None else ids._version) and c[4] == num_classes):
+            return c[5]
+        if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dim() != 1:
+            raise ValueError(f"y must be an integer tensor [B], got {getattr(y, 'shape', y)!r}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(f"y holds labels outside [0, {num_classes})")
+        if ids is not None and (not isinstance(ids, torch.Tensor) or ids.shape != y.shape
+                                or ids.dtype.is_floating_point):
+            raise ValueError(f"ids must be an integer tensor [B] = [{y.shape[0]}]")
+        split = []
+        for cls in torch.unique(y).tolist():  # host loop over the classes of the batch
+            sel = (y == cls).nonzero().flatten()
+            split.append((cls, sel, None if ids is None else ids[sel].tolist()))
+        self._checked = (y, y._version, ids, None if ids is None else ids._version, num_classes, split)
+        return split
+
+    def _topo_term(self, y: torch.Tensor, ids: Optional[torch.Tensor], split) -> torch.Tensor:
         f = self._feats.float()
         n = self.real_feats.shape[1]
         point_sets = {}
-        for c in torch.unique(y).tolist():  # host loop over the classes of the batch
+        for c, sel, cur_ids in split:
             if c >= self.real_feats.shape[0]:
                 raise ValueError(f"class {c} has no real features (real_feats covers {self.real_feats.shape[0]} classes)")
-            sel = (y == c).nonzero().flatten()
             cur = f[sel]
             if ids is None:  # no identities: only the current images, never the bank
                 point_sets[c] = cur[:n]
                 continue
             bank = self._bank.setdefault(c, {})
-            cur_ids = ids[sel].tolist()
             others = [v for key, v in reversed(bank.items()) if key not in set(cur_ids)]
             pts = torch.cat([cur] + others[: max(0, n - cur.shape[0])]) if others else cur
             for key, v in zip(cur_ids, cur.detach()):  # newest last
@@ -191,11 +229,11 @@ class RETALoss(nn.Module):
             self._real_slices[key] = self.real_feats[classes][:, :m].to(f.device)
         return self.topo(syn, self._real_slices[key], classes=classes)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """``x`` ``[B, 3, H, W]``, ``y`` ``[B]`` classes, ``ids`` ``[B]`` stable ids of the synthetic
-        images (e.g. ``class * ipc + index``), needed for the PTA bank; without them only the
-        current batch's images of a class form its point set."""
+    def terms(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` without its host synchronisation: ``(loss, parts)`` with ``parts`` a
+        detached ``[3]`` tensor (ce, bn, topo) on the loss' device. A recover loop reads the parts
+        once per block instead of once per step."""
         if not self._handles and (self.r_bn > 0 or self.lam_topo > 0):
             raise RuntimeError("RETALoss was closed: its teacher hooks are gone")
         if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.shape != (x.shape[0],):
@@ -205,17 +243,21 @@ class RETALoss(nn.Module):
         self.teacher.eval()
         self._capturing = True
         try:
-            logits = self.teacher(x)
+            logits = self._forward_teacher(x)
         finally:
             self._capturing = False
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
-            raise ValueError(f"y holds labels outside [0, {logits.shape[1]})")
+        split = self._layout(y, ids, logits.shape[1])
         ce = F.cross_entropy(logits.float(), y)
         bn = torch.stack(self._bn_terms).sum() if self._bn_terms else ce.new_zeros(())
-        if ids is not None and (not isinstance(ids, torch.Tensor) or ids.shape != y.shape
-                                or ids.dtype.is_floating_point):
-            raise ValueError(f"ids must be an integer tensor [B] = [{y.shape[0]}]")
-        topo = self._topo_term(y, ids) if self.topo is not None else ce.new_zeros(())
+        topo = self._topo_term(y, ids, split) if self.topo is not None else ce.new_zeros(())
         loss = ce + self.r_bn * bn + self.lam_topo * topo
-        parts = torch.stack([ce.detach(), bn.detach(), topo.detach()]).tolist()  # one host sync
-        return loss, dict(ce=parts[0], bn=parts[1], topo=parts[2])
+        return loss, torch.stack([ce.detach(), bn.detach(), topo.detach().float()])
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """``x`` ``[B, 3, H, W]``, ``y`` ``[B]`` classes, ``ids`` ``[B]`` stable ids of the synthetic
+        images (e.g. ``class * ipc + index``), needed for the PTA bank; without them only the
+        current batch's images of a class form its point set."""
+        loss, parts = self.terms(x, y, ids)
+        ce, bn, topo = parts.tolist()  # one host sync
+        return loss, dict(ce=ce, bn=bn, topo=topo)

@@ -11,6 +11,7 @@ from torch import nn
 
 pytest.importorskip("sklearn")
 
+from reta_fast import cli  # noqa: E402
 from reta_fast import pipeline as P  # noqa: E402
 from reta_fast.datasets import load_data, materialize  # noqa: E402
 from reta_fast.fileio import atomic_write  # noqa: E402
@@ -710,3 +711,20 @@ cp -a '{small}/out' '{copy}'
     assert not [p for p in full.rglob("*") if p.name.endswith(".tmp")]  # no temporary left behind
     assert (tmp_path / "rc2").read_text().strip() == "0", (tmp_path / "err2").read_text()[-2000:]
     assert png_bytes(copy) == want
+
+
+def test_recover_engine_choices_are_part_of_the_run_identity(data, teacher, tmp_path):
+    out = tmp_path / "e"
+    run(data, teacher, out, method="fadrm", ipc=1, channels_last=True, amp="bf16")
+    cfg = json.loads((out / "run.json").read_text())["config"]
+    assert cfg["amp"] == "bf16" and cfg["channels_last"] is True and "compile" not in cfg  # defaults left out
+    assert len(png_bytes(out)) == 10
+    with pytest.raises(P.RunMismatch, match="amp"):  # resuming with another engine would mix two numerics
+        run(data, teacher, out, method="fadrm", ipc=1, channels_last=True)
+    plain = tmp_path / "plain"
+    run(data, teacher, plain, method="fadrm", ipc=1)
+    ident = json.loads((plain / "run.json").read_text())["config"]
+    assert not {"amp", "channels_last", "compile"} & set(ident)  # folders from before these options still resume
+    ns = cli.build_parser().parse_args(["distill", "--data", "digits", "--out", "o", "--amp", "bf16", "--channels-last",
+                                        "--topo-refresh", "5", "--compile"])
+    assert (ns.amp, ns.channels_last, ns.compile, ns.topo_refresh) == ("bf16", True, "default", 5)

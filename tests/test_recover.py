@@ -64,3 +64,79 @@ def test_bad_configuration():
         rf.recover(crit, x0, torch.arange(2), config=rf.RecoverConfig(iterations=1, resolutions=(8, 8), drc=False))
     with pytest.raises(ValueError, match="x_init"):
         rf.recover(crit, torch.zeros(2, 8, 8), torch.arange(2), config=rf.RecoverConfig(drc=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# the recover step's engine: lazy loss parts, bf16 autocast, channels-last, torch.compile
+
+def _engine_run(tmp_path=None, iterations=6, **engine):
+    import torch.nn.functional as F
+
+    t = teacher(classes=3)
+    real = F.normalize(torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(2)), dim=-1)
+    crit = rf.RETALoss(t, real_feats=real, k=2)
+    y, ids = torch.arange(3).repeat(2), torch.arange(6)
+    x0 = normalised(torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(3)))
+    with torch.no_grad():  # bank: the class's other images, so PTA is active from the first step
+        crit.seed_bank(torch.randn(6, 8, generator=torch.Generator().manual_seed(4)), torch.arange(3).repeat(2),
+                       torch.arange(6) + 100)
+    cfg = rf.RecoverConfig(iterations=iterations, resolutions=(8, 8), drc=False, jitter=1, **engine)
+    seen = []
+    out = rf.recover(crit, x0, y, ids, config=cfg, on_step=(lambda s, p: seen.append(p)) if tmp_path else None)
+    return out, [h for h in cfg.history if "ce" in h]
+
+
+def test_loss_parts_read_once_per_block_equal_the_per_step_ones(tmp_path):
+    lazy_out, lazy = _engine_run()
+    eager_out, eager = _engine_run(tmp_path)  # an on_step callback reads the parts every step
+    assert torch.equal(lazy_out, eager_out) and lazy == eager
+    assert len(lazy) == 6 and all(h["topo"] > 0 for h in lazy) and [h["step"] for h in lazy] == list(range(6))
+    assert all(type(h[k]) is float for h in lazy for k in ("ce", "bn", "topo"))
+
+
+def test_terms_equal_forward_and_a_label_changed_in_place_is_checked_again():
+    t = teacher()
+    crit = rf.RETALoss(t, lam_topo=0.0)
+    x = torch.randn(4, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 3])
+    loss, parts = crit(x, y)
+    loss2, p2 = crit.terms(x, y)
+    assert torch.equal(loss, loss2) and p2.tolist() == [parts["ce"], parts["bn"], parts["topo"]]
+    y[1] = 7  # same tensor, changed in place: the cached check must not hide it
+    with pytest.raises(ValueError, match="outside"):
+        crit.terms(x, y)
+
+
+def test_bf16_autocast_and_channels_last_stay_close_to_fp32():
+    ref, ref_h = _engine_run()
+    moved = float((ref - normalised(torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(3)))).abs().mean())
+    # Adam moves a pixel by ~lr whatever its gradient's size, so a rounding-level change of a tiny
+    # gradient's sign shows in single pixels: compare the mean difference to the mean movement
+    for engine, tol in ((dict(channels_last=True), 1e-5), (dict(amp="bf16"), 0.1),
+                        (dict(amp="bf16", channels_last=True), 0.1)):
+        out, hist = _engine_run(**engine)
+        assert torch.isfinite(out).all() and out.shape == ref.shape
+        err = float((out - ref).abs().mean()) / moved
+        assert err < tol, f"{engine}: mean |difference| to the fp32 run is {err:.3g} of the mean movement"
+        assert abs(hist[0]["ce"] - ref_h[0]["ce"]) < 0.05 * max(1.0, abs(ref_h[0]["ce"]))
+    _, hist = _engine_run(amp="bf16")  # bf16 really ran: the first step's loss is not bitwise the fp32 one
+    assert hist[0]["bn"] != ref_h[0]["bn"]
+
+
+def test_engine_options_are_checked_by_name():
+    with pytest.raises(ValueError, match="amp must be one of .*loss scaling"):
+        rf.RecoverConfig(amp="fp16").validate()
+    with pytest.raises(ValueError, match="compile must be one of"):
+        rf.RecoverConfig(compile="fast").validate()
+    with pytest.raises(ValueError, match="compile must be one of"):
+        from reta_fast.pipeline import DistillConfig
+
+        DistillConfig(compile="fast").validate()
+
+
+@pytest.mark.slow
+def test_compiled_teacher_forward_matches_eager():
+    ref, ref_h = _engine_run(iterations=4)
+    out, hist = _engine_run(iterations=4, compile="default")
+    assert float((out - ref).abs().mean()) < 1e-5 and float((out - ref).abs().max()) < 1e-3
+    assert all(abs(a["bn"] - b["bn"]) < 1e-3 * max(1.0, b["bn"]) for a, b in zip(hist, ref_h))

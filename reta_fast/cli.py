@@ -302,10 +302,17 @@ def cmd_evaluate(args, data=None, teachers=None) -> int:
 
     data = data or _data(args)
     teachers = teachers or _teachers(args, data)
-    with Stage(Path(args.out), "evaluate", args.device, args.log) as st:
-        r = evaluate(data, teachers[0], args.out, _eval_config(args), device=args.device, progress=not args.quiet,
-                     log=args.log, seed=args.seed, workers=args.workers)
-        st.info.update(top1=r["distilled"]["mean"])
+    rank, world = _rank()
+    if world > 1 and not _process_group(args):
+        raise ValueError("`reta evaluate` with WORLD_SIZE > 1 trains each student with DDP and needs torchrun's "
+                         "process group (MASTER_ADDR); run it with torchrun, or in one process")
+    log = args.log if rank == 0 else (lambda m: None)
+    with Stage(Path(args.out) if rank == 0 else None, "evaluate", args.device, log) as st:
+        r = evaluate(data, teachers[0], args.out, _eval_config(args), device=args.device,
+                     progress=not args.quiet and rank == 0, log=log, seed=args.seed, workers=args.workers)
+        st.info.update(top1=r["distilled"]["mean"], ranks=world)
+    if rank != 0:
+        return 0
     rr = r["random_real"]
     print(f"{r['method']} IPC {r['ipc']}: student top-1 {r['distilled']['mean']:.2f} ± {r['distilled']['std']:.2f}% | "
           f"teacher {r['teacher_top1']:.2f}%" + (f" | random real {rr['mean']:.2f} ± {rr['std']:.2f}%" if rr else ""))
@@ -325,14 +332,18 @@ def cmd_run(args) -> int:
     data = _data(args)
     teachers = _teachers(args, data)
     cmd_distill(args, data, teachers)
-    if _rank()[1] > 1 and _rank()[0] != 0:
-        return 0  # the other ranks only distil; rank 0 evaluates once all images exist
-    if _rank()[1] > 1 and not torch.distributed.is_initialized():
+    rank, world = _rank()
+    if world > 1 and not torch.distributed.is_initialized():
         args.log("[run] ranks without a process group: run `reta evaluate` once every rank has finished")
         return 0
-    if args.labels == "stored":
-        cmd_relabel(args, data, teachers)
-    cmd_evaluate(args, data, teachers)
+    if args.labels == "stored":  # rank 0 relabels, the others wait for the labels
+        if rank == 0:
+            cmd_relabel(args, data, teachers)
+        if world > 1:
+            torch.distributed.barrier()
+    cmd_evaluate(args, data, teachers)  # every rank: the students train with DDP
+    if rank != 0:
+        return 0
     cmd_report(args, data, teachers)
     print((Path(args.out) / "report.md").read_text())
     return 0

@@ -764,9 +764,12 @@ def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool 
              ipc: Optional[int] = None, seed: int = 0, workers: int = 0) -> dict:
     """Train a student from scratch on the distilled set of ``out`` for every seed of ``ecfg`` and
     report its top-1 on ``data.val``, with the teacher's top-1 and (``ecfg.baseline``) the random
-    real subset at the same IPC trained with the same protocol and seeds. Writes ``eval.json``."""
+    real subset at the same IPC trained with the same protocol and seeds. Writes ``eval.json``.
+
+    In a torch.distributed process group (``torchrun ... reta evaluate``) every rank calls it: each
+    student is trained with DDP and scored on a share of the validation images; rank 0 writes."""
     from .datasets import fits_in_memory, materialize
-    from .train import accuracy, train_student
+    from .train import accuracy, dist_world, train_student
 
     ecfg.validate()
     out = Path(out)
@@ -797,10 +800,11 @@ def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool 
             soft = None
             if ecfg.labels == "stored" and name == "distilled":
                 soft = _stored_labels(out, s, ecfg, imgs.shape[0], data.flip, len(data.classes))
-            train_student(student, None if soft is not None else teacher.model, imgs, epochs=ecfg.epochs,
-                          batch_size=ecfg.batch_size, lr=ecfg.lr, weight_decay=ecfg.weight_decay,
-                          temperature=ecfg.temperature, cutmix=ecfg.cutmix, crop_scale=ecfg.crop_scale,
-                          flip=data.flip, device=device, seed=s, progress=progress, soft_labels=soft)
+            student = train_student(student, None if soft is not None else teacher.model, imgs,
+                                    epochs=ecfg.epochs, batch_size=ecfg.batch_size, lr=ecfg.lr,
+                                    weight_decay=ecfg.weight_decay, temperature=ecfg.temperature, cutmix=ecfg.cutmix,
+                                    crop_scale=ecfg.crop_scale, flip=data.flip, device=device, seed=s,
+                                    progress=progress, soft_labels=soft)
             acc = accuracy(student, val, **acc_kw)
             res[name].append(acc)
             log(f"[evaluate] {name} (IPC {ipc}) student {arch}, seed {s}: top-1 {acc:.2f}%")
@@ -813,5 +817,10 @@ def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool 
                   random_real=stat(res["random-real"]) if "random-real" in res else None,
                   protocol=dict(asdict(ecfg), crop_scale=list(ecfg.crop_scale), seeds=list(ecfg.seeds), flip=data.flip),
                   val_images=len(data.val))
-    write_json(out / "eval.json", result)
+    rank, world = dist_world()
+    if world > 1:  # students trained with DDP (see train_student)
+        result["distributed"] = dict(ranks=world, batchnorm="sync" if torch.device(device).type == "cuda"
+                                     else "per-rank share of each batch")
+    if rank == 0:
+        write_json(out / "eval.json", result)
     return result

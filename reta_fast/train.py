@@ -2,6 +2,7 @@
 training (squeeze), accuracy, and the student protocol of METHOD.md section 1 (evaluate)."""
 from __future__ import annotations
 
+import gc
 import math
 from typing import Iterator, Optional, Sequence
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["TensorImageDataset", "digits_dataset", "train_classifier", "accuracy", "train_student", "relabel",
-           "relabel_batches", "student_batches"]
+           "relabel_batches", "student_batches", "dist_world"]
 
 
 class TensorImageDataset:
@@ -57,6 +58,19 @@ def digits_dataset(split: str = "train", size: int = 16, test_fraction: float = 
     keep = test if split == "test" else ~test
     x = F.interpolate(x[keep], size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
     return TensorImageDataset(x.expand(-1, 3, -1, -1).contiguous(), y[keep].tolist(), [str(c) for c in range(10)])
+
+
+def dist_world(distributed: Optional[bool] = None):
+    """``(rank, world size)`` of the default process group (torchrun), ``(0, 1)`` without one.
+    ``distributed=False`` forces ``(0, 1)``; ``True`` requires an initialised group."""
+    import torch.distributed as dist
+
+    on = dist.is_available() and dist.is_initialized()
+    if distributed and not on:
+        raise RuntimeError("distributed=True needs an initialised torch.distributed process group (torchrun)")
+    if distributed is False or not on:
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _normalise(x, mean, std):
@@ -133,11 +147,21 @@ def train_classifier(model: nn.Module, dataset, epochs: int = 30, batch_size: in
 
 @torch.no_grad()
 def accuracy(model: nn.Module, dataset, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), batch_size: int = 512,
-             device="cpu", size: Optional[int] = None, workers: int = 0) -> float:
-    """Top-1 accuracy (%) of ``model`` (eval mode) on ``dataset`` (in memory or streamed at ``size``)."""
-    from .datasets import iterate_batches
+             device="cpu", size: Optional[int] = None, workers: int = 0,
+             distributed: Optional[bool] = None) -> float:
+    """Top-1 accuracy (%) of ``model`` (eval mode) on ``dataset`` (in memory or streamed at ``size``).
+
+    In a process group (torchrun; ``distributed=None`` detects it) each rank scores every
+    ``world``-th image and the counts are summed: every rank returns the accuracy on the whole set."""
+    from .datasets import Subset, iterate_batches
 
     size = _image_size(dataset, size)
+    rank, world = dist_world(distributed)
+    if world > 1:
+        if isinstance(dataset, TensorImageDataset):
+            dataset = TensorImageDataset(dataset.images[rank::world], dataset.targets[rank::world], dataset.classes)
+        else:
+            dataset = Subset(dataset, range(rank, len(dataset), world))
     was = model.training
     model.eval()
     correct = total = 0
@@ -146,6 +170,13 @@ def accuracy(model: nn.Module, dataset, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0
         correct += int((logits.argmax(1).cpu() == yb).sum())
         total += yb.numel()
     model.train(was)
+    if world > 1:
+        import torch.distributed as dist
+
+        counts = torch.tensor([correct, total], dtype=torch.float64,
+                              device=device if torch.device(device).type == "cuda" else "cpu")
+        dist.all_reduce(counts)
+        correct, total = (int(v) for v in counts.tolist())
     return 100.0 * correct / max(1, total)
 
 
@@ -222,7 +253,7 @@ def relabel(teacher: nn.Module, images: torch.Tensor, epochs: int = 300, batch_s
 def train_student(student: nn.Module, teacher: Optional[nn.Module], images: torch.Tensor, epochs: int = 300,
                   batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.01, temperature: float = 20.0,
                   cutmix: bool = True, crop_scale=(0.08, 1.0), flip: bool = True, device="cpu", seed: int = 0,
-                  progress: bool = False, soft_labels=None) -> nn.Module:
+                  progress: bool = False, soft_labels=None, distributed: Optional[bool] = None) -> nn.Module:
     """The student protocol of METHOD.md section 1.
 
     ``images`` ``[N, 3, H, W]`` are normalised synthetic images. Each step (:func:`student_batches`):
@@ -230,11 +261,28 @@ def train_student(student: nn.Module, teacher: Optional[nn.Module], images: torc
     augmented batch (online), or the stored ``soft_labels`` from :func:`relabel` (a tensor) or
     :class:`reta_fast.labels.StoredLogits` (read from disk row range by row range) with the same seed
     and arguments; loss ``KL(softmax(t/T) || softmax(s/T)) * T^2``; AdamW, cosine over all steps.
+
+    Data-parallel in a process group (torchrun; ``distributed=None`` detects it): every rank draws
+    the same augmented batch, takes its contiguous share and trains the same student under
+    ``DistributedDataParallel``; the loss is scaled so that the averaged gradient is the whole
+    batch's (a batch smaller than the world is computed whole on every rank). On CUDA the student's
+    BatchNorm layers become ``SyncBatchNorm`` (statistics over the whole batch, as on one device);
+    on the CPU (gloo) each rank normalises with its own share's statistics. Returns the trained
+    student, which may be a new module (SyncBatchNorm conversion): use the return value.
     """
     if (teacher is None) == (soft_labels is None):
         raise ValueError("pass exactly one of teacher (online soft labels) or soft_labels (stored)")
+    rank, world = dist_world(distributed)
     torch.manual_seed(seed)
     student.to(device).train()
+    model = student
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student).to(dev)
+        model = DistributedDataParallel(student, device_ids=[dev] if dev.type == "cuda" else None)
     if teacher is not None:
         teacher.to(device).eval()
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
@@ -246,23 +294,33 @@ def train_student(student: nn.Module, teacher: Optional[nn.Module], images: torc
                          f"{expected_rows}: relabel with the same images, epochs and batch size")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     stream = student_batches(images, epochs, batch_size, crop_scale, flip, cutmix, seed, device)
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
         stream = tqdm(stream, desc="evaluate", unit="step", total=steps)
     row = 0
     for x in stream:
+        n = x.shape[0]
+        share = world > 1 and n >= world
+        a, b = (rank * n // world, (rank + 1) * n // world) if share else (0, n)  # this rank's rows of the batch
+        xs = x[a:b]
         if soft_labels is None:
             with torch.no_grad():
-                t = teacher(x).float()
+                t = teacher(xs).float()
         else:
-            t = soft_labels[row:row + x.shape[0]].to(device).float()
-            row += x.shape[0]
+            t = soft_labels[row + a:row + b].to(device).float()
+        row += n
         soft = F.softmax(t / temperature, dim=1)
-        logp = F.log_softmax(student(x).float() / temperature, dim=1)
-        loss = F.kl_div(logp, soft, reduction="batchmean") * temperature**2
+        logp = F.log_softmax(model(xs).float() / temperature, dim=1)
+        if share:  # DDP averages the ranks' gradients: sum over this share * world / n = the batch mean
+            loss = F.kl_div(logp, soft, reduction="sum") * (world / n * temperature**2)
+        else:
+            loss = F.kl_div(logp, soft, reduction="batchmean") * temperature**2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+    if model is not student:  # free DDP's reducer now: collected after the process group is gone, it aborts
+        del model
+        gc.collect()
     return student.eval()

@@ -728,3 +728,27 @@ def test_recover_engine_choices_are_part_of_the_run_identity(data, teacher, tmp_
     ns = cli.build_parser().parse_args(["distill", "--data", "digits", "--out", "o", "--amp", "bf16", "--channels-last",
                                         "--topo-refresh", "5", "--compile"])
     assert (ns.amp, ns.channels_last, ns.compile, ns.topo_refresh) == ("bf16", True, "default", 5)
+
+
+@pytest.mark.slow
+def test_torchrun_evaluate_trains_each_student_with_ddp(data, teacher, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "set"
+    run(data, teacher, out, method="rded", ipc=3)
+    base = ["evaluate", "--data", "digits", "--teacher", str(teacher.path), "--out", str(out), "--eval-epochs", "3",
+            "--eval-batch", "8", "--eval-seeds", "0", "1", "--no-baseline", "--quiet", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                        "reta_fast.cli"] + base, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "eval.json").read_text())
+    assert res["distributed"]["ranks"] == 2 and len(res["distilled"]["runs"]) == 2
+    assert all(0 <= a <= 100 for a in res["distilled"]["runs"])
+    assert r.stdout.count("student top-1") == 1  # one rank reports
+    assert json.loads((out / "stages" / "evaluate.json").read_text())["ranks"] == 2
+    # WORLD_SIZE > 1 without torchrun's process group: refused by name, not a hang
+    r = subprocess.run([sys.executable, "-m", "reta_fast.cli"] + base, capture_output=True, text=True,
+                       env=dict(env, RANK="1", WORLD_SIZE="2"), timeout=600)
+    assert r.returncode != 0 and "needs torchrun" in r.stderr

@@ -47,3 +47,63 @@ def test_student_on_a_small_real_subset_beats_chance_and_an_untrained_net(digits
                               epochs=150, batch_size=50, lr=1e-2, crop_scale=(0.5, 1.0), flip=False)
     acc = T.accuracy(student, te, **NORM)
     assert acc > 50.0 and acc > base + 20
+
+
+DDP_SCRIPT = r"""
+import sys, torch
+import torch.distributed as dist
+from torch import nn
+from reta_fast.train import TensorImageDataset, accuracy, train_student, relabel
+
+if len(sys.argv) > 2:
+    dist.init_process_group("gloo")
+torch.manual_seed(0)
+def net():  # no BatchNorm: with it, CPU ranks would normalise with their own share's statistics
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5))
+teacher = net().eval()
+g = torch.Generator().manual_seed(1)
+images = torch.randn(16, 3, 12, 12, generator=g)  # batches of 5 (shares of 2 and 3) and a last one of 1 < world
+kw = dict(epochs=3, batch_size=5, lr=1e-2, seed=2)
+torch.manual_seed(3)
+online = train_student(net(), teacher, images, **kw)
+torch.manual_seed(3)
+stored = train_student(net(), None, images, soft_labels=relabel(teacher, images, epochs=3, batch_size=5, seed=2), **kw)
+val = TensorImageDataset(torch.rand(37, 3, 12, 12, generator=g), [i % 5 for i in range(37)], list("abcde"))
+acc = accuracy(online, val, size=12)
+if not dist.is_initialized() or dist.get_rank() == 0:
+    torch.save(dict(online=online.state_dict(), stored=stored.state_dict(), acc=acc), sys.argv[1])
+if dist.is_initialized():
+    dist.destroy_process_group()  # gloo's threads would abort the interpreter's exit otherwise
+"""
+
+
+@pytest.mark.slow
+def test_ddp_student_on_two_gloo_ranks_equals_one_process(tmp_path):
+    """train_student under torchrun (2 CPU ranks, gloo, DDP): each rank takes its share of every batch,
+    the averaged gradient is the whole batch's, so the student equals the one-process student; the
+    sharded validation accuracy equals the one-process accuracy."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path / "two.pt"), "ddp"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for which in ("online", "stored"):
+        for k, v in one[which].items():
+            torch.testing.assert_close(two[which][k], v, atol=2e-5, rtol=1e-4, msg=f"{which} {k}")
+    assert two["acc"] == one["acc"]
+
+
+def test_distributed_true_without_a_group_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="process group"):
+        T.dist_world(True)
+    assert T.dist_world() == (0, 1) and T.dist_world(False) == (0, 1)

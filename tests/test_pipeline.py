@@ -96,10 +96,17 @@ def test_corrupt_and_non_image_files_are_skipped_with_a_count(tmp_path):
     (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (root / "b" / "empty.jpg").write_bytes(b"")
     (root / "c" / "notes.txt").write_text("not an image")
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (root / "c" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # truncated mid-stream
     d = load_data(str(root), val=str(root), size=8)
-    with pytest.warns(RuntimeWarning, match="2 unreadable"):
+    with pytest.warns(RuntimeWarning, match="3 unreadable"):
         mem, skipped = materialize(d.train, 8)
-    assert skipped == 2 and len(mem) == 12 and mem.images.shape[1:] == (3, 8, 8)
+    assert skipped == 3 and len(mem) == 12 and mem.images.shape[1:] == (3, 8, 8)
 
 
 def test_teacher_checkpoint_round_trip_and_refusals(data, teacher, tmp_path):

@@ -533,9 +533,12 @@ def main(argv=None) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA initialises
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    ok = False
     try:
         args.device = _device(args.device)
-        return args.func(args)
+        rc = args.func(args)
+        ok = rc == 0
+        return rc
     except _USER_ERRORS as exc:
         print(f"reta {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -548,6 +551,8 @@ def main(argv=None) -> int:
         return 130
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if ok:  # leave together: a rank tearing gloo down while another still uses it aborts (SIGABRT)
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["TensorImageDataset", "digits_dataset", "train_classifier", "accuracy", "train_student", "relabel",
-           "relabel_batches", "student_batches", "dist_world"]
+           "relabel_batches", "student_batches", "dist_world", "normalise_pixels"]
 
 
 class TensorImageDataset:
@@ -71,6 +71,13 @@ def dist_world(distributed: Optional[bool] = None):
     if distributed is False or not on:
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def normalise_pixels(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 pixels ``[N, 3, H, W]`` -> normalised float32 (``(x / 255 - mean) / std``)."""
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (x.float() / 255.0 - m) / s
 
 
 def _normalise(x, mean, std):
@@ -200,17 +207,24 @@ def _rrc_flip(x: torch.Tensor, scale, g: torch.Generator, flip: bool) -> torch.T
 
 
 def student_batches(images: torch.Tensor, epochs: int, batch_size: int, crop_scale=(0.08, 1.0), flip: bool = True,
-                    cutmix: bool = True, seed: int = 0, device="cpu") -> Iterator[torch.Tensor]:
+                    cutmix: bool = True, seed: int = 0, device="cpu", mean=None, std=None) -> Iterator[torch.Tensor]:
     """The augmented batches of the student protocol (METHOD.md section 1), one per step, as a
     deterministic function of ``seed``: shuffled each epoch, per-image RandomResizedCrop + flip,
     CutMix (Beta(1, 1) box, partner permutation). Relabelling (stored soft labels) and evaluation
-    replay the same stream, so stored and online teacher labels agree step by step."""
+    replay the same stream, so stored and online teacher labels agree step by step.
+
+    ``images``: normalised floats, or uint8 pixels with their ``mean``/``std`` (normalised batch by
+    batch, the same values as normalising the whole set first, at a quarter of the memory)."""
+    raw = not images.is_floating_point()
+    if raw and (mean is None or std is None):
+        raise ValueError("uint8 images need the mean and std to normalise them with")
     g = torch.Generator().manual_seed(seed)
     n = images.shape[0]
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         for b in range(0, n, batch_size):
-            x = _rrc_flip(images[perm[b:b + batch_size]].to(device), crop_scale, g, flip)
+            xb = images[perm[b:b + batch_size]]
+            x = _rrc_flip((normalise_pixels(xb, mean, std) if raw else xb).to(device), crop_scale, g, flip)
             if cutmix and x.shape[0] > 1:
                 lam = float(torch.rand((), generator=g))  # Beta(1, 1) is uniform: drawn from g
                 H, W = x.shape[-2:]
@@ -225,12 +239,12 @@ def student_batches(images: torch.Tensor, epochs: int, batch_size: int, crop_sca
 
 def relabel_batches(teacher: nn.Module, images: torch.Tensor, epochs: int = 300, batch_size: int = 64,
                     crop_scale=(0.08, 1.0), flip: bool = True, cutmix: bool = True, seed: int = 0, device="cpu",
-                    progress: bool = False) -> Iterator[torch.Tensor]:
+                    progress: bool = False, mean=None, std=None) -> Iterator[torch.Tensor]:
     """FKD-style soft labels, one batch at a time: the teacher's logits (fp16, on the CPU) for every
     augmented batch the student protocol will draw with this ``seed``, in stream order. Stream them
     to disk with :func:`reta_fast.labels.write_logits`; :func:`relabel` collects them in memory."""
     teacher.to(device).eval()
-    stream = student_batches(images, epochs, batch_size, crop_scale, flip, cutmix, seed, device)
+    stream = student_batches(images, epochs, batch_size, crop_scale, flip, cutmix, seed, device, mean, std)
     if progress:
         from tqdm.auto import tqdm
 
@@ -243,20 +257,21 @@ def relabel_batches(teacher: nn.Module, images: torch.Tensor, epochs: int = 300,
 
 def relabel(teacher: nn.Module, images: torch.Tensor, epochs: int = 300, batch_size: int = 64,
             crop_scale=(0.08, 1.0), flip: bool = True, cutmix: bool = True, seed: int = 0, device="cpu",
-            progress: bool = False) -> torch.Tensor:
+            progress: bool = False, mean=None, std=None) -> torch.Tensor:
     """All of :func:`relabel_batches` in memory: ``[epochs * N, K]`` fp16 in stream order. Pass them
     to :func:`train_student` (``soft_labels=``) with the same arguments."""
     return torch.cat(list(relabel_batches(teacher, images, epochs, batch_size, crop_scale, flip, cutmix, seed,
-                                          device, progress)))
+                                          device, progress, mean, std)))
 
 
 def train_student(student: nn.Module, teacher: Optional[nn.Module], images: torch.Tensor, epochs: int = 300,
                   batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.01, temperature: float = 20.0,
                   cutmix: bool = True, crop_scale=(0.08, 1.0), flip: bool = True, device="cpu", seed: int = 0,
-                  progress: bool = False, soft_labels=None, distributed: Optional[bool] = None) -> nn.Module:
+                  progress: bool = False, soft_labels=None, distributed: Optional[bool] = None, mean=None,
+                  std=None) -> nn.Module:
     """The student protocol of METHOD.md section 1.
 
-    ``images`` ``[N, 3, H, W]`` are normalised synthetic images. Each step (:func:`student_batches`):
+    ``images`` ``[N, 3, H, W]`` are normalised synthetic images, or uint8 pixels with ``mean``/``std``. Each step (:func:`student_batches`):
     RandomResizedCrop + flip per image, CutMix; soft labels = the teacher's logits on the same
     augmented batch (online), or the stored ``soft_labels`` from :func:`relabel` (a tensor) or
     :class:`reta_fast.labels.StoredLogits` (read from disk row range by row range) with the same seed
@@ -293,7 +308,7 @@ def train_student(student: nn.Module, teacher: Optional[nn.Module], images: torc
         raise ValueError(f"soft_labels has {soft_labels.shape[0]} rows; {epochs} epochs over {n} images need "
                          f"{expected_rows}: relabel with the same images, epochs and batch size")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    stream = student_batches(images, epochs, batch_size, crop_scale, flip, cutmix, seed, device)
+    stream = student_batches(images, epochs, batch_size, crop_scale, flip, cutmix, seed, device, mean, std)
     if progress and rank == 0:
         from tqdm.auto import tqdm
 

@@ -191,7 +191,8 @@ def _distill_config(args):
                          lam_topo=args.lam_topo, topo_k=args.topo_k, points_per_class=args.points_per_class,
                          pool_per_class=args.pool_per_class, pool_candidates=args.pool_candidates,
                          drc=not args.no_drc, pta=not args.no_pta, seed=args.seed, topo_refresh=args.topo_refresh,
-                         amp=args.amp, channels_last=args.channels_last, compile=args.compile)
+                         amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+                         topo_overlap=args.topo_overlap)
 
 
 def _eval_config(args):
@@ -439,6 +440,8 @@ def _distill_args(p, demo=False):
     g.add_argument("--no-pta", action="store_true", help="ablation: no topology alignment")
     g.add_argument("--topo-refresh", type=int, default=1,
                    help="recompute PTA's graphs and pairings every T steps, re-gather lengths in between")
+    g.add_argument("--topo-overlap", action="store_true",
+                   help="compute PTA's pairings in a worker thread during the step, use them one step later")
     e = p.add_argument_group("recover engine (changes images at rounding level; recorded in run.json)")
     e.add_argument("--amp", choices=["bf16"], default=None, help="teacher forward under bf16 autocast")
     e.add_argument("--channels-last", action="store_true", help="teacher and batch in channels-last format")

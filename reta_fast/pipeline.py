@@ -60,7 +60,7 @@ OUTPUT_NAMES = {"run.json", "classes.json", "images", "stages", "labels", "expor
                 "report.json", "report"}
 
 
-ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None)
+ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None, topo_overlap=False)
 
 
 class RunMismatch(ValueError):
@@ -103,6 +103,9 @@ class DistillConfig:
             autocast, channels-last memory format, ``torch.compile`` mode. They change the images at
             rounding level, so a non-default choice is part of the run's identity (defaults are left
             out of it, so folders written before these options existed still resume).
+        topo_overlap: PTA's pairings computed in a worker thread during the rest of the step and
+            used one step later (:class:`TopologyAlignmentLoss` ``overlap``) [ours]; part of the
+            identity when on (it changes the images).
     """
 
     method: str = "reta"
@@ -133,6 +136,7 @@ class DistillConfig:
     amp: Optional[str] = None
     channels_last: bool = False
     compile: Optional[str] = None
+    topo_overlap: bool = False
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -623,6 +627,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
             # every class of the pool has >= ipc patches (checked above), and PTA uses min(ipc, points) points
             real = _real_points(t.model, pool, min(cfg.points_per_class, int(counts.min())), cfg.seed, device)
             crits.append(RETALoss(t.model, lam_topo=cfg.lam_topo, real_feats=real, k=k, topo_refresh=cfg.topo_refresh,
+                                  overlap=cfg.topo_overlap,
                                   **kw))
         else:
             crits.append(RETALoss(t.model, lam_topo=0.0, **kw))

@@ -7,6 +7,7 @@ go through one batched k-NN search and one native persistence call.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -47,6 +48,13 @@ class TopologyAlignmentLoss(nn.Module):
             re-gather edge lengths on the stored pairings in between (``1``: every call).
         reduction: ``"sum"`` over classes (METHOD.md) or ``"mean"``.
         knn_backend, backend: backends of the k-NN search and of the persistence pairings.
+        overlap: compute each refresh's graph and pairings in a background thread while the caller
+            goes on (backward, optimiser, the next augmentation and forward), and use them from the
+            next call on [ours]: the pairings at call ``t + 1`` come from the features of call ``t``
+            (one call of lag; the first call of a batch, or after a change of classes or shape, is
+            computed synchronously). Apart from that first call, a call then waits for no host
+            persistence, and the result is deterministic (each job is consumed at a fixed call). The
+            real side's images are computed once per real tensor and reused.
 
     Shapes: ``forward(syn, real=None)`` with ``syn`` ``[C, n, d]`` (requires grad) and ``real``
     ``[C, n, d]`` (constant, class-balanced: same ``C`` and ``n``); ``real`` may be omitted after
@@ -68,8 +76,12 @@ class TopologyAlignmentLoss(nn.Module):
         reduction: str = "sum",
         knn_backend: str = "auto",
         backend: str = "auto",
+        overlap: bool = False,
     ):
         super().__init__()
+        self.overlap = bool(overlap)
+        self._pool = None  # one worker thread, created on first use
+        self._job = None  # (future, key) of the pairings being computed for the next call
         self.k = check_positive_int(k, "k")
         self.resolution = check_positive_int(resolution, "resolution", 2)
         self.refresh_every = check_positive_int(refresh_every, "refresh_every")
@@ -87,12 +99,44 @@ class TopologyAlignmentLoss(nn.Module):
         self.reset()
 
     def reset(self) -> None:
-        """Forget the derived grids, the cached reference and the stored pairings."""
+        """Forget the derived grids, the cached reference and the stored (or pending) pairings."""
+        self._drop_job()
         self.grid = dict(self._fixed)
         self._ref_images: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._pairs_cache = None
         self._cache_key = None
+        self._real_cache = None  # (real key, i0, i1): the real side's images
         self._calls = 0
+
+    def _drop_job(self) -> None:
+        job = getattr(self, "_job", None)
+        if job is not None:
+            job[0].result()  # let it finish (its errors are moot: its pairings are discarded)
+        self._job = None
+
+    def __del__(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+    def _pairings(self, x: torch.Tensor, knn_backend: Optional[str] = None):
+        """Graph and pairings of detached ``x`` ``[B, n, d]``: what a refresh computes."""
+        with torch.no_grad():
+            edges, offsets = mutual_knn_edges(x, self.k, backend=knn_backend or self.knn_backend)
+            weights = edge_weights(x, edges, offsets)
+            pairs = persistence_pairs(edges, weights, x.shape[1], maxdim=1, offsets=offsets, backend=self.backend)
+            caps = cap_edges_of(weights, offsets) if self.essential == "max" else None
+            return edges, offsets, weights, _pairs_to(pairs, x.device), caps
+
+    def _launch(self, xs: torch.Tensor, key) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reta-pta")
+        # Triton's CPU interpreter (TRITON_INTERPRET=1, the test suite's) cannot run outside the main
+        # thread; the torch search gives the same neighbours (exact ties included), so the worker uses it
+        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and not xs.is_cuda
+        self._job = (self._pool.submit(self._pairings, xs.detach(), "torch" if interpreted else None), key)
 
     # ----------------------------------------------------------------------------------------
     def _prep(self, x, name):
@@ -105,10 +149,7 @@ class TopologyAlignmentLoss(nn.Module):
         if reuse:
             edges, offsets, weights, pairs, caps = self._pairs_cache
         else:
-            edges, offsets = mutual_knn_edges(x, self.k, backend=self.knn_backend)
-            weights = edge_weights(x, edges, offsets)
-            pairs = persistence_pairs(edges, weights, x.shape[1], maxdim=1, offsets=offsets, backend=self.backend)
-            caps = cap_edges_of(weights, offsets) if self.essential == "max" else None
+            edges, offsets, weights, pairs, caps = self._pairings(x.detach())
         lengths = paired_lengths(x, edges, offsets, weights, pairs, caps)
         dg = diagrams_from_pairs(lengths, offsets, pairs, self.essential, caps)
         return dg, (edges, offsets, weights, pairs, caps)
@@ -158,8 +199,10 @@ class TopologyAlignmentLoss(nn.Module):
             classes = tuple(int(c) for c in torch.as_tensor(classes).reshape(-1).tolist())
             if len(classes) != C:
                 raise ValueError(f"classes has {len(classes)} ids but syn has {C} classes")
-        ref_key = (real.data_ptr(), real._version) if real is not None else id(self._ref_images)
+        ref_key = (real.data_ptr(), real._version, tuple(real.shape)) if real is not None else id(self._ref_images)
         key = (tuple(xs.shape), classes, ref_key)
+        if self.overlap:
+            return self._forward_overlapped(xs, real, key, ref_key)
         reuse = (
             self._pairs_cache is not None
             and self._calls % self.refresh_every != 0
@@ -191,23 +234,58 @@ class TopologyAlignmentLoss(nn.Module):
             i0, i1 = self._images(dg, xs.shape[1])
             i0s, i0r, i1s, i1r = i0[:C], i0[C:].detach(), i1[:C], i1[C:].detach()
         else:
-            if real is not None:
-                with torch.no_grad():
-                    dgr, _ = self._diagrams(xr, reuse=False)
-                    if self.grid["h0"] is None:
-                        self._set_grid(dgr[0], dgr[2])
-                    i0r, i1r = self._images(dgr, xs.shape[1])
-            else:
-                i0r, i1r = self._ref_images
-                if i0r.shape[0] != C:
-                    raise ValueError(f"syn has {C} classes but the reference has {i0r.shape[0]}")
+            i0r, i1r = self._real_images(real, ref_key, C, xs.shape[1])
             dgs, state = self._diagrams(xs, reuse=reuse)
             if not reuse:
                 self._pairs_cache = state
             i0s, i1s = self._images(dgs, xs.shape[1])
         self._calls += 1
+        return self._reduce(i0s, i0r, i1s, i1r)
+
+    def _reduce(self, i0s, i0r, i1s, i1r) -> torch.Tensor:
         per_class = (i0s - i0r).pow(2).flatten(1).sum(1) + self.gamma * (i1s - i1r).pow(2).flatten(1).sum(1)
         return per_class.sum() if self.reduction == "sum" else per_class.mean()
+
+    def _real_images(self, real: Optional[torch.Tensor], ref_key, C: int, n: int):
+        """The real side's images, computed once per real tensor (and grid)."""
+        if real is None:
+            i0r, i1r = self._ref_images
+            if i0r.shape[0] != C:
+                raise ValueError(f"syn has {C} classes but the reference has {i0r.shape[0]}")
+            return i0r, i1r
+        if self._real_cache is None or self._real_cache[0] != ref_key:
+            with torch.no_grad():
+                dgr, _ = self._diagrams(self._prep(real, "real"), reuse=False)
+                if self.grid["h0"] is None or self.grid["h1p"] is None or self.grid["h1b"] is None:
+                    self._set_grid(dgr[0], dgr[2])
+                self._real_cache = (ref_key,) + tuple(self._images(dgr, n))
+        return self._real_cache[1], self._real_cache[2]
+
+    def _forward_overlapped(self, xs: torch.Tensor, real: Optional[torch.Tensor], key, ref_key) -> torch.Tensor:
+        C, n = xs.shape[0], xs.shape[1]
+        if real is not None:
+            xr = self._prep(real, "real")
+            if xr.shape != xs.shape or xr.device != xs.device or xr.dtype != xs.dtype:
+                raise ValueError(f"real must match syn's [classes, points, dim], dtype and device (class-balanced), "
+                                 f"got {tuple(xr.shape)} {xr.dtype} {xr.device} vs {tuple(xs.shape)} {xs.dtype} "
+                                 f"{xs.device}")
+        elif self._ref_images is None:
+            raise ValueError("real features are required (or call set_reference(real) first)")
+        if self._job is not None:  # the pairings launched at the previous refresh: consumed now, always
+            future, job_key = self._job
+            self._job = None
+            state = future.result()
+            if job_key == key:
+                self._pairs_cache, self._cache_key = state, key
+        i0r, i1r = self._real_images(real, ref_key, C, n)  # also fixes the grids before any synthetic image
+        if self._pairs_cache is None or self._cache_key != key:  # first call of a batch: synchronously
+            self._pairs_cache, self._cache_key = self._pairings(xs.detach()), key
+        dgs, _ = self._diagrams(xs, reuse=True)
+        if self._calls % self.refresh_every == 0:
+            self._launch(xs, key)  # pairings of these features, for the next call
+        self._calls += 1
+        i0s, i1s = self._images(dgs, n)
+        return self._reduce(i0s, i0r, i1s, i1r)
 
     def _cache_syn(self, edges, offsets, weights, pairs, caps, C):
         """Keep the synthetic half of a joint [syn; real] graph and pairings for reuse."""
@@ -219,3 +297,11 @@ class TopologyAlignmentLoss(nn.Module):
         syn_pairs = type(pairs)(h0, h0o, pairs.components[:C], h1, h1o, ess, esso)
         caps = None if caps is None else caps[:C]
         self._pairs_cache = (edges[:e_end], offsets[: C + 1], weights[:e_end], syn_pairs, caps)
+
+
+def _pairs_to(pairs, device):
+    """The index tensors a reused pairing gathers with, moved to ``device`` once (offsets stay on the
+    host: they size things)."""
+    if torch.device(device).type == "cpu":
+        return pairs
+    return pairs._replace(h0=pairs.h0.to(device), h1=pairs.h1.to(device), h1_essential=pairs.h1_essential.to(device))

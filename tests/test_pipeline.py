@@ -759,3 +759,21 @@ def test_torchrun_evaluate_trains_each_student_with_ddp(data, teacher, tmp_path)
     r = subprocess.run([sys.executable, "-m", "reta_fast.cli"] + base, capture_output=True, text=True,
                        env=dict(env, RANK="1", WORLD_SIZE="2"), timeout=600)
     assert r.returncode != 0 and "needs torchrun" in r.stderr
+
+
+def test_overlapped_pta_is_deterministic_and_recorded(data, teacher, tmp_path, monkeypatch):
+    from reta_fast.topo_loss import TopologyAlignmentLoss
+
+    launched = []
+    launch = TopologyAlignmentLoss._launch
+    monkeypatch.setattr(TopologyAlignmentLoss, "_launch", lambda self, xs, key: (launched.append(1), launch(self, xs, key)))
+    a, b, sync = tmp_path / "a", tmp_path / "b", tmp_path / "sync"
+    for out in (a, b):
+        run(data, teacher, out, method="reta", topo_overlap=True, iterations=16)
+    assert launched  # the pairings really were computed in the worker
+    assert png_bytes(a) == png_bytes(b)  # each worker result is consumed at a fixed step
+    n = len(launched)
+    run(data, teacher, sync, method="reta", iterations=16)
+    assert len(launched) == n  # not without the option
+    assert json.loads((a / "run.json").read_text())["config"]["topo_overlap"] is True
+    assert "topo_overlap" not in json.loads((sync / "run.json").read_text())["config"]

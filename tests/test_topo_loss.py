@@ -142,3 +142,63 @@ def test_far_from_origin_features_keep_their_topology():
     far = rf.persistence_diagrams(x + 1000.0, 8)
     assert torch.equal(near.graph.edges, far.graph.edges)
     assert_close(far.h0, near.h0, atol=2e-3, what="H0 shifted")
+
+
+# ---------------------------------------------------------------------------------------------
+# overlap: each refresh's pairings computed in a worker thread, used from the next call on
+
+def _value_and_grad(loss, x, real, **kw):
+    x = x.clone().requires_grad_()
+    v = loss(x, real, **kw)
+    (g,) = torch.autograd.grad(v, x)
+    return v.detach(), g
+
+
+def test_overlap_uses_the_previous_calls_pairings_exactly():
+    real = feats(3, 24, 8, 10)
+    xs = [feats(3, 24, 8, 20 + t, spread=1.0 + 0.3 * t) for t in range(5)]
+    over = rf.TopologyAlignmentLoss(k=4, overlap=True)
+    got = [_value_and_grad(over, x, real) for x in xs]
+    # call 0 is synchronous; call t >= 1 uses the pairings of call t - 1's features: a sync loss that
+    # saw x_{t-1} and then reuses its pairings (refresh_every large) gives the same value and gradient
+    want = [_value_and_grad(rf.TopologyAlignmentLoss(k=4), xs[0], real)]
+    for t in range(1, 5):
+        ref = rf.TopologyAlignmentLoss(k=4, refresh_every=1000)
+        ref(xs[t - 1], real)
+        want.append(_value_and_grad(ref, xs[t], real))
+    for t, ((v, g), (wv, wg)) in enumerate(zip(got, want)):
+        assert_close(v, wv, atol=1e-6, rtol=1e-5, what=f"loss at call {t}")
+        assert_close(g, wg, atol=1e-6, rtol=1e-5, what=f"gradient at call {t}")
+    # and the lag matters: call 2 differs from a synchronous refresh on its own features
+    assert float((got[2][0] - _value_and_grad(rf.TopologyAlignmentLoss(k=4), xs[2], real)[0]).abs()) > 0
+    again = rf.TopologyAlignmentLoss(k=4, overlap=True)  # deterministic: each job is consumed at a fixed call
+    assert all(torch.equal(_value_and_grad(again, x, real)[0], v) for x, (v, _) in zip(xs, got))
+
+
+def test_overlap_equals_sync_on_constant_features_and_restarts_on_a_new_batch():
+    real, x = feats(2, 20, 8, 30), feats(2, 20, 8, 31, spread=2.0)
+    over, sync = rf.TopologyAlignmentLoss(k=4, overlap=True, refresh_every=2), rf.TopologyAlignmentLoss(k=4)
+    for _ in range(4):
+        assert torch.equal(over(x, real), sync(x, real))
+    other, other_real = feats(3, 20, 8, 32), feats(3, 20, 8, 33)  # other classes/shape: computed synchronously
+    assert_close(over(other, other_real, classes=[0, 1, 2]), rf.TopologyAlignmentLoss(
+        k=4, **{k: over.grid[v] for k, v in (("h0_range", "h0"), ("h1_pers_range", "h1p"),
+                                                ("h1_birth_range", "h1b"))})(other, other_real), atol=1e-6, rtol=1e-5)
+    over.reset()  # a pending job is waited for and dropped
+    assert over._job is None and over._pairs_cache is None
+    assert torch.isfinite(over(x, real))
+
+
+def test_minimising_with_overlap_aligns_topology_too():
+    real = feats(2, 30, 8, 40)
+    x = feats(2, 30, 8, 41, spread=3.0).requires_grad_()
+    loss = rf.TopologyAlignmentLoss(k=5, overlap=True)
+    opt = torch.optim.Adam([x], lr=0.02)
+    first = None
+    for _ in range(40):
+        opt.zero_grad()
+        v = loss(x, real)
+        first = float(v.detach()) if first is None else first
+        v.backward()
+        opt.step()
+    assert float(loss(x.detach(), real)) < 0.5 * first

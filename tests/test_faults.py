@@ -32,17 +32,17 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+def peak_kib(script: str, *args) -> int:
+    """Peak RSS (KiB) that ``script`` prints as its last line, run in a fresh one-thread interpreter."""
+    r = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(r.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_streamed_evaluation_memory_stays_flat_as_the_data_grows():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-
-    def peak_kib(n):
-        r = subprocess.run([sys.executable, "-c", STREAM, str(n)], capture_output=True, text=True, env=env,
-                           timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return int(r.stdout.strip().splitlines()[-1])
-
-    small, big = peak_kib(1000), peak_kib(8000)
+    small, big = peak_kib(STREAM, 1000), peak_kib(STREAM, 8000)
     # holding the 8,000 images would take 8000 * 3 * 64 * 64 bytes = 94 MiB as uint8 (375 MiB as float)
     assert big - small < 40 * 1024, f"peak RSS grew by {(big - small) / 1024:.0f} MiB from 1,000 to 8,000 images"
 
@@ -204,16 +204,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 @pytest.mark.slow
 def test_stored_labels_memory_stays_flat_as_the_rows_grow(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-
-    def peak_kib(rows):
-        r = subprocess.run([sys.executable, "-c", LABELS, str(rows), str(tmp_path / f"l{rows}")], capture_output=True,
-                           text=True, env=env, timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert (tmp_path / f"l{rows}").stat().st_size > rows * 2000
-        return int(r.stdout.strip().splitlines()[-1])
-
-    small, big = peak_kib(10_000), peak_kib(80_000)
+    small, big = (peak_kib(LABELS, rows, tmp_path / f"l{rows}") for rows in (10_000, 80_000))
+    assert (tmp_path / "l80000").stat().st_size > 80_000 * 2000
     # holding 80,000 x 1,000 fp16 logits would take 153 MiB (fp32 during a cat: 305 MiB more)
     assert big - small < 40 * 1024, f"peak RSS grew by {(big - small) / 1024:.0f} MiB from 10k to 80k rows"
 
@@ -242,14 +234,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 @pytest.mark.slow
 def test_pool_building_memory_stays_flat_as_the_data_grows(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-
-    def peak_kib(n):
-        r = subprocess.run([sys.executable, "-c", POOL, str(n), str(tmp_path / f"pool{n}")], capture_output=True,
-                           text=True, env=env, timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return int(r.stdout.strip().splitlines()[-1])
-
-    small, big = peak_kib(1000), peak_kib(8000)
+    small, big = (peak_kib(POOL, n, tmp_path / f"pool{n}") for n in (1000, 8000))
     # the 8,000 decoded images would take 375 MiB as float (94 MiB as uint8)
     assert big - small < 40 * 1024, f"peak RSS grew by {(big - small) / 1024:.0f} MiB from 1,000 to 8,000 images"

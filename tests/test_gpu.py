@@ -64,3 +64,63 @@ def test_fused_retrieve_matches_reference_on_gpu(precision):
     assert torch.equal(got.cpu(), rf.retrieve_ref(q, ql, z, pl, c))
     assert_close(rf.patch_complexity(z[:8].view(8, 2, 16, 16).cuda()), rf.patch_complexity(z[:8].view(8, 2, 16, 16)),
                  atol=1e-6, rtol=1e-4, what="complexity on GPU")
+
+
+def _recover_on_gpu(**engine):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    t = rf.models.resnet18(num_classes=10, cifar_stem=True).cuda()
+    t.train()
+    with torch.no_grad():  # non-trivial running statistics
+        for _ in range(3):
+            t(torch.randn(32, 3, 32, 32, device="cuda") * 2 + 0.5)
+    t.eval()
+    real = F.normalize(torch.randn(10, 12, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(1)), dim=-1)
+    crit = rf.RETALoss(t, real_feats=real, k=4, overlap=engine.pop("overlap", False))
+    y = torch.arange(10, device="cuda").repeat(6)
+    ids = torch.arange(60, device="cuda")
+    x0 = torch.rand(60, 3, 32, 32, generator=torch.Generator().manual_seed(2)).cuda()
+    cfg = rf.RecoverConfig(iterations=12, resolutions=(32, 32), drc=False, lr=0.05, **engine)
+    out = rf.recover(crit, x0, y, ids, config=cfg)
+    return out, x0, [h for h in cfg.history if "ce" in h]
+
+
+def test_recover_engines_on_gpu():
+    """bf16 + channels-last, torch.compile with CUDA graphs and overlapped PTA stay close to eager fp32
+    (relative to how far the pixels moved), with finite loss parts and PTA active."""
+    ref, x0, hist = _recover_on_gpu()
+    moved = float((ref - x0).abs().mean())
+    assert all(h["topo"] > 0 for h in hist)
+    for engine, tol in ((dict(amp="bf16", channels_last=True), 0.15), (dict(compile="reduce-overhead"), 0.02),
+                        (dict(overlap=True), 0.15),
+                        (dict(amp="bf16", channels_last=True, compile="reduce-overhead", overlap=True), 0.15)):
+        out, _, h = _recover_on_gpu(**engine)
+        assert torch.isfinite(out).all() and all(torch.isfinite(torch.tensor([v["ce"], v["bn"], v["topo"]])).all()
+                                                 for v in h)
+        err = float((out - ref).abs().mean()) / moved
+        assert err < tol, f"{engine}: mean |difference| {err:.3g} of the mean movement"
+
+
+def test_overlapped_pta_lag_on_gpu():
+    """The worker thread runs the Triton k-NN on the GPU: call t uses call t-1's pairings exactly."""
+    g = torch.Generator("cuda").manual_seed(0)
+    real = torch.randn(4, 32, 64, device="cuda", generator=g)
+    xs = [torch.randn(4, 32, 64, device="cuda", generator=g) for _ in range(4)]
+    over = rf.TopologyAlignmentLoss(k=6, overlap=True)
+    got = [over(x, real) for x in xs]
+    for t in range(1, 4):
+        ref = rf.TopologyAlignmentLoss(k=6, refresh_every=1000)
+        ref(xs[t - 1], real)
+        assert_close(got[t], ref(xs[t], real), atol=1e-5, rtol=1e-4, what=f"overlapped loss at call {t}")
+
+
+def test_ddp_free_pieces_on_gpu():
+    """uint8 distilled sets normalised per batch on the GPU give the same batches as float ones."""
+    from reta_fast.train import normalise_pixels, student_batches
+
+    u8 = torch.randint(0, 256, (9, 3, 16, 16), dtype=torch.uint8)
+    m, s = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    a = list(student_batches(normalise_pixels(u8, m, s), 1, 4, seed=3, device="cuda"))
+    b = list(student_batches(u8, 1, 4, seed=3, device="cuda", mean=m, std=s))
+    assert all(torch.equal(p, q) for p, q in zip(a, b))

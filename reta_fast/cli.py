@@ -241,9 +241,15 @@ def _process_group(args) -> bool:
     if _rank()[1] == 1 or not dist.is_available() or "MASTER_ADDR" not in os.environ:
         return False
     if not dist.is_initialized():
+        import datetime
+
         if str(args.device).startswith("cuda"):
             torch.cuda.set_device(torch.device(args.device))
-        dist.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
+        # Ranks wait for rank 0 while it builds the pool, relabels (--labels stored) or writes the report:
+        # hours at ImageNet scale, far beyond the default 10-30 min collective timeout.
+        timeout = float(os.environ.get("RETA_FAST_DIST_TIMEOUT", 12 * 3600))
+        dist.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout))
     return True
 
 

@@ -330,7 +330,7 @@ def load_distilled(out, classes: Sequence[str], mean, std, size: Optional[int] =
     for n, (c, f) in enumerate(files):
         try:
             with Image.open(f) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                arr = np.array(im.convert("RGB"), dtype=np.uint8)
         except (OSError, SyntaxError) as exc:
             raise ValueError(f"distilled image {str(f)!r} is unreadable ({exc}): delete it and re-run distill "
                              f"to regenerate it") from None
@@ -724,6 +724,7 @@ def relabel_stage(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: 
     :mod:`reta_fast.labels`) and the tensor export ``export.pt`` (uint8 images, targets, classes,
     mean/std and the teacher's logits on the un-augmented images)."""
     from .labels import write_logits
+    from .pool import teacher_fingerprint
     from .train import normalise_pixels, relabel_batches
 
     ecfg.validate()
@@ -733,7 +734,8 @@ def relabel_stage(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: 
     info = dict(images=len(y), seeds=list(ecfg.seeds))
     for s in ecfg.seeds:
         path = out / "labels" / f"seed{s}.logits"
-        meta = dict(_label_settings(ecfg, len(y), data.flip), seed=s, ids=[list(i) for i in ids])
+        meta = dict(_label_settings(ecfg, len(y), data.flip), seed=s, ids=[list(i) for i in ids],
+                    teacher=teacher_fingerprint(teacher.model))
         rows = ecfg.epochs * len(y)
         write_logits(path, relabel_batches(teacher.model, u8, epochs=ecfg.epochs, batch_size=ecfg.batch_size,
                                            crop_scale=ecfg.crop_scale, flip=data.flip, cutmix=ecfg.cutmix, seed=s,
@@ -755,20 +757,45 @@ def _label_settings(ecfg: EvalConfig, n: int, flip: bool) -> dict:
                 cutmix=bool(ecfg.cutmix), flip=bool(flip))
 
 
-def _stored_labels(out: Path, s: int, ecfg: EvalConfig, n: int, flip: bool, classes: int):
+def _stored_labels(out: Path, s: int, ecfg: EvalConfig, ids, flip: bool, classes: int, teacher):
+    """The stored soft labels of seed ``s``, checked against everything they depend on: the student
+    protocol's settings, the seed, the images (ids, in order), the class count and the teacher."""
     from .labels import StoredLogits
+    from .pool import teacher_fingerprint
 
     path = out / "labels" / f"seed{s}.logits"
-    if not path.is_file():
+    legacy = out / "labels" / f"seed{s}.pt"  # written by reta_fast before the streamed format
+    if not path.is_file() and legacy.is_file():
+        try:
+            d = torch.load(legacy, map_location="cpu", weights_only=False)
+            logits, meta = d["logits"], {k: v for k, v in d.items() if k != "logits"}
+            meta["crop_scale"] = [float(v) for v in meta["crop_scale"]]
+            meta["ids"] = [list(i) for i in meta.get("ids", [])] or None
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"stored soft labels {str(legacy)!r} are unreadable: {exc!r}") from None
+    elif not path.is_file():
         raise FileNotFoundError(f"no stored soft labels {str(path)!r}: run `reta relabel` with the same evaluation "
                                 f"settings first, or use --labels online")
-    logits = StoredLogits(path)
+    else:
+        logits = StoredLogits(path)
+        meta = logits.meta
+    n = len(ids)
     want = _label_settings(ecfg, n, flip)
-    got = {k: logits.meta.get(k) for k in want}
-    if got != want or logits.meta.get("seed") != s or logits.shape != (ecfg.epochs * n, classes):
-        raise ValueError(f"stored soft labels {str(path)!r} were made with {got} (seed {logits.meta.get('seed')}, "
-                         f"{logits.shape[1]} classes), this evaluation uses {want} (seed {s}, {classes} classes): "
-                         f"run `reta relabel` again")
+    got = {k: meta.get(k) for k in want}
+    problems = []
+    if got != want:
+        problems.append(f"settings {got} vs this evaluation's {want}")
+    if meta.get("seed") != s:
+        problems.append(f"seed {meta.get('seed')} vs {s}")
+    if tuple(logits.shape) != (ecfg.epochs * n, classes):
+        problems.append(f"shape {tuple(logits.shape)} vs {(ecfg.epochs * n, classes)}")
+    if meta.get("ids") is not None and meta["ids"] != [list(i) for i in ids]:
+        problems.append("other images (the set changed since relabel)")
+    if meta.get("teacher") is not None and meta["teacher"] != teacher_fingerprint(teacher):
+        problems.append("another teacher")
+    if problems:
+        raise ValueError(f"stored soft labels {str(path if path.is_file() else legacy)!r} do not match this "
+                         f"evaluation ({'; '.join(problems)}): run `reta relabel` again")
     return logits
 
 
@@ -785,7 +812,7 @@ def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool 
 
     ecfg.validate()
     out = Path(out)
-    x, y, _ = load_distilled(out, data.classes, data.mean, data.std, data.size, raw=True)  # uint8: 1/4 the memory
+    x, y, ids = load_distilled(out, data.classes, data.mean, data.std, data.size, raw=True)  # uint8: 1/4 the memory
     counts = torch.bincount(y, minlength=len(data.classes))
     run = read_json(out / "run.json", "run manifest") if (out / "run.json").is_file() else {}
     ipc = ipc or (run.get("config") or {}).get("ipc") or int(counts.max())
@@ -806,10 +833,11 @@ def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool 
     res: Dict[str, List[float]] = {k: [] for k in sets}
     for name, imgs in sets.items():
         for s in ecfg.seeds:
+            torch.manual_seed(s)  # the student's initial weights are a function of the seed too
             student, arch = _student(ecfg.student, data, teacher.name)
             soft = None
             if ecfg.labels == "stored" and name == "distilled":
-                soft = _stored_labels(out, s, ecfg, imgs.shape[0], data.flip, len(data.classes))
+                soft = _stored_labels(out, s, ecfg, ids, data.flip, len(data.classes), teacher.model)
             student = train_student(student, None if soft is not None else teacher.model, imgs,
                                     epochs=ecfg.epochs, batch_size=ecfg.batch_size, lr=ecfg.lr,
                                     weight_decay=ecfg.weight_decay, temperature=ecfg.temperature, cutmix=ecfg.cutmix,

@@ -247,10 +247,11 @@ class RETALoss(nn.Module):
         finally:
             self._capturing = False
         split = self._layout(y, ids, logits.shape[1])
-        ce = F.cross_entropy(logits.float(), y)
-        bn = torch.stack(self._bn_terms).sum() if self._bn_terms else ce.new_zeros(())
-        topo = self._topo_term(y, ids, split) if self.topo is not None else ce.new_zeros(())
-        loss = ce + self.r_bn * bn + self.lam_topo * topo
+        with torch.autocast(logits.device.type, enabled=False):  # the loss terms in fp32 under autocast
+            ce = F.cross_entropy(logits.float(), y)
+            bn = torch.stack([b.float() for b in self._bn_terms]).sum() if self._bn_terms else ce.new_zeros(())
+            topo = self._topo_term(y, ids, split) if self.topo is not None else ce.new_zeros(())
+            loss = ce + self.r_bn * bn + self.lam_topo * topo
         return loss, torch.stack([ce.detach(), bn.detach(), topo.detach().float()])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None

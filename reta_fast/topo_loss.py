@@ -105,14 +105,16 @@ class TopologyAlignmentLoss(nn.Module):
         self._ref_images: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._pairs_cache = None
         self._cache_key = None
-        self._real_cache = None  # (real key, i0, i1): the real side's images
+        self._real_cache = None  # (real tensor, its version, i0, i1): the real side's images
         self._calls = 0
 
     def _drop_job(self) -> None:
         job = getattr(self, "_job", None)
-        if job is not None:
-            job[0].result()  # let it finish (its errors are moot: its pairings are discarded)
         self._job = None
+        if job is not None:
+            from concurrent.futures import wait
+
+            wait([job[0]])  # let it finish; its result (or error) is discarded with its pairings
 
     def __del__(self):
         pool = getattr(self, "_pool", None)
@@ -136,7 +138,8 @@ class TopologyAlignmentLoss(nn.Module):
         # Triton's CPU interpreter (TRITON_INTERPRET=1, the test suite's) cannot run outside the main
         # thread; the torch search gives the same neighbours (exact ties included), so the worker uses it
         interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and not xs.is_cuda
-        self._job = (self._pool.submit(self._pairings, xs.detach(), "torch" if interpreted else None), key)
+        # a copy: the caller's optimiser may update the features' storage in place while the worker reads
+        self._job = (self._pool.submit(self._pairings, xs.detach().clone(), "torch" if interpreted else None), key)
 
     # ----------------------------------------------------------------------------------------
     def _prep(self, x, name):
@@ -253,13 +256,15 @@ class TopologyAlignmentLoss(nn.Module):
             if i0r.shape[0] != C:
                 raise ValueError(f"syn has {C} classes but the reference has {i0r.shape[0]}")
             return i0r, i1r
-        if self._real_cache is None or self._real_cache[0] != ref_key:
+        c = self._real_cache  # keyed by the tensor itself (a strong reference) and its version: a new
+        # tensor at a freed one's address must not hit
+        if c is None or c[0] is not real or c[1] != real._version:
             with torch.no_grad():
                 dgr, _ = self._diagrams(self._prep(real, "real"), reuse=False)
                 if self.grid["h0"] is None or self.grid["h1p"] is None or self.grid["h1b"] is None:
                     self._set_grid(dgr[0], dgr[2])
-                self._real_cache = (ref_key,) + tuple(self._images(dgr, n))
-        return self._real_cache[1], self._real_cache[2]
+                self._real_cache = (real, real._version) + tuple(self._images(dgr, n))
+        return self._real_cache[2], self._real_cache[3]
 
     def _forward_overlapped(self, xs: torch.Tensor, real: Optional[torch.Tensor], key, ref_key) -> torch.Tensor:
         C, n = xs.shape[0], xs.shape[1]

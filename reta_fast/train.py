@@ -338,4 +338,9 @@ def train_student(student: nn.Module, teacher: Optional[nn.Module], images: torc
     if model is not student:  # free DDP's reducer now: collected after the process group is gone, it aborts
         del model
         gc.collect()
+        import torch.distributed as dist
+
+        with torch.no_grad():  # DDP syncs buffers before each forward only: the last step's BN statistics
+            for buf in student.buffers():  # differ per rank (CPU: per-share batches); take rank 0's
+                dist.broadcast(buf, 0)
     return student.eval()

@@ -161,3 +161,24 @@ def test_topo_refresh_reuses_pairings_across_steps():
     key = crit.topo._cache_key
     crit(x + 0.01, y)
     assert crit.topo._cache_key == key and crit.topo._pairs_cache is not None  # same classes and real tensor
+
+
+def test_under_autocast_only_the_teacher_runs_in_bf16():
+    import torch.nn.functional as F
+
+    t = teacher()
+    crit = rf.RETALoss(t, real_feats=F.normalize(torch.randn(4, 6, 8), dim=-1), k=3)
+    seen = []
+    forward = crit.topo.forward
+
+    def spy(syn, real=None, classes=None):
+        seen.append((torch.is_autocast_enabled("cpu"), syn.dtype))
+        return forward(syn, real, classes=classes)
+
+    crit.topo.forward = spy
+    crit.seed_bank(torch.randn(16, 8), torch.arange(4).repeat(4), torch.arange(16) + 100)  # PTA active
+    x = torch.randn(8, 3, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts = crit.terms(x, torch.arange(4).repeat(2), torch.arange(8))
+    assert seen == [(False, torch.float32)]  # PTA's k-NN and images in fp32
+    assert loss.dtype == parts.dtype == torch.float32 and parts[2] > 0

@@ -202,3 +202,16 @@ def test_minimising_with_overlap_aligns_topology_too():
         v.backward()
         opt.step()
     assert float(loss(x.detach(), real)) < 0.5 * first
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_new_real_tensor_is_never_mistaken_for_a_freed_one(overlap):
+    """The real side's images are cached per real tensor: a fresh temporary each call (often allocated
+    at a freed one's address, version 0, same shape) must be recomputed, never served from the cache."""
+    x = feats(2, 20, 8, 51)
+    reals = [feats(2, 20, 8, 60 + t, spread=0.5 + 0.4 * t) for t in range(8)]  # other point sets each call
+    want = [rf.TopologyAlignmentLoss(k=4, **GRID)(x, r) for r in reals]
+    assert len({round(float(w), 6) for w in want}) == 8
+    loss = rf.TopologyAlignmentLoss(k=4, overlap=overlap, refresh_every=2, **GRID)
+    for t, (r, w) in enumerate(zip(reals, want)):
+        assert_close(loss(x, r.clone()), w, atol=1e-6, rtol=1e-5, what=f"loss at call {t}")

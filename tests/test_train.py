@@ -70,6 +70,11 @@ torch.manual_seed(3)
 stored = train_student(net(), None, images, soft_labels=relabel(teacher, images, epochs=3, batch_size=5, seed=2), **kw)
 val = TensorImageDataset(torch.rand(37, 3, 12, 12, generator=g), [i % 5 for i in range(37)], list("abcde"))
 acc = accuracy(online, val, size=12)
+torch.manual_seed(4)  # with BatchNorm: every rank must end with the same statistics (it scores with them)
+bn = train_student(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(8, 5)), teacher, images[:15], **kw)  # last batch shared
+rank = dist.get_rank() if dist.is_initialized() else 0
+torch.save(bn.state_dict(), sys.argv[1] + f".bn{rank}")
 if not dist.is_initialized() or dist.get_rank() == 0:
     torch.save(dict(online=online.state_dict(), stored=stored.state_dict(), acc=acc), sys.argv[1])
 if dist.is_initialized():  # leave together: a rank tearing gloo down while another still uses it aborts
@@ -102,6 +107,8 @@ def test_ddp_student_on_two_gloo_ranks_equals_one_process(tmp_path):
         for k, v in one[which].items():
             torch.testing.assert_close(two[which][k], v, atol=2e-5, rtol=1e-4, msg=f"{which} {k}")
     assert two["acc"] == one["acc"]
+    r0, r1 = (torch.load(tmp_path / f"two.pt.bn{r}") for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # the ranks score one and the same student
 
 
 def test_distributed_true_without_a_group_is_a_clear_error():

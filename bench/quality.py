@@ -60,6 +60,8 @@ VARIANTS = [  # (name, DistillConfig overrides); the first seven run by default
     ("fadrm lr 0.05 seed 2", dict(method="fadrm", lr=0.05, seed=2)),
     ("reta lr 0.05 seed 1", dict(method="reta", lr=0.05, seed=1)),
     ("reta lr 0.05 seed 2", dict(method="reta", lr=0.05, seed=2)),
+    ("reta lr 0.05 --no-drc seed 1", dict(method="reta", lr=0.05, drc=False, seed=1)),
+    ("reta lr 0.05 --no-drc seed 2", dict(method="reta", lr=0.05, drc=False, seed=2)),
     ("rded seed 1", dict(method="rded", lr=0.25, seed=1)),
     ("rded seed 2", dict(method="rded", lr=0.25, seed=2)),
 ]

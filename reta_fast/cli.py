@@ -255,7 +255,7 @@ def _process_group(args) -> bool:
 
 def cmd_distill(args, data=None, teachers=None) -> int:
     from .fileio import read_json, write_json
-    from .pipeline import Stage, build_pool, distill
+    from .pipeline import Stage, build_pool, distill, write_stage_record
 
     data = data or _data(args)
     teachers = teachers or _teachers(args, data)
@@ -287,7 +287,7 @@ def cmd_distill(args, data=None, teachers=None) -> int:
                           peak_bytes=max(r["peak_bytes"] for r in recs),
                           written=sum(r.get("written", 0) for r in recs), skipped=sum(r.get("skipped", 0) for r in recs))
             merged.pop("stage", None)
-            write_json(out / "stages" / "distill.json", dict(stage="distill", **merged))
+            write_stage_record(out, "distill", dict(stage="distill", **merged))
     i = st.info
     args.log(f"[distill] {i['written']} images written, {i['skipped']} already there -> {out / 'images'}")
     return 0

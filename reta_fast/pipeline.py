@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from .fileio import read_json, save_png, save_torch, write_json
 
 __all__ = ["METHODS", "DistillConfig", "EvalConfig", "distill", "build_pool", "evaluate", "relabel_stage", "item_path",
-           "load_distilled", "random_real_images", "Stage", "RunMismatch"]
+           "load_distilled", "random_real_images", "Stage", "RunMismatch", "write_stage_record"]
 
 METHODS = ("random-real", "rded", "sre2l", "fadrm", "reta")
 RUN_FORMAT = 1
@@ -279,11 +279,40 @@ class Stage:
         rec = dict(stage=self.name, seconds=round(seconds, 3), peak_bytes=int(peak), peak_kind=kind,
                    ok=exc_type is None, **self.info)
         if self.out is not None and exc_type is None:
-            write_json(self.out / "stages" / f"{self.name}.json", rec)
+            rec = write_stage_record(self.out, self.name, rec)
         self.record = rec
         if exc_type is None:
             self.log(f"[{self.name}] done in {seconds:.1f} s, peak memory {peak / 2**20:.0f} MiB ({kind})")
         return False
+
+
+def write_stage_record(out, name: str, rec: dict) -> dict:
+    """Write ``out/stages/<name>.json``: this call's record plus ``calls``, the summaries of every
+    call of the stage so far (resumes, slices, torchrun runs add up; none is lost), and their totals."""
+    path = Path(out) / "stages" / f"{name}.json"
+    rec = dict(rec, calls=_previous_calls(path) + [_call_summary(rec)])
+    rec["seconds_total"] = round(sum(c.get("seconds", 0) for c in rec["calls"]), 3)
+    if "written" in rec:
+        rec["written_total"] = sum(c.get("written", 0) for c in rec["calls"])
+    write_json(path, rec)
+    return rec
+
+
+def _call_summary(rec: dict) -> dict:
+    keep = ("seconds", "peak_bytes", "written", "skipped", "ipc_start", "ipc_end", "ranks")
+    return dict({k: rec[k] for k in keep if k in rec}, at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def _previous_calls(path: Path) -> list:
+    """The per-call summaries of an earlier record of the same stage (one call for a record written
+    before calls were kept); none when there is none or it is unreadable."""
+    if not path.is_file():
+        return []
+    try:
+        prev = json.loads(path.read_text())
+        return list(prev["calls"]) if isinstance(prev.get("calls"), list) else [_call_summary(prev)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def versions() -> dict:

@@ -183,6 +183,10 @@ def _markdown(rep: dict) -> str:
             notes.append(f"final loss parts ce {lp['ce']:.3f}, bn {lp['bn']:.3f}, topo {lp['topo']:.4f}")
         if "written" in s:
             notes.append(f"{s['written']} images written, {s.get('skipped', 0)} already there")
+        calls = s.get("calls") or []
+        if len(calls) > 1:
+            notes.append(f"{len(calls)} calls (resumes, slices or ranks), {s.get('seconds_total', 0):.1f} s in all"
+                         + (f", {s['written_total']} images written in all" if "written_total" in s else ""))
         L.append(f"| {s['stage']} | {s['seconds']:.1f} s | {_fmt_bytes(s.get('peak_bytes'))} ({s.get('peak_kind', '')}) | "
                  f"{'; '.join(notes)} |")
     L.append("")

@@ -108,16 +108,19 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
                 d = teacher_features(model, x[:2])[1].shape[1]
             m = min(cfg.ipc, cfg.points_per_class)
             real = torch.nn.functional.normalize(torch.randn(C, m, d, generator=g), dim=-1).to(device)
-            crit = RETALoss(model, lam_topo=cfg.lam_topo, real_feats=real, k=cfg.k(), **kw)
+            crit = RETALoss(model, lam_topo=cfg.lam_topo, real_feats=real, k=cfg.k(), topo_refresh=cfg.topo_refresh,
+                            overlap=cfg.topo_overlap, **kw)
         else:
             crit = RETALoss(model, lam_topo=0.0, **kw)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            rc = RecoverConfig(iterations=1, resolutions=[res], drc=False, mean=data.mean, std=data.std)
+            engine = dict(amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile)  # the job's engine
+            warm = 3 if cfg.compile else 1  # compilation, and CUDA-graph recording after it
+            rc = RecoverConfig(iterations=warm, resolutions=[res], drc=False, mean=data.mean, std=data.std, **engine)
             recover(crit, x, y, ids if cfg.pta_on else None, config=rc)  # warm-up (allocations, kernels)
-            rc = RecoverConfig(iterations=steps, resolutions=[res], drc=False, mean=data.mean, std=data.std)
+            rc = RecoverConfig(iterations=steps, resolutions=[res], drc=False, mean=data.mean, std=data.std, **engine)
             if torch.device(device).type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()

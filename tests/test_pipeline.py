@@ -657,7 +657,7 @@ def test_cost_model_arithmetic():
     assert "distill wall time on 8 device(s)" in e.table()
 
 
-def test_reta_plan_calibrates(data, teacher, capsys):
+def test_reta_plan_calibrates(data, teacher, capsys, monkeypatch):
     from reta_fast.cli import main
 
     assert main(["plan", "--data", "digits", "--teacher", str(teacher.path), "--ipc", "20", "--iterations", "100",
@@ -669,6 +669,17 @@ def test_reta_plan_calibrates(data, teacher, capsys):
     est = calibrate(data, teacher, P.DistillConfig(**{**TINY, "method": "reta"}), steps=2)
     assert est.seconds_per_step > 0 and est.pool_images == 80 and est.seconds_per_pool_image > 0
     assert est.peak_bytes > 0
+    # the job's engine is what gets timed
+    import sys
+
+    R = sys.modules["reta_fast.recover"]  # the module (the package's `recover` attribute is the function)
+
+    seen, real_recover = [], R.recover
+    monkeypatch.setattr(R, "recover", lambda crit, *a, config, **k: (
+        seen.append((config.amp, config.channels_last, crit.topo.overlap)), real_recover(crit, *a, config=config, **k))[1])
+    eng = calibrate(data, teacher, P.DistillConfig(**{**TINY, "method": "reta", "amp": "bf16", "channels_last": True,
+                                                       "topo_overlap": True}), steps=2)
+    assert eng.seconds_per_step > 0 and seen == [("bf16", True, True)] * 2
 
 
 def test_recover_lr_default_depends_on_the_image_size_and_is_recorded(data, teacher, tmp_path):

@@ -14,6 +14,9 @@ Scales (stated in the table):
   at AdamW lr 1e-2, batch 50 / 100.
 * ``gpu``: the full protocol of METHOD.md section 1: ResNet-18 (CIFAR stem) teacher (60 epochs) and
   student, 1000 recover steps, 300 student epochs at lr 1e-3, batch 64.
+* ``gpu-short``: the same with a 15-epoch teacher and 500 recover steps, for a short GPU session
+  (e.g. ``--ipcs 10 --methods random-real rded sre2l "fadrm lr 0.05" "reta lr 0.05"``; the data must
+  travel with the call: copy the tarball into a git-ignored folder of the checkout and carry it).
 
 ``--data`` is an ImageFolder root with ``train/`` and ``test/`` (or ``val/``), or the ``.tar.gz`` of one
 (unpacked once into ``$RETA_FAST_CACHE/data``, never into the repository). Work folders go to ``--work``
@@ -72,6 +75,10 @@ SCALES = {
                 eval={10: dict(epochs=300, batch_size=50, lr=1e-2), 50: dict(epochs=150, batch_size=100, lr=1e-2)}),
     "gpu": dict(arch="resnet18", teacher_epochs=60, iterations=1000,
                 eval={10: dict(epochs=300, batch_size=64, lr=1e-3), 50: dict(epochs=300, batch_size=64, lr=1e-3)}),
+    # a GPU data point that fits a short device session (~5 min on an H100 for IPC 10 and the five
+    # shipped methods): a shorter-trained ResNet-18 teacher and half the recover steps, the full student
+    "gpu-short": dict(arch="resnet18", teacher_epochs=15, iterations=500,
+                      eval={10: dict(epochs=300, batch_size=64, lr=1e-3), 50: dict(epochs=300, batch_size=64, lr=1e-3)}),
     "smoke": dict(arch="convnet-w8", teacher_epochs=1, iterations=4,  # the test suite's: checks the plumbing only
                   eval={10: dict(epochs=2, batch_size=8, lr=1e-2)}),
 }

@@ -65,6 +65,9 @@ VARIANTS = [  # (name, DistillConfig overrides); the first seven run by default
     ("reta lr 0.05 seed 2", dict(method="reta", lr=0.05, seed=2)),
     ("reta lr 0.05 --no-drc seed 1", dict(method="reta", lr=0.05, drc=False, seed=1)),
     ("reta lr 0.05 --no-drc seed 2", dict(method="reta", lr=0.05, drc=False, seed=2)),
+    # IPC 50 leaves each image 300 / 50 = 6 candidate patches in its partition (its own anchor and five
+    # lower-ranked ones): does DRC need a larger pool there?
+    ("reta lr 0.05 pool 1500", dict(method="reta", lr=0.05, pool_per_class=1500)),
     ("rded seed 1", dict(method="rded", lr=0.25, seed=1)),
     ("rded seed 2", dict(method="rded", lr=0.25, seed=2)),
 ]
@@ -82,6 +85,12 @@ SCALES = {
     "smoke": dict(arch="convnet-w8", teacher_epochs=1, iterations=4,  # the test suite's: checks the plumbing only
                   eval={10: dict(epochs=2, batch_size=8, lr=1e-2)}),
 }
+
+
+def _pool_name(cfg) -> str:
+    """One pool folder per seed and pool size (a pool is refused for other parameters)."""
+    name = "pool" if cfg.seed == 0 else f"pool-seed{cfg.seed}"
+    return name if cfg.pool_per_class == 300 else f"{name}-pc{cfg.pool_per_class}"
 
 
 def unpack(archive: Path) -> Path:
@@ -168,7 +177,7 @@ def main(argv=None) -> int:
             cfg = P.DistillConfig(ipc=ipc, iterations=sc["iterations"], **over)
             with P.Stage(out, "distill", args.device, print) as st:
                 st.info.update(P.distill(data, [teacher], out, cfg, device=args.device,
-                                         pool_dir=work / ("pool" if cfg.seed == 0 else f"pool-seed{cfg.seed}"), progress=False, log=print,
+                                         pool_dir=work / _pool_name(cfg), progress=False, log=print,
                                          teacher_specs=[str(tpath)]))
             dstage = json.loads((out / "stages" / "distill.json").read_text())
             first = out / "stages" / "distill-first.json"

@@ -204,14 +204,6 @@ class TopologyAlignmentLoss(nn.Module):
                 raise ValueError(f"classes has {len(classes)} ids but syn has {C} classes")
         ref_key = (real.data_ptr(), real._version, tuple(real.shape)) if real is not None else id(self._ref_images)
         key = (tuple(xs.shape), classes, ref_key)
-        if self.overlap:
-            return self._forward_overlapped(xs, real, key, ref_key)
-        reuse = (
-            self._pairs_cache is not None
-            and self._calls % self.refresh_every != 0
-            and self._cache_key == key
-        )
-        self._cache_key = key
         if real is not None:
             xr = self._prep(real, "real")
             if xr.shape != xs.shape:
@@ -226,6 +218,14 @@ class TopologyAlignmentLoss(nn.Module):
                 )
         elif self._ref_images is None:
             raise ValueError("real features are required (or call set_reference(real) first)")
+        if self.overlap:
+            return self._forward_overlapped(xs, real, key)
+        reuse = (
+            self._pairs_cache is not None
+            and self._calls % self.refresh_every != 0
+            and self._cache_key == key
+        )
+        self._cache_key = key
         if real is not None and not reuse:
             # One batched k-NN + one native call for both sides: [syn; real].
             both = torch.cat([xs, xr.detach()])
@@ -237,7 +237,7 @@ class TopologyAlignmentLoss(nn.Module):
             i0, i1 = self._images(dg, xs.shape[1])
             i0s, i0r, i1s, i1r = i0[:C], i0[C:].detach(), i1[:C], i1[C:].detach()
         else:
-            i0r, i1r = self._real_images(real, ref_key, C, xs.shape[1])
+            i0r, i1r = self._real_images(real, C, xs.shape[1])
             dgs, state = self._diagrams(xs, reuse=reuse)
             if not reuse:
                 self._pairs_cache = state
@@ -249,7 +249,7 @@ class TopologyAlignmentLoss(nn.Module):
         per_class = (i0s - i0r).pow(2).flatten(1).sum(1) + self.gamma * (i1s - i1r).pow(2).flatten(1).sum(1)
         return per_class.sum() if self.reduction == "sum" else per_class.mean()
 
-    def _real_images(self, real: Optional[torch.Tensor], ref_key, C: int, n: int):
+    def _real_images(self, real: Optional[torch.Tensor], C: int, n: int):
         """The real side's images, computed once per real tensor (and grid)."""
         if real is None:
             i0r, i1r = self._ref_images
@@ -266,23 +266,16 @@ class TopologyAlignmentLoss(nn.Module):
                 self._real_cache = (real, real._version) + tuple(self._images(dgr, n))
         return self._real_cache[2], self._real_cache[3]
 
-    def _forward_overlapped(self, xs: torch.Tensor, real: Optional[torch.Tensor], key, ref_key) -> torch.Tensor:
+    def _forward_overlapped(self, xs: torch.Tensor, real: Optional[torch.Tensor], key) -> torch.Tensor:
+        """``forward`` with ``overlap``; ``xs``/``real`` already checked."""
         C, n = xs.shape[0], xs.shape[1]
-        if real is not None:
-            xr = self._prep(real, "real")
-            if xr.shape != xs.shape or xr.device != xs.device or xr.dtype != xs.dtype:
-                raise ValueError(f"real must match syn's [classes, points, dim], dtype and device (class-balanced), "
-                                 f"got {tuple(xr.shape)} {xr.dtype} {xr.device} vs {tuple(xs.shape)} {xs.dtype} "
-                                 f"{xs.device}")
-        elif self._ref_images is None:
-            raise ValueError("real features are required (or call set_reference(real) first)")
         if self._job is not None:  # the pairings launched at the previous refresh: consumed now, always
             future, job_key = self._job
             self._job = None
             state = future.result()
             if job_key == key:
                 self._pairs_cache, self._cache_key = state, key
-        i0r, i1r = self._real_images(real, ref_key, C, n)  # also fixes the grids before any synthetic image
+        i0r, i1r = self._real_images(real, C, n)  # also fixes the grids before any synthetic image
         if self._pairs_cache is None or self._cache_key != key:  # first call of a batch: synchronously
             self._pairs_cache, self._cache_key = self._pairings(xs.detach()), key
         dgs, _ = self._diagrams(xs, reuse=True)

@@ -75,9 +75,7 @@ def dist_world(distributed: Optional[bool] = None):
 
 def normalise_pixels(x: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 pixels ``[N, 3, H, W]`` -> normalised float32 (``(x / 255 - mean) / std``)."""
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
-    return (x.float() / 255.0 - m) / s
+    return _normalise(x.float() / 255.0, mean, std)
 
 
 def _normalise(x, mean, std):

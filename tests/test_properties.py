@@ -30,14 +30,21 @@ def batch_of(graphs):
     return edges, weights, np.cumsum([0] + [len(es) for _, es, _ in graphs]), [n for n, _, _ in graphs]
 
 
-@pytest.mark.skipif(not rf.has_native(), reason="native extension not built")
+@pytest.mark.parametrize("backend", [
+    pytest.param("native", marks=pytest.mark.skipif(not rf.has_native(), reason="native extension not built")),
+    "device",  # Borůvka with tensor ops (H0 only)
+])
 @SETTINGS
-@given(st.lists(weighted_graphs(), min_size=1, max_size=4))
-def test_native_h0_equals_reference_union_find(graphs):
+@given(graphs=st.lists(weighted_graphs(), min_size=1, max_size=4))
+def test_h0_backends_equal_reference_union_find(backend, graphs):
     edges, weights, offsets, nodes = batch_of(graphs)
-    a = rf.persistence_pairs(edges, weights, nodes, maxdim=1, offsets=offsets, backend="native")
-    b = rf.persistence_pairs(edges, weights, nodes, maxdim=1, offsets=offsets, backend="reference")
-    assert torch.equal(a.h0, b.h0) and torch.equal(a.components, b.components)
+    maxdim = 1 if backend == "native" else 0
+    a = rf.persistence_pairs(edges, weights, nodes, maxdim=maxdim, offsets=offsets, backend=backend)
+    b = rf.persistence_pairs(edges, weights, nodes, maxdim=maxdim, offsets=offsets, backend="reference")
+    assert torch.equal(a.h0, b.h0) and torch.equal(a.h0_offsets, b.h0_offsets)
+    assert torch.equal(a.components, b.components)
+    if maxdim == 0:
+        return
     # H1 by value (GUDHI may choose other, equally valid edges among equal weights).
     for g in range(len(graphs)):
         va = sorted((float(weights[p]), float(weights[q])) for p, q in a.h1[a.h1_offsets[g]: a.h1_offsets[g + 1]].tolist())
@@ -56,13 +63,3 @@ def test_knn_backends_equal_reference_on_integer_points(n, d, k, seed, backend):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-2, 3, (1, n, d), generator=g).float()  # exact distances, many ties
     assert torch.equal(rf.knn(x, k, backend=backend), rf.knn_ref(x, k))
-
-
-@SETTINGS
-@given(st.lists(weighted_graphs(), min_size=1, max_size=5))
-def test_device_h0_equals_reference_union_find(graphs):
-    edges, weights, offsets, nodes = batch_of(graphs)
-    a = rf.persistence_pairs(edges, weights, nodes, maxdim=0, offsets=offsets, backend="device")
-    b = rf.persistence_pairs(edges, weights, nodes, maxdim=0, offsets=offsets, backend="reference")
-    assert torch.equal(a.h0, b.h0) and torch.equal(a.h0_offsets, b.h0_offsets)
-    assert torch.equal(a.components, b.components)

@@ -95,7 +95,7 @@ def _pool_name(cfg) -> str:
 
 def unpack(archive: Path) -> Path:
     """Unpack a ``.tar.gz`` ImageFolder once into the cache (atomically: temp folder + rename)."""
-    from reta_fast.teachers import cache_dir
+    from reta_fast.fileio import cache_dir
 
     dest = cache_dir() / "data" / archive.name.replace(".tar.gz", "").replace(".tgz", "")
     if not dest.is_dir():
@@ -125,9 +125,10 @@ def machine() -> str:
 
 
 def main(argv=None) -> int:
-    from reta_fast import pipeline as P
-    from reta_fast.datasets import load_data
-    from reta_fast.teachers import load_teacher, squeeze
+    from reta_fast import stages as P
+    from reta_fast.data.sets import load_data
+    from reta_fast.models import load_teacher
+    from reta_fast.stages.squeeze import squeeze
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))

@@ -42,10 +42,10 @@ VARIANTS = {  # lr 0.25 was the default when these ran (METHOD.md's [pred] value
 
 
 def main(argv=None) -> int:
-    from reta_fast import pipeline as P
-    from reta_fast.datasets import Subset, load_data
-    from reta_fast.pool import PatchPool
-    from reta_fast.teachers import load_teacher
+    from reta_fast import stages as P
+    from reta_fast.data.sets import Subset, load_data
+    from reta_fast.retrieval import PatchPool
+    from reta_fast.models import load_teacher
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True)

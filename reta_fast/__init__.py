@@ -1,37 +1,30 @@
 """reta_fast: fast, tested RETA dataset distillation (Retrieval and Topology Alignment, CVPR 2026).
 
-Public API of the topology engine (METHOD.md section 4):
+The package, from the bottom layer up (each imports only from the layers below it):
 
-* :func:`mutual_knn_graph` - batched mutual k-NN graphs (Triton-fused search on the GPU);
-* :func:`persistence_pairs` - H0/H1 pairings of flag complexes (native union-find + reduction);
-* :func:`persistence_diagrams` - differentiable diagrams gathered at those pairings;
-* :func:`persistence_image` - differentiable persistence images;
-* :class:`TopologyAlignmentLoss` - the PTA loss, all classes in one batched pass.
+* ``kernels`` (Triton kernels, installed as ``reta_fast.kernels``), ``_ext`` (the native extension),
+  ``_validate``, ``fileio``;
+* :mod:`reta_fast.topology` - the PTA engine: mutual k-NN graphs, persistence pairings and diagrams,
+  persistence images, :class:`TopologyAlignmentLoss`;
+  :mod:`reta_fast.data` - data sets; :mod:`reta_fast.models` - networks and teacher checkpoints;
+* :mod:`reta_fast.retrieval` - the DRC engine: complexity proxy, fused fit-complexity search, residual
+  injection, :class:`PatchPool`; :mod:`reta_fast.train` - classifier and student training, stored labels;
+* :mod:`reta_fast.recover` - :class:`RETALoss` and the recover loop;
+* :mod:`reta_fast.stages` - squeeze, distill, relabel, evaluate, report, plan;
+* :mod:`reta_fast.cli` - the ``reta`` command.
 
-and of the retrieval engine (DRC, METHOD.md section 3): :func:`patch_complexity`, :func:`retrieve`
-(fused grouped fit-complexity search), :func:`residual_inject`, :class:`PatchPool`.
+The method as implemented is described in the repository's ``docs/method.md``.
 """
 from ._ext import has_native
-from .knn import KNNGraph, edge_lengths, knn, knn_ref, mutual_knn_graph, mutual_knn_ref, rerank_certified
-from .persistence import (
-    PersistenceDiagrams,
-    PersistencePairs,
-    diagrams_from_pairs,
-    persistence_diagrams,
-    persistence_pairs,
-    persistence_pairs_ref,
-)
-from .pimage import persistence_image, persistence_image_ref
-from .retrieval import patch_complexity, residual_inject, retrieve, retrieve_ref
-from .pool import PatchPool
+from ._version import __version__
 from .data import ImageFolder
-from .topo_loss import TopologyAlignmentLoss
-from .reta_loss import RETALoss
-from .recover import RecoverConfig, recover
-from . import train
-from . import models
-
-__version__ = "0.1.0"
+from .recover import RecoverConfig, RETALoss, recover
+from .retrieval import PatchPool, patch_complexity, residual_inject, retrieve, retrieve_ref
+from .topology import (KNNGraph, PersistenceDiagrams, PersistencePairs, TopologyAlignmentLoss, diagrams_from_pairs,
+                       edge_lengths, knn, knn_ref, mutual_knn_graph, mutual_knn_ref, persistence_diagrams,
+                       persistence_image, persistence_image_ref, persistence_pairs, persistence_pairs_ref,
+                       rerank_certified)
+from . import models, train  # noqa: E402  (subpackages users reach as rf.models / rf.train)
 
 __all__ = [
     "KNNGraph",
@@ -62,4 +55,5 @@ __all__ = [
     "models",
     "train",
     "recover",
+    "__version__",
 ]

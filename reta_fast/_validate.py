@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import numbers
+from typing import Optional
 
 import torch
 
-__all__ = [
-    "check_points",
-    "check_k",
-    "check_finite",
-    "check_same_device",
-    "check_positive_int",
-]
+__all__ = ["check_points", "check_k", "check_finite", "check_positive_int", "check_labels"]
 
 
 def check_points(points, name: str = "points") -> torch.Tensor:
@@ -56,8 +51,17 @@ def check_k(k) -> int:
     return check_positive_int(k, "k", 1)
 
 
-def check_same_device(*named: tuple[str, torch.Tensor]) -> None:
-    first_name, first = named[0]
-    for name, t in named[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+def check_labels(labels, n: int, name: str, device=None, num_classes: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(f"{name} must have shape [{n}], got {tuple(labels.shape)}")
+    if device is not None and labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
+    if n and int(labels.min()) < 0:
+        raise ValueError(f"{name} contains a negative label ({int(labels.min())})")
+    if n and num_classes is not None and int(labels.max()) >= num_classes:
+        raise ValueError(f"{name} contains label {int(labels.max())} >= num_classes={num_classes}")
+    return labels.long()

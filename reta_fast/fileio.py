@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "write_json", "read_json", "save_png", "save_torch"]
+__all__ = ["atomic_write", "write_json", "read_json", "save_png", "save_torch", "cache_dir"]
 
 
 def atomic_write(path, write: Callable[[io.BufferedWriter], None]) -> Path:
@@ -67,3 +67,8 @@ def save_torch(path, obj) -> Path:
     import torch
 
     return atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def cache_dir() -> Path:
+    """``$RETA_FAST_CACHE`` or ``~/.cache/reta_fast``."""
+    return Path(os.environ.get("RETA_FAST_CACHE", Path.home() / ".cache" / "reta_fast"))

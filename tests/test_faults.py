@@ -48,7 +48,7 @@ def test_streamed_evaluation_memory_stays_flat_as_the_data_grows():
 
 
 def test_materialize_switches_to_streaming_above_the_memory_limit(monkeypatch):
-    from reta_fast import datasets
+    from reta_fast.data import sets as datasets
 
     class Tiny:
         targets, classes = [0, 1] * 5, ["a", "b"]
@@ -92,9 +92,9 @@ def test_hand_edited_json_is_refused_by_name(tmp_path):
 
 def test_edited_run_manifest_makes_distill_refuse(tmp_path):
     pytest.importorskip("sklearn")
-    from reta_fast import pipeline as P
-    from reta_fast.datasets import load_data
-    from reta_fast.teachers import build_arch, Teacher
+    from reta_fast import stages as P
+    from reta_fast.data.sets import load_data
+    from reta_fast.models import build_arch, Teacher
 
     data = load_data("digits")
     model, _ = build_arch("convnet", 10, 16)
@@ -131,7 +131,7 @@ def test_a_full_disk_is_a_clean_error(tmp_path):
 # stored soft labels: streamed to one file, read back by row ranges
 
 def test_stored_logits_round_trip_and_refusals(tmp_path):
-    from reta_fast.labels import StoredLogits, write_logits
+    from reta_fast.train.labels import StoredLogits, write_logits
 
     g = torch.Generator().manual_seed(0)
     parts = [torch.randn(n, 7, generator=g) * 5 for n in (3, 8, 1, 8)]
@@ -163,7 +163,7 @@ def test_stored_logits_round_trip_and_refusals(tmp_path):
 
 
 def test_student_trains_the_same_from_stored_logits_on_disk_or_in_memory(tmp_path):
-    from reta_fast.labels import StoredLogits, write_logits
+    from reta_fast.train.labels import StoredLogits, write_logits
     from reta_fast.models import convnet_bn
     from reta_fast.train import relabel, relabel_batches, train_student
 
@@ -188,7 +188,7 @@ def test_student_trains_the_same_from_stored_logits_on_disk_or_in_memory(tmp_pat
 
 LABELS = r"""
 import resource, sys, torch
-from reta_fast.labels import StoredLogits, write_logits
+from reta_fast.train.labels import StoredLogits, write_logits
 
 rows, k = int(sys.argv[1]), 1000
 def batches():  # 1,000-class logits made on demand, 2,000 rows at a time
@@ -213,7 +213,7 @@ def test_stored_labels_memory_stays_flat_as_the_rows_grow(tmp_path):
 POOL = r"""
 import resource, sys, torch
 from reta_fast.models import convnet_bn
-from reta_fast.pool import PatchPool
+from reta_fast.retrieval import PatchPool
 
 class OnTheFly:  # no .targets: the builder must decode every image it visits to learn its class
     def __init__(self, n):

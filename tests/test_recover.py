@@ -129,7 +129,7 @@ def test_engine_options_are_checked_by_name():
     with pytest.raises(ValueError, match="compile must be one of"):
         rf.RecoverConfig(compile="fast").validate()
     with pytest.raises(ValueError, match="compile must be one of"):
-        from reta_fast.pipeline import DistillConfig
+        from reta_fast.stages import DistillConfig
 
         DistillConfig(compile="fast").validate()
 

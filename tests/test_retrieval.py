@@ -52,7 +52,7 @@ def test_retrieve_ties_take_the_smaller_pool_index(backend, seed):
 def test_fallback_when_the_certificate_fails(monkeypatch):
     # Force the fp32 candidate list to look untrustworthy: every query must then be recomputed by
     # brute force and the answer stay exact.
-    from reta_fast import retrieval
+    from reta_fast.retrieval import search as retrieval
 
     monkeypatch.setattr(retrieval, "_FP32_REL", lambda d: 10.0)
     q, ql, z, pl, c = make(3, 25, 90, 8, seed=3)
@@ -171,7 +171,7 @@ def test_certificate_catches_candidates_fp32_cannot_rank(backend):
 
 def test_certificate_is_what_makes_it_exact(monkeypatch):
     # The same case with the error bound removed must go wrong: the test above can fail.
-    from reta_fast import retrieval
+    from reta_fast.retrieval import search as retrieval
 
     monkeypatch.setattr(retrieval, "_FP32_REL", lambda d: 0.0)
     P, D = 80, 16

@@ -49,7 +49,7 @@ def test_gradcheck_float64():
 
 
 def test_pairing_reuse_skips_the_search(monkeypatch):
-    from reta_fast import topo_loss
+    from reta_fast.topology import pta as topo_loss
 
     calls = []
     real_fn = topo_loss.mutual_knn_edges

@@ -24,7 +24,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from .fileio import atomic_write
+from ..fileio import atomic_write
 
 __all__ = ["write_logits", "StoredLogits"]
 

@@ -23,6 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.folder import dataset_targets
+from ..data.sets import SizedImages
+from ..models.features import teacher_features
+from ..recover.loop import RecoverConfig, recover
+from ..recover.loss import RETALoss
+
 __all__ = ["Estimate", "estimate", "calibrate"]
 
 
@@ -82,11 +88,6 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
               log=print) -> Estimate:
     """Measure one batch's recover step (``steps`` timed steps after one warm-up step) and the pool's
     per-image cost, then apply :func:`estimate` to the whole job described by ``cfg``."""
-    from .datasets import SizedImages
-    from .pool import teacher_features
-    from .recover import RecoverConfig, recover
-    from .reta_loss import RETALoss
-
     cfg.validate()
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -136,8 +137,6 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
     pool_images = 0
     sec_pool = 0.0
     if cfg.uses_pool:
-        from .data import dataset_targets
-
         targets = dataset_targets(data.train)
         if targets is not None:
             counts = torch.bincount(torch.tensor(targets), minlength=C)

@@ -18,14 +18,13 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from ._validate import check_finite
+from .._validate import check_finite, check_labels
 
-__all__ = ["patch_complexity", "retrieve", "retrieve_ref", "residual_inject"]
+__all__ = ["retrieve", "retrieve_ref"]
 
 # Candidates kept per query by the fp32 search before the float64 re-rank.
 RETRIEVE_CANDIDATES = 4
@@ -42,89 +41,8 @@ _TF32_REL = lambda d: 2.0**-8 + _FP32_REL(d)  # noqa: E731
 # complexity proxy
 
 
-def _gaussian_kernel(sigma: float, dtype, device) -> torch.Tensor:
-    radius = int(4.0 * sigma + 0.5)  # scipy.ndimage's truncate=4.0
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).to(dtype=dtype, device=device)
-
-
-def _blur_matrix(n: int, sigma: float, dtype, device) -> torch.Tensor:
-    """``[n, n]`` matrix M with ``(v @ M)[j] = sum_k g[k] v[clamp(j + k - r, 0, n - 1)]``: a 1-D
-    Gaussian blur with replicated borders (scipy's ``mode="nearest"``)."""
-    g = _gaussian_kernel(sigma, torch.float64, "cpu")
-    r = (g.numel() - 1) // 2
-    j = torch.arange(n)[None, :]
-    src = (j + torch.arange(-r, r + 1)[:, None]).clamp(0, n - 1)  # [2r + 1, n]
-    m = torch.zeros(n, n, dtype=torch.float64)
-    m.index_put_((src.flatten(), j.expand_as(src).flatten()), g[:, None].expand_as(src).flatten(), accumulate=True)
-    return m.to(dtype=dtype, device=device)
-
-
-def patch_complexity(images: torch.Tensor, sigma: float = 1.0, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Complexity proxy ``c(o) = Var_u ||grad (G_sigma * o)(u)||^2`` of each image (METHOD.md section 3).
-
-    Args:
-        images: ``[N, C, H, W]`` (or ``[C, H, W]``) float tensor, any device; finite.
-        sigma: Gaussian smoothing width in pixels (``0``: no smoothing). The kernel is truncated at
-            ``int(4 sigma + 0.5)`` pixels and borders are replicated (scipy's ``mode="nearest"``).
-        labels: optional ``[N]`` class labels; then the values are min-max scaled to ``[0, 1]``
-            within each class (a class whose values are all equal gets 0) [ours], so that the
-            retrieval weight ``lam`` is meaningful whatever the data set.
-
-    Returns:
-        ``[N]`` float32 (float64 for float64 input). The gradient is ``numpy.gradient``'s (central
-        differences inside, one-sided at the borders); ``||.||^2`` sums the channels; ``Var`` is the
-        population variance over the ``H x W`` positions.
-    """
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-        raise TypeError("images must be a floating-point torch.Tensor")
-    x = images.unsqueeze(0) if images.dim() == 3 else images
-    if x.dim() != 4:
-        raise ValueError(f"images must have shape [N, C, H, W] or [C, H, W], got {tuple(images.shape)}")
-    if x.shape[2] < 2 or x.shape[3] < 2:
-        raise ValueError(f"images must be at least 2x2 pixels, got {tuple(x.shape[2:])}")
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    check_finite(x, "images")
-    x = x if x.dtype == torch.float64 else x.float()
-    N, C, H, W = x.shape
-    if sigma > 0:
-        # Separable blur as two small matrix products with the replicate border folded into the
-        # matrices: much faster than single-channel convolutions on the CPU, same result.
-        x = torch.matmul(_blur_matrix(H, float(sigma), x.dtype, x.device).T, x)
-        x = torch.matmul(x, _blur_matrix(W, float(sigma), x.dtype, x.device))
-    gy, gx = torch.gradient(x, dim=(2, 3))
-    energy = (gx.pow(2) + gy.pow(2)).sum(1)  # [N, H, W]
-    c = energy.flatten(1).var(1, unbiased=False)
-    if labels is None:
-        return c
-    labels = _check_labels(labels, N, "labels", device=c.device)
-    n_cls = int(labels.max()) + 1 if N else 0
-    lo = torch.full((n_cls,), float("inf"), dtype=c.dtype, device=c.device).scatter_reduce(0, labels, c, "amin")
-    hi = torch.full((n_cls,), float("-inf"), dtype=c.dtype, device=c.device).scatter_reduce(0, labels, c, "amax")
-    span = (hi - lo)[labels]
-    return torch.where(span > 0, (c - lo[labels]) / span.clamp_min(torch.finfo(c.dtype).tiny), torch.zeros_like(c))
-
-
 # --------------------------------------------------------------------------------------------
 # retrieval
-
-
-def _check_labels(labels, n: int, name: str, device=None, num_classes: Optional[int] = None) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-        raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
-    if labels.shape != (n,):
-        raise ValueError(f"{name} must have shape [{n}], got {tuple(labels.shape)}")
-    if device is not None and labels.device != device:
-        raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
-    if n and int(labels.min()) < 0:
-        raise ValueError(f"{name} contains a negative label ({int(labels.min())})")
-    if n and num_classes is not None and int(labels.max()) >= num_classes:
-        raise ValueError(f"{name} contains label {int(labels.max())} >= num_classes={num_classes}")
-    return labels.long()
 
 
 def _check_features(x, name: str) -> torch.Tensor:
@@ -145,8 +63,8 @@ def _validate_retrieval(query_feats, query_labels, pool_feats, pool_labels, pool
         raise ValueError(f"feature dimensions differ: query_feats has D={q.shape[1]}, pool_feats has D={z.shape[1]}")
     if z.device != q.device:
         raise ValueError(f"pool_feats is on {z.device} but query_feats is on {q.device}")
-    ql = _check_labels(query_labels, q.shape[0], "query_labels", q.device, num_classes)
-    pl = _check_labels(pool_labels, z.shape[0], "pool_labels", q.device, num_classes)
+    ql = check_labels(query_labels, q.shape[0], "query_labels", q.device, num_classes)
+    pl = check_labels(pool_labels, z.shape[0], "pool_labels", q.device, num_classes)
     if not isinstance(pool_complexity, torch.Tensor) or not pool_complexity.is_floating_point():
         raise TypeError("pool_complexity must be a floating-point torch.Tensor")
     if pool_complexity.shape != (z.shape[0],):
@@ -239,7 +157,7 @@ def _triton_ok(t: torch.Tensor) -> bool:
     if not (t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
         return False
     try:
-        from . import kernels  # noqa: F401
+        from .. import kernels  # noqa: F401  (optional: needs triton)
     except Exception:
         return False
     return True
@@ -332,7 +250,7 @@ def _retrieve_fast(q, ql, z, pl, c, lam, backend, precision):
         if not _triton_ok(q):
             raise RuntimeError("backend='triton' requested but Triton cannot run here (no CUDA device "
                                "and TRITON_INTERPRET unset, or triton missing)")
-        from .kernels import retrieve_fwd
+        from ..kernels import retrieve_fwd
 
         approx, cand = retrieve_fwd(qs_search, qsq, zs_search, bias, q_off, p_off, lam, kc, precision)
         cand = torch.where(cand < z.shape[0], cand, -1)  # empty slots of classes smaller than kc
@@ -404,41 +322,3 @@ def _retrieve_exclusive(q, ql, z, pl, c, lam):
 # residual connection
 
 
-def residual_inject(x: torch.Tensor, patches: torch.Tensor, alpha: float = 0.5,
-                    size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-    """The residual connection of METHOD.md section 2: ``alpha * resize(x) + (1 - alpha) * resize(patches)``.
-
-    Args:
-        x: ``[N, C, H, W]`` synthetic images.
-        patches: ``[N, C, h, w]`` retrieved (or anchor) patches, same normalisation as ``x``.
-        alpha: weight of the synthetic image, in ``[0, 1]`` (paper: 0.5).
-        size: output ``(H', W')`` (an int means square); default: ``x``'s size.
-
-    Both are resampled bilinearly (antialiased when shrinking). Returns ``[N, C, H', W']`` in
-    ``x``'s dtype; differentiable in both inputs.
-    """
-    for name, t in (("x", x), ("patches", patches)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 4:
-            raise ValueError(f"{name} must be a floating-point [N, C, H, W] tensor")
-    if x.shape[:2] != patches.shape[:2]:
-        raise ValueError(f"x and patches must agree in [N, C], got {tuple(x.shape[:2])} and {tuple(patches.shape[:2])}")
-    if x.device != patches.device:
-        raise ValueError(f"patches is on {patches.device} but x is on {x.device}")
-    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if size is None:
-        size = tuple(x.shape[2:])
-    elif isinstance(size, int):
-        size = (size, size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"size must be a positive int or (H, W), got {size!r}")
-
-    def resize(t):
-        if tuple(t.shape[2:]) == tuple(size):
-            return t
-        shrink = t.shape[2] > size[0] or t.shape[3] > size[1]
-        # antialiased resampling has no half-precision CPU kernel: resample in fp32 there
-        work = t.float() if (shrink and not t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)) else t
-        return F.interpolate(work, size=size, mode="bilinear", align_corners=False, antialias=shrink).to(t.dtype)
-
-    return alpha * resize(x) + (1.0 - alpha) * resize(patches.to(x.dtype))

@@ -14,8 +14,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .pool import teacher_features
-from .retrieval import residual_inject, retrieve
+from ..models.features import teacher_features
+from ..retrieval.inject import residual_inject
+from ..retrieval.search import retrieve
 
 __all__ = ["RecoverConfig", "recover", "augment", "check_engine"]
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .topo_loss import TopologyAlignmentLoss
+from ..topology.pta import TopologyAlignmentLoss
 
 __all__ = ["RETALoss"]
 

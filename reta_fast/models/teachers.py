@@ -1,5 +1,5 @@
-"""Teachers: the squeeze stage (train a BN teacher on a data set), teacher checkpoints, and loading a
-teacher by path or by name from torchvision / timm.
+"""Teacher checkpoints: saving a trained teacher, and loading one by path or by name from torchvision / timm
+(training one is the squeeze stage, :mod:`reta_fast.stages.squeeze`).
 
 A reta_fast teacher checkpoint is a ``torch.save`` dict::
 
@@ -11,20 +11,16 @@ It records the class order and the normalisation, so a teacher is never used wit
 """
 from __future__ import annotations
 
-import os
-import re
-import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import nn
 
-from . import models
-from .fileio import save_torch
+from ..fileio import save_torch
+from .arch import build_arch
 
-__all__ = ["Teacher", "build_arch", "default_arch", "squeeze", "load_teacher", "save_teacher", "cache_dir",
-           "default_teacher_path"]
+__all__ = ["Teacher", "load_teacher", "save_teacher", "TEACHER_FORMAT"]
 
 TEACHER_FORMAT = 1
 
@@ -47,79 +43,12 @@ class Teacher:
         return f"Teacher({self.name}, {len(self.classes)} classes, {self.size} px{acc})"
 
 
-def cache_dir() -> Path:
-    """``$RETA_FAST_CACHE`` or ``~/.cache/reta_fast``."""
-    return Path(os.environ.get("RETA_FAST_CACHE", Path.home() / ".cache" / "reta_fast"))
-
-
-def default_arch(data) -> str:
-    """ConvNet-BN for the embedded digits (seconds on a CPU), ResNet-18 otherwise (CIFAR stem <= 64 px)."""
-    return "convnet" if data.name == "digits" else "resnet18"
-
-
-def build_arch(arch: str, num_classes: int, size: int, kwargs: Optional[dict] = None) -> Tuple[nn.Module, dict]:
-    """A fresh ``convnet`` (ConvNet-BN) or ``resnet18`` (CIFAR stem up to 64 px); ``kwargs`` as stored
-    in a checkpoint override the size-based defaults."""
-    if kwargs is not None and (arch.startswith("convnet") or arch == "resnet18"):
-        return (models.resnet18 if arch == "resnet18" else models.convnet_bn)(**kwargs), dict(kwargs)
-    wide = re.fullmatch(r"convnet-w(\d+)", arch)
-    if arch == "convnet" or wide:
-        width = int(wide.group(1)) if wide else (32 if size <= 16 else 64)
-        kw = dict(num_classes=num_classes, width=width, depth=2 if size <= 16 else 3)
-        return models.convnet_bn(**kw), kw
-    if arch == "resnet18":
-        kw = dict(num_classes=num_classes, cifar_stem=size <= 64)
-        return models.resnet18(**kw), kw
-    raise ValueError(f"unknown teacher architecture {arch!r}: use convnet, convnet-w<width>, resnet18, "
-                     f"torchvision:<name> or timm:<name>")
-
-
-def default_teacher_path(data, arch: str, seed: int) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(data.name).name if os.sep in data.name else data.name).strip("-")
-    return cache_dir() / "teachers" / f"{slug or 'data'}-{data.fingerprint}-{arch}-seed{seed}.pt"
-
-
 def save_teacher(path, teacher: Teacher, arch_kwargs: dict, **meta) -> Path:
     ckpt = dict(format=TEACHER_FORMAT, arch=teacher.name, arch_kwargs=arch_kwargs,
                 state_dict={k: v.detach().cpu() for k, v in teacher.model.state_dict().items()},
                 classes=teacher.classes, size=teacher.size, mean=list(teacher.mean), std=list(teacher.std),
                 accuracy=teacher.accuracy, **meta)
     return save_torch(path, ckpt)
-
-
-def squeeze(data, arch: Optional[str] = None, epochs: Optional[int] = None, batch_size: Optional[int] = None,
-            lr: Optional[float] = None, seed: int = 0, device="cpu", out=None, progress: bool = True,
-            workers: int = 0, log=print) -> Teacher:
-    """Train a BN teacher on ``data.train`` (SGD + one-cycle, crop + flip), measure its top-1 on
-    ``data.val``, and save the checkpoint atomically to ``out`` (when given).
-
-    Defaults: ConvNet-BN for 30 epochs of batch 64 on digits (1,437 images), ResNet-18 for 30 epochs
-    of batch 128 otherwise (lr 0.05).
-    """
-    from .datasets import fits_in_memory, materialize
-    from .train import accuracy, train_classifier
-
-    arch = arch or default_arch(data)
-    epochs = epochs if epochs is not None else 30
-    batch_size = batch_size or (64 if data.name == "digits" else 128)
-    lr = lr if lr is not None else 0.05
-    torch.manual_seed(seed)
-    model, kw = build_arch(arch, len(data.classes), data.size)
-    train, val = data.train, data.val
-    if fits_in_memory(train, data.size):
-        train, _ = materialize(train, data.size, progress=progress, what="train images")
-    if fits_in_memory(val, data.size):
-        val, _ = materialize(val, data.size, progress=progress, what="val images")
-    t0 = time.perf_counter()
-    train_classifier(model, train, epochs=epochs, batch_size=batch_size, lr=lr, mean=data.mean, std=data.std,
-                     device=device, seed=seed, flip=data.flip, progress=progress, size=data.size, workers=workers)
-    acc = accuracy(model, val, mean=data.mean, std=data.std, device=device, size=data.size, workers=workers)
-    log(f"[squeeze] {arch} on {data.name}: top-1 {acc:.2f}% on {len(data.val)} val images "
-        f"({epochs} epochs, {time.perf_counter() - t0:.1f} s)")
-    teacher = Teacher(model.eval(), arch, data.classes, data.size, data.mean, data.std, acc, out)
-    if out is not None:
-        save_teacher(out, teacher, kw, dataset=data.name, seed=seed, epochs=epochs)
-    return teacher
 
 
 def load_teacher(spec, data=None, device="cpu", weights: Optional[str] = None) -> Teacher:
@@ -211,21 +140,3 @@ def _named_teacher(spec, data, device, weights) -> Teacher:
     return Teacher(model.to(device).eval(), spec, data.classes, data.size, data.mean, data.std, None, None)
 
 
-def resolve_teachers(specs, data, device="cpu", seed: int = 0, weights=None, arch=None, epochs=None,
-                     progress=True, log=print, workers: int = 0):
-    """``--teacher`` (comma-separated list, round-robin over recover batches as in FADRM+) or, when
-    empty, the default teacher for ``data`` squeezed once and cached (keyed by data set, arch, seed)."""
-    if not specs:
-        arch = arch or default_arch(data)
-        path = default_teacher_path(data, arch, seed)
-        if path.is_file():
-            t = load_teacher(path, data, device)
-            log(f"[squeeze] reusing cached teacher {path} (top-1 {t.accuracy:.2f}%)")
-            return [t]
-        log(f"[squeeze] no teacher given: training the default {arch} teacher for {data.name} (cached at {path})")
-        return [squeeze(data, arch, epochs=epochs, seed=seed, device=device, out=path, progress=progress, log=log,
-                        workers=workers)]
-    out = []
-    for s in [s for s in str(specs).split(",") if s]:
-        out.append(load_teacher(s, data, device, weights))
-    return out

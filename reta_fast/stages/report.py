@@ -12,7 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .fileio import atomic_write, read_json, write_json
+from ..data.sets import random_real_images
+from ..fileio import atomic_write, read_json, write_json
+from ..models.features import teacher_features
+from ..topology.diagrams import persistence_diagrams
+from .output import load_distilled
 
 __all__ = ["betti_curves", "write_report", "image_grid"]
 
@@ -24,8 +28,6 @@ _ESSENTIAL_CAP = 2.5
 def betti_curves(points: torch.Tensor, k: int, grid: torch.Tensor) -> Dict[str, np.ndarray]:
     """Mean Betti-0 and Betti-1 curves over the point sets ``points`` ``[C, m, D]`` (L2-normalised
     first), of the mutual k-NN flag complex filtered by edge length, sampled at ``grid`` ``[T]``."""
-    from .persistence import persistence_diagrams
-
     pts = F.normalize(points.float(), dim=-1)
     dg = persistence_diagrams(pts, k, maxdim=1, essential=_ESSENTIAL_CAP)
     t = grid.view(1, -1)
@@ -71,9 +73,6 @@ def write_report(out, data, teacher, k: int = 10, max_classes: int = 10, max_ipc
     (``run.json``, ``stages/*.json``, ``eval.json``) and draw ``report/grid.png`` and
     ``report/betti.png`` (teacher features of the distilled images vs as many random real images
     per class)."""
-    from .pipeline import load_distilled, random_real_images
-    from .pool import teacher_features
-
     out = Path(out)
     run = read_json(out / "run.json", "run manifest") if (out / "run.json").is_file() else {}
     ev = read_json(out / "eval.json", "evaluation") if (out / "eval.json").is_file() else None

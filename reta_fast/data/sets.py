@@ -19,20 +19,17 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .data import ImageFolder, dataset_classes, dataset_targets, to_image_tensor
-from .train import TensorImageDataset, digits_dataset
+from .folder import ImageFolder, dataset_classes, dataset_targets, to_image_tensor
+from .tensors import DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD, TensorImageDataset, digits_dataset
 
-__all__ = ["DataSpec", "load_data", "SizedImages", "materialize", "iterate_batches", "TORCHVISION_SETS"]
+__all__ = ["DataSpec", "load_data", "SizedImages", "materialize", "iterate_batches", "random_real_images",
+           "TORCHVISION_SETS"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DIGITS_MEAN = (0.5, 0.5, 0.5)
-DIGITS_STD = (0.25, 0.25, 0.25)
 TORCHVISION_SETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST",
                     "fashionmnist": "FashionMNIST", "svhn": "SVHN"}
 #: splits below this many bytes (uint8, at the working size) are decoded once and held in memory
@@ -310,3 +307,33 @@ def iterate_batches(dataset, batch_size: int, size: int, shuffle: bool = False, 
 
 def batches_per_epoch(dataset, batch_size: int) -> int:
     return max(1, math.ceil(len(dataset) / batch_size))
+
+
+def random_real_images(data, ipc: int, seed: int, classes: Optional[Sequence[int]] = None,
+                       start: int = 0, end: Optional[int] = None) -> Dict[tuple, torch.Tensor]:
+    """Items ``(c, i) -> uint8 [3, S, S]``: per class a seeded permutation of its training images,
+    item i = the i-th readable one (unreadable files are skipped deterministically)."""
+    targets = dataset_targets(data.train)
+    if targets is None:
+        raise ValueError("random-real needs a data set that exposes its labels (.targets)")
+    end = ipc if end is None else end
+    t = torch.tensor(targets)
+    sized = SizedImages(data.train, data.size)
+    out = {}
+    for c in (range(len(data.classes)) if classes is None else classes):
+        idx = (t == c).nonzero().flatten()
+        if idx.numel() < ipc:
+            raise ValueError(f"IPC {ipc} is larger than class {data.classes[c]!r}, which has {idx.numel()} training "
+                             f"images: real-image methods cannot pick that many")
+        perm = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(seed * 7919 + c))].tolist()
+        got, pos = [], 0
+        while len(got) < end and pos < len(perm):
+            x, _ = sized[perm[pos]]
+            pos += 1
+            if x is not None:
+                got.append(x)
+        if len(got) < end:
+            raise ValueError(f"class {data.classes[c]!r} has only {len(got)} readable images, fewer than IPC {ipc}")
+        for i in range(start, end):
+            out[(c, i)] = got[i]
+    return out

@@ -16,45 +16,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import ImageFolder, dataset_classes, dataset_targets, to_image_tensor
-from .retrieval import patch_complexity
+from .._version import __version__
+from ..data.folder import ImageFolder, dataset_classes, dataset_targets, to_image_tensor
+from ..data.tensors import IMAGENET_MEAN, IMAGENET_STD
+from ..models.features import teacher_features, teacher_fingerprint
+from .complexity import patch_complexity
 
-__all__ = ["PatchPool", "teacher_fingerprint", "teacher_features"]
+__all__ = ["PatchPool"]
 
 POOL_FORMAT = 1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _ARRAYS = ("patches", "feats", "labels", "complexity", "source_index")
-
-
-def teacher_fingerprint(teacher: torch.nn.Module) -> str:
-    """sha256 over the teacher's parameter and buffer names, shapes and values (hex, 16 chars)."""
-    h = hashlib.sha256()
-    for name, t in sorted(teacher.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16
-                 else t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def teacher_features(teacher: torch.nn.Module, x: torch.Tensor):
-    """``(logits [N, K], penultimate features [N, D])`` in one forward pass.
-
-    The features are the input of the teacher's last ``nn.Linear`` (the global-average-pooled
-    features of torchvision/timm-style classifiers), captured with a forward hook.
-    """
-    linears = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)]
-    if not linears:
-        raise ValueError("the teacher has no nn.Linear head: cannot find its penultimate features")
-    store = {}
-    handle = linears[-1].register_forward_hook(lambda m, inp, out: store.__setitem__("f", inp[0]))
-    try:
-        logits = teacher(x)
-    finally:
-        handle.remove()
-    feats = store["f"].flatten(1)
-    return logits, feats
 
 
 class PatchPool:
@@ -353,7 +324,6 @@ class PatchPool:
                                     bytes=(tmp / f"{name}.npy").stat().st_size,
                                     sha256=None if name == "patches" else _sha256(tmp / f"{name}.npy"))
                 del arr
-            from . import __version__
 
             manifest = dict(
                 format=POOL_FORMAT, reta_fast=__version__, teacher=fp, dataset=dataset_name or type(dataset).__name__,

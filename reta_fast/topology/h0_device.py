@@ -6,7 +6,7 @@ that strict total order the forest is unique, so Borůvka's rounds (every compon
 cheapest outgoing edge, components hook along them, pointer jumping flattens the trees) find the
 same edges as the native union-find, on any device and in a fixed number of steps:
 ``ceil(log2(n_max)) + 1`` rounds of ``ceil(log2(N)) + 1`` jumps. :func:`h0_forest_mask` has no host
-synchronisation at all (it can run inside a captured CUDA graph); :func:`h0_pairs_device` adds the
+synchronisation at all (it can run inside a captured CUDA graph); :func:`reta_fast.topology.pairs.persistence_pairs` (``backend="device"``) adds the
 variable-size gather into :class:`reta_fast.PersistencePairs` (one synchronisation for the sizes).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 
 import torch
 
-__all__ = ["h0_forest_mask", "h0_pairs_device"]
+__all__ = ["h0_forest_mask"]
 
 
 def h0_forest_mask(u: torch.Tensor, v: torch.Tensor, rank: torch.Tensor, num_nodes_total: int,
@@ -53,29 +53,3 @@ def h0_forest_mask(u: torch.Tensor, v: torch.Tensor, rank: torch.Tensor, num_nod
     return mst
 
 
-def h0_pairs_device(edges: torch.Tensor, weights: torch.Tensor, num_nodes, offsets=None):
-    """:func:`reta_fast.persistence_pairs` with ``maxdim=0`` computed by :func:`h0_forest_mask` on the
-    device of ``edges``/``weights``; equal to the native union-find's answer (death edges in
-    filtration order per graph, component counts). Returns CPU tensors like the other backends."""
-    from .persistence import PersistencePairs, _check_graph_input
-
-    dev = weights.device
-    e_cpu, w_cpu, offsets_t, nodes = _check_graph_input(edges, weights, num_nodes, offsets, per_edge=True)
-    B, E = offsets_t.numel() - 1, e_cpu.shape[0]
-    gid = torch.repeat_interleave(torch.arange(B), offsets_t.diff()).to(dev)
-    node_off = torch.cat([torch.zeros(1, dtype=torch.int64), nodes.cumsum(0)]).to(dev)
-    e = edges.detach().to(dev, torch.int64)
-    u, v = e[:, 0] + node_off[gid], e[:, 1] + node_off[gid]
-    w = weights.detach().to(dev, torch.float64)
-    rank = torch.empty(E, dtype=torch.int64, device=dev)
-    rank[torch.argsort(w, stable=True)] = torch.arange(E, device=dev)  # (length, edge index)
-    N = int(nodes.sum())
-    mst = h0_forest_mask(u, v, rank, N, int(nodes.max()) if B else 0)
-    idx = mst.nonzero().flatten()  # host synchronisation: the output size
-    idx = idx[torch.argsort(gid[idx] * max(E, 1) + rank[idx])]
-    per_graph = torch.bincount(gid[idx], minlength=B).cpu() if idx.numel() else torch.zeros(B, dtype=torch.int64)
-    h0_off = torch.cat([torch.zeros(1, dtype=torch.int64), per_graph.cumsum(0)])
-    comps = nodes - per_graph
-    z = torch.zeros(B + 1, dtype=torch.int64)
-    return PersistencePairs(idx.cpu(), h0_off, comps, torch.zeros((0, 2), dtype=torch.int64), z,
-                            torch.zeros(0, dtype=torch.int64), z.clone())

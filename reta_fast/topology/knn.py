@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._validate import check_k, check_points
+from .._validate import check_k, check_points
 
 __all__ = ["KNNGraph", "mutual_knn_graph", "knn_ref", "mutual_knn_ref", "knn", "edge_lengths", "edge_weights",
            "mutual_knn_edges", "rerank_certified"]
@@ -187,7 +187,7 @@ def _triton_usable(points: torch.Tensor) -> tuple[bool, str]:
     if not (points.is_cuda or interpret):
         return False, "points are not on a CUDA device"
     try:
-        from . import kernels  # noqa: F401
+        from .. import kernels  # noqa: F401  (optional: needs triton)
     except Exception as exc:  # pragma: no cover - depends on the install
         return False, f"triton kernels unavailable ({exc})"
     return True, ""
@@ -219,7 +219,7 @@ def knn(points: torch.Tensor, k: int, backend: str = "auto", precision: str = "i
         if backend != "torch":
             ok, why = _triton_usable(points)
             if ok and k <= TRITON_MAX_K and points.dtype != torch.float64:
-                from .kernels import knn_fwd
+                from ..kernels import knn_fwd
 
                 kc = min(points.shape[1] - 1, k + CANDIDATE_MARGIN)
                 if precision == "ieee" or points.dtype != torch.float32 or kc > TRITON_MAX_K:

@@ -1,4 +1,4 @@
-"""Persistent Topology Alignment loss (PTA, METHOD.md section 4).
+"""Persistent Topology Alignment loss (PTA, docs/method.md §4).
 
 ``L_topo = sum_c ||I0_syn(c) - I0_real(c)||^2 + gamma * ||I1_syn(c) - I1_real(c)||^2`` where
 ``I0``/``I1`` are persistence images of the H0/H1 diagrams of the mutual k-NN flag complex of the
@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import check_points, check_positive_int
+from .._validate import check_points, check_positive_int
 from .knn import edge_weights, mutual_knn_edges
-from .persistence import _check_essential, cap_edges_of, diagrams_from_pairs, paired_lengths, persistence_pairs
+from .diagrams import cap_edges_of, check_essential, diagrams_from_pairs, paired_lengths
+from .pairs import persistence_pairs
 from .pimage import persistence_image
 
 __all__ = ["TopologyAlignmentLoss"]
@@ -89,7 +90,7 @@ class TopologyAlignmentLoss(nn.Module):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         if not gamma >= 0:
             raise ValueError(f"gamma must be >= 0, got {gamma!r}")
-        _check_essential(essential)
+        check_essential(essential)
         self.gamma, self.normalize, self.essential = float(gamma), bool(normalize), essential
         self.sigma_frac = SIGMA_FRACTION if sigma is None else float(sigma)
         if not self.sigma_frac > 0:

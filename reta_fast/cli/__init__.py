@@ -1,0 +1,217 @@
+"""Command line entry point ``reta``: the distillation pipeline, stage by stage or all at once.
+
+    reta squeeze   train a BN teacher on a data set (prints its top-1)
+    reta distill   build/load the patch pool and write the distilled set (--method reta | baselines)
+    reta relabel   stored soft labels for the student protocol + a tensor export
+    reta evaluate  train students on the distilled set; top-1 vs the teacher and random real images
+    reta report    report.md / report.json with pictures
+    reta plan      expected wall time and peak memory of a distill job, from a short calibration
+    reta run       all of the above
+    reta demo      all of the above on the embedded digits data set (no download, minutes on a CPU)
+    reta topo-demo the PTA loss alone on synthetic point clouds
+
+Under ``torchrun`` the distill stage shards its batches over the ranks (``RANK``/``WORLD_SIZE``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .commands import (_device, _Log, cmd_distill, cmd_evaluate, cmd_plan, cmd_relabel, cmd_report, cmd_run,
+                       cmd_squeeze)
+from .topo_demo import topo_demo
+
+__all__ = ["main", "build_parser"]
+
+
+DEMO = dict(data="digits", method="reta", ipc=10, iterations=200, blocks=4, batch_classes=10, topo_k=4,
+            eval_epochs=150, eval_batch=50, eval_lr=1e-2, eval_seeds=[0, 1, 2], out="reta-demo")
+
+
+def _common(p, demo=False, squeeze=False):
+    g = p.add_argument_group("common")
+    g.add_argument("--data", default="digits" if demo else None, required=not demo,
+                   help="ImageFolder path (ROOT/<class>/ or ROOT/train + ROOT/val), digits, or a torchvision name")
+    g.add_argument("--val", help="validation ImageFolder (default: ROOT/val|test, else a 10%% holdout)")
+    g.add_argument("--data-root", help="download folder for torchvision data sets")
+    g.add_argument("--size", type=int, help="working image size (default: 16 for digits, 32 for CIFAR, probed "
+                                             "for folders, at most 224)")
+    if not squeeze:
+        g.add_argument("--teacher", help="teacher checkpoint, torchvision:<name> or timm:<name>; a comma-separated "
+                                          "list takes turns (FADRM+). Default: for distill/run the data set's "
+                                          "default teacher, squeezed once and cached; for relabel/evaluate/report "
+                                          "the teacher recorded in OUT/run.json")
+        g.add_argument("--teacher-weights", help="state-dict file (or DEFAULT) for torchvision:/timm: teachers")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    if not squeeze:
+        g.add_argument("--arch", choices=["convnet", "resnet18"],
+                       help="architecture of the default teacher when one is squeezed (see reta squeeze)")
+        g.add_argument("--squeeze-epochs", type=int, help="epochs of that squeeze")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=0, help="data loader processes for streamed data sets")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels only (torch.use_deterministic_algorithms; slower)")
+
+
+def _out(p, demo=False):
+    p.add_argument("--out", default=DEMO["out"] if demo else None, required=not demo,
+                   help="output folder (resumed if it holds the same run, refused if another)")
+
+
+def _distill_args(p, demo=False):
+    d = DEMO if demo else {}
+    g = p.add_argument_group("distill")
+    g.add_argument("--method", default=d.get("method", "reta"), choices=["random-real", "rded", "sre2l", "fadrm", "reta"])
+    g.add_argument("--ipc", type=int, default=d.get("ipc", 10), help="images per class")
+    g.add_argument("--ipc-start", type=int, default=0, help="first ipc index this process makes")
+    g.add_argument("--ipc-end", type=int, default=None, help="one past the last ipc index (default: --ipc)")
+    g.add_argument("--iterations", type=int, default=d.get("iterations", 1000), help="recover steps per batch")
+    g.add_argument("--blocks", type=int, default=d.get("blocks", 4), help="multi-resolution blocks (FADRM)")
+    g.add_argument("--resolutions", type=lambda v: [int(r) for r in v.split(",")], default=None,
+                   help="one resolution per block, comma-separated (ImageNet: 200,224,200,224); overrides --blocks")
+    g.add_argument("--batch-classes", type=int, default=d.get("batch_classes"),
+                   help="classes per batch (default: min(classes, 100))")
+    g.add_argument("--ipc-per-batch", type=int, default=None,
+                   help="items of each class per batch (default: 100 images per batch)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="recover lr (default: 0.25 above 64 px as in SRe2L/FADRM, 0.05 up to 64 px, tuned on CIFAR-10)")
+    g.add_argument("--jitter", type=int, default=None)
+    g.add_argument("--alpha", type=float, default=0.5, help="residual weight of the synthetic image")
+    g.add_argument("--lam", type=float, default=0.1, help="DRC complexity weight lambda")
+    g.add_argument("--r-bn", type=float, default=0.01)
+    g.add_argument("--first-bn-weight", type=float, default=10.0)
+    g.add_argument("--no-bn", action="store_true", help="no BN-statistic matching (teachers without BatchNorm)")
+    g.add_argument("--lam-topo", type=float, default=0.5, help="PTA weight")
+    g.add_argument("--topo-k", type=int, default=d.get("topo_k"), help="mutual k-NN k (default min(10, ipc-1))")
+    g.add_argument("--points-per-class", type=int, default=32, help="real PTA points per class")
+    g.add_argument("--pool", help="patch pool folder (default: a cache folder keyed by data, teacher, params)")
+    g.add_argument("--pool-per-class", type=int, default=300)
+    g.add_argument("--pool-candidates", type=int, default=1, help="RDED best-of-N crops per image")
+    g.add_argument("--no-drc", action="store_true", help="ablation: static anchor instead of DRC retrieval")
+    g.add_argument("--no-pta", action="store_true", help="ablation: no topology alignment")
+    g.add_argument("--topo-refresh", type=int, default=1,
+                   help="recompute PTA's graphs and pairings every T steps, re-gather lengths in between")
+    g.add_argument("--topo-overlap", action="store_true",
+                   help="compute PTA's pairings in a worker thread during the step, use them one step later")
+    e = p.add_argument_group("recover engine (changes images at rounding level; recorded in run.json)")
+    e.add_argument("--amp", choices=["bf16"], default=None, help="teacher forward under bf16 autocast")
+    e.add_argument("--channels-last", action="store_true", help="teacher and batch in channels-last format")
+    e.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the teacher's forward (reduce-overhead: CUDA graphs on a GPU)")
+
+
+def _eval_args(p, demo=False):
+    d = DEMO if demo else {}
+    g = p.add_argument_group("evaluate")
+    g.add_argument("--student", choices=["convnet", "resnet18"], help="student architecture (default: the teacher's)")
+    g.add_argument("--eval-epochs", type=int, default=d.get("eval_epochs", 300))
+    g.add_argument("--eval-batch", type=int, default=d.get("eval_batch", 64))
+    g.add_argument("--eval-lr", type=float, default=d.get("eval_lr", 1e-3))
+    g.add_argument("--eval-wd", type=float, default=0.01)
+    g.add_argument("--temperature", type=float, default=20.0)
+    g.add_argument("--labels", choices=["online", "stored"], default="online",
+                   help="soft labels from the teacher during training, or stored by `reta relabel`")
+    g.add_argument("--eval-seeds", type=int, nargs="+", default=d.get("eval_seeds", [0]))
+    g.add_argument("--no-baseline", action="store_true", help="skip the random-real baseline")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reta", description="RETA dataset distillation (reta_fast)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("squeeze", help="train a BN teacher on a data set")
+    _common(s, squeeze=True)
+    s.add_argument("--arch", choices=["convnet", "resnet18"], help="default: convnet for digits, else resnet18")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--squeeze-lr", type=float)
+    s.add_argument("--teacher-out", help="checkpoint path (default: the teacher cache)")
+    s.set_defaults(func=cmd_squeeze)
+
+    for name, fn, helptext, parts in (
+            ("distill", cmd_distill, "write the distilled set", ("d",)),
+            ("relabel", cmd_relabel, "stored soft labels + tensor export", ("e",)),
+            ("evaluate", cmd_evaluate, "train students on the distilled set", ("e",)),
+            ("report", cmd_report, "write report.md/json with pictures", ("k",)),
+            ("run", cmd_run, "all stages", ("d", "e")),
+            ("demo", cmd_run, "all stages on the embedded digits data set", ("d", "e"))):
+        demo = name == "demo"
+        q = sub.add_parser(name, help=helptext)
+        _common(q, demo)
+        _out(q, demo)
+        if "d" in parts:
+            _distill_args(q, demo)
+        if "e" in parts:
+            _eval_args(q, demo)
+        if "k" in parts:
+            q.add_argument("--topo-k", type=int, default=None)
+        if "d" not in parts:
+            q.set_defaults(method=None)
+        q.set_defaults(func=fn)
+
+    q = sub.add_parser("plan", help="estimate a distill job's wall time and peak memory from a short calibration")
+    _common(q)
+    _distill_args(q)
+    q.add_argument("--gpus", type=int, default=1, help="devices (torchrun ranks) the job will use")
+    q.add_argument("--calibration-steps", type=int, default=5)
+    q.set_defaults(func=cmd_plan, out=None)
+
+    d = sub.add_parser("topo-demo", help="PTA on synthetic point clouds: align a collapsed set to real loops")
+    d.add_argument("--classes", type=int, default=8)
+    d.add_argument("--points", type=int, default=64)
+    d.add_argument("--dim", type=int, default=32)
+    d.add_argument("--k", type=int, default=8)
+    d.add_argument("--steps", type=int, default=100)
+    d.add_argument("--lr", type=float, default=0.05)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=topo_demo)
+    return p
+
+
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError, FloatingPointError,
+                PermissionError)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "topo-demo":
+        for name in ("classes", "points", "dim", "k", "steps"):
+            if getattr(args, name) < 1:
+                print(f"reta: --{name} must be >= 1", file=sys.stderr)
+                return 2
+        return args.func(args)
+    args.log = _Log(args.quiet)
+    if getattr(args, "deterministic", False):
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA initialises
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    ok = False
+    try:
+        args.device = _device(args.device)
+        rc = args.func(args)
+        ok = rc == 0
+        return rc
+    except _USER_ERRORS as exc:
+        print(f"reta {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. disk full: the partial file was already removed
+        print(f"reta {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"reta {args.command}: interrupted; finished items are kept, re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if ok:  # leave together: a rank tearing gloo down while another still uses it aborts (SIGABRT)
+                torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

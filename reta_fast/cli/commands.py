@@ -1,0 +1,283 @@
+"""The ``reta`` subcommands: each resolves its data and teachers, runs its stage, and handles torchrun's
+process group (rank 0 builds the pool and merges the stage records)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..data.sets import load_data
+from ..fileio import read_json, write_json
+from ..models.arch import build_arch, default_arch
+from ..models.features import teacher_fingerprint
+from ..models.teachers import Teacher
+from ..stages.config import DistillConfig, EvalConfig
+from ..stages.distill import build_pool, distill
+from ..stages.evaluate import evaluate
+from ..stages.plan import calibrate
+from ..stages.records import Stage, write_stage_record
+from ..stages.relabel import relabel_stage
+from ..stages.report import write_report
+from ..stages.squeeze import default_teacher_path, resolve_teachers, squeeze
+
+class _Log:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+
+def _device(name: str) -> str:
+    """``auto``: ``cuda:$LOCAL_RANK`` (torchrun) or ``cuda`` when CUDA is available, else ``cpu``."""
+
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
+def _data(args):
+    data = load_data(args.data, size=args.size, val=args.val, root=args.data_root)  # fixed split, any --seed
+    args.log(f"[data] {data.describe()}" + "".join(f"; {n}" for n in data.notes))
+    return data
+
+
+def _teachers(args, data):
+    """The teachers of ``--teacher``, or the cached default one (squeezed now if missing: that stage's
+    record is kept in ``args.squeeze_record`` and written once the output folder is accepted)."""
+    arch = getattr(args, "arch", None)
+    kw = dict(device=args.device, seed=args.seed, weights=args.teacher_weights, arch=arch,
+              epochs=getattr(args, "squeeze_epochs", None), progress=not args.quiet, log=args.log,
+              workers=args.workers)
+    run_json = Path(args.out) / "run.json" if getattr(args, "out", None) else None
+    if not args.teacher and args.command in ("relabel", "evaluate", "report") and run_json and run_json.is_file():
+        return _recorded_teachers(args, data, run_json, kw)
+    if args.teacher or default_teacher_path(data, arch or default_arch(data), args.seed).is_file():
+        return resolve_teachers(args.teacher, data, **kw)
+    if _rank()[1] > 1:
+        raise ValueError("under torchrun every rank needs the same teacher: run `reta squeeze` (or pass --teacher) "
+                         "before launching the ranks")
+    with Stage(None, "squeeze", args.device, args.log) as st:
+        teachers = resolve_teachers(None, data, **kw)
+        st.info.update(teacher=teachers[0].name, top1=teachers[0].accuracy, checkpoint=str(teachers[0].path))
+    args.squeeze_record = st.record
+    return teachers
+
+
+def _recorded_teachers(args, data, run_json, kw):
+    """The teachers ``run.json`` names (later stages use the distilling teacher unless told otherwise),
+    refused if the file now holds another network."""
+    run = read_json(run_json, "run manifest")
+    specs, recorded = run.get("teacher_specs") or [], run.get("teachers") or []
+    if not specs:
+        raise ValueError(f"{run_json} does not say which teacher distilled this set: pass --teacher")
+    teachers = resolve_teachers(",".join(specs), data, **kw)
+    for t, r in zip(teachers, recorded):
+        if teacher_fingerprint(t.model) != r.get("fingerprint"):
+            raise ValueError(f"teacher {t.path} is not the network that distilled {args.out} (fingerprint "
+                             f"{teacher_fingerprint(t.model)} vs {r.get('fingerprint')}): pass --teacher explicitly")
+    args.log(f"[teacher] using the distilling teacher recorded in run.json: {specs[0]}")
+    return teachers
+
+
+def _keep_squeeze_record(args):
+    rec = getattr(args, "squeeze_record", None)
+    if rec is not None:
+        write_json(Path(args.out) / "stages" / "squeeze.json", rec)
+        args.squeeze_record = None
+
+
+def _rank():
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _distill_config(args):
+    return DistillConfig(method=args.method, ipc=args.ipc, ipc_start=args.ipc_start, ipc_end=args.ipc_end,
+                         iterations=args.iterations, blocks=args.blocks, resolutions=args.resolutions, batch_classes=args.batch_classes,
+                         ipc_per_batch=args.ipc_per_batch, lr=args.lr, jitter=args.jitter, alpha=args.alpha,
+                         lam=args.lam, r_bn=0.0 if args.no_bn else args.r_bn, first_bn_weight=args.first_bn_weight,
+                         lam_topo=args.lam_topo, topo_k=args.topo_k, points_per_class=args.points_per_class,
+                         pool_per_class=args.pool_per_class, pool_candidates=args.pool_candidates,
+                         drc=not args.no_drc, pta=not args.no_pta, seed=args.seed, topo_refresh=args.topo_refresh,
+                         amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+                         topo_overlap=args.topo_overlap)
+
+
+def _eval_config(args):
+    return EvalConfig(student=args.student, epochs=args.eval_epochs, batch_size=args.eval_batch, lr=args.eval_lr,
+                      weight_decay=args.eval_wd, temperature=args.temperature, labels=args.labels,
+                      seeds=tuple(args.eval_seeds), baseline=not args.no_baseline)
+
+
+def cmd_squeeze(args) -> int:
+    data = _data(args)
+    arch = args.arch or default_arch(data)
+    out = args.teacher_out or default_teacher_path(data, arch, args.seed)
+    if Path(out).exists():
+        raise FileExistsError(f"{out} exists: a teacher is never overwritten (pass --teacher-out elsewhere)")
+    with Stage(None, "squeeze", args.device, args.log):
+        t = squeeze(data, arch, epochs=args.epochs, lr=args.squeeze_lr, seed=args.seed, device=args.device, out=out,
+                    progress=not args.quiet, workers=args.workers, log=args.log)
+    print(f"teacher {t.name}: top-1 {t.accuracy:.2f}% -> {out}")
+    return 0
+
+
+def _no_bn_check(args, teachers):
+    from torch import nn
+
+    if args.no_bn or args.method in ("random-real", "rded"):
+        return
+    for t in teachers:
+        if not any(isinstance(m, nn.BatchNorm2d) for m in t.model.modules()):
+            raise ValueError(f"teacher {t.name} has no BatchNorm2d layer, so BN-statistic matching is impossible: "
+                             f"pass --no-bn to recover without it (CE + PTA only)")
+
+
+def _process_group(args) -> bool:
+    """Under torchrun (MASTER_ADDR set) join the process group (NCCL on CUDA, gloo on the CPU) so that
+    rank 0 can build the pool before the others start and merge the stage records at the end. A rank
+    started alone with only RANK/WORLD_SIZE set (a restart) works without one."""
+
+    import torch.distributed as dist
+
+    if _rank()[1] == 1 or not dist.is_available() or "MASTER_ADDR" not in os.environ:
+        return False
+    if not dist.is_initialized():
+        import datetime
+
+        if str(args.device).startswith("cuda"):
+            torch.cuda.set_device(torch.device(args.device))
+        # Ranks wait for rank 0 while it builds the pool, relabels (--labels stored) or writes the report:
+        # hours at ImageNet scale, far beyond the default 10-30 min collective timeout.
+        timeout = float(os.environ.get("RETA_FAST_DIST_TIMEOUT", 12 * 3600))
+        dist.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout))
+    return True
+
+
+def cmd_distill(args, data=None, teachers=None) -> int:
+    data = data or _data(args)
+    teachers = teachers or _teachers(args, data)
+    _no_bn_check(args, teachers)
+    cfg = _distill_config(args)
+    cfg.validate()
+    rank, world = _rank()
+    out = Path(args.out)
+    group = _process_group(args)
+    if group:
+        import torch.distributed as dist
+
+        if rank == 0 and cfg.uses_pool:  # one rank builds the pool; the others then load it
+            build_pool(data, teachers[0], cfg, args.device, args.pool, not args.quiet, args.log)
+        dist.barrier()
+    with Stage(out if world == 1 else None, "distill" if world == 1 else f"distill-rank{rank}", args.device,
+               args.log) as st:
+        st.info.update(distill(data, teachers, out, cfg, device=args.device, pool_dir=args.pool,
+                               progress=not args.quiet and rank == 0, log=args.log, rank=rank, world_size=world,
+                               teacher_specs=[str(t.path) if t.path else t.name for t in teachers]))
+    _keep_squeeze_record(args)
+    if world > 1:
+        write_json(out / "stages" / f"distill-rank{rank}.json", st.record)
+    if group:
+        dist.barrier()
+        if rank == 0:  # one record for the whole distillation: wall time of the slowest rank, summed counts
+            recs = [read_json(out / "stages" / f"distill-rank{r}.json", "stage record") for r in range(world)]
+            merged = dict(recs[0], seconds=max(r["seconds"] for r in recs), ranks=world,
+                          peak_bytes=max(r["peak_bytes"] for r in recs),
+                          written=sum(r.get("written", 0) for r in recs), skipped=sum(r.get("skipped", 0) for r in recs))
+            merged.pop("stage", None)
+            write_stage_record(out, "distill", dict(stage="distill", **merged))
+    i = st.info
+    args.log(f"[distill] {i['written']} images written, {i['skipped']} already there -> {out / 'images'}")
+    return 0
+
+
+def cmd_relabel(args, data=None, teachers=None) -> int:
+    data = data or _data(args)
+    teachers = teachers or _teachers(args, data)
+    with Stage(Path(args.out), "relabel", args.device, args.log) as st:
+        st.info.update(relabel_stage(data, teachers[0], args.out, _eval_config(args), device=args.device,
+                                     progress=not args.quiet, log=args.log))
+    return 0
+
+
+def cmd_evaluate(args, data=None, teachers=None) -> int:
+    data = data or _data(args)
+    teachers = teachers or _teachers(args, data)
+    rank, world = _rank()
+    if world > 1 and not _process_group(args):
+        raise ValueError("`reta evaluate` with WORLD_SIZE > 1 trains each student with DDP and needs torchrun's "
+                         "process group (MASTER_ADDR); run it with torchrun, or in one process")
+    log = args.log if rank == 0 else (lambda m: None)
+    with Stage(Path(args.out) if rank == 0 else None, "evaluate", args.device, log) as st:
+        r = evaluate(data, teachers[0], args.out, _eval_config(args), device=args.device,
+                     progress=not args.quiet and rank == 0, log=log, seed=args.seed, workers=args.workers)
+        st.info.update(top1=r["distilled"]["mean"], ranks=world)
+    if rank != 0:
+        return 0
+    rr = r["random_real"]
+    print(f"{r['method']} IPC {r['ipc']}: student top-1 {r['distilled']['mean']:.2f} ± {r['distilled']['std']:.2f}% | "
+          f"teacher {r['teacher_top1']:.2f}%" + (f" | random real {rr['mean']:.2f} ± {rr['std']:.2f}%" if rr else ""))
+    return 0
+
+
+def cmd_report(args, data=None, teachers=None) -> int:
+    data = data or _data(args)
+    teachers = teachers or _teachers(args, data)
+    write_report(args.out, data, teachers[0], k=args.topo_k or 10, seed=args.seed, device=args.device, log=args.log)
+    return 0
+
+
+def cmd_run(args) -> int:
+    data = _data(args)
+    teachers = _teachers(args, data)
+    cmd_distill(args, data, teachers)
+    rank, world = _rank()
+    if world > 1 and not torch.distributed.is_initialized():
+        args.log("[run] ranks without a process group: run `reta evaluate` once every rank has finished")
+        return 0
+    if args.labels == "stored":  # rank 0 relabels, the others wait for the labels
+        if rank == 0:
+            cmd_relabel(args, data, teachers)
+        if world > 1:
+            torch.distributed.barrier()
+    cmd_evaluate(args, data, teachers)  # every rank: the students train with DDP
+    if rank != 0:
+        return 0
+    cmd_report(args, data, teachers)
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def cmd_plan(args) -> int:
+    data = _data(args)
+    arch = args.arch or default_arch(data)
+    if args.teacher or default_teacher_path(data, arch, args.seed).is_file():
+        teacher = resolve_teachers(args.teacher, data, device=args.device, seed=args.seed,
+                                   weights=args.teacher_weights, arch=arch, log=args.log)[0]
+    else:  # the step time does not depend on the weights
+        model, _ = build_arch(arch, len(data.classes), data.size)
+        teacher = Teacher(model, arch, data.classes, data.size, data.mean, data.std)
+        args.log(f"[plan] no teacher yet: timing an untrained {arch} (the step cost does not depend on weights)")
+    cfg = _distill_config(args)
+    est = calibrate(data, teacher, cfg, device=args.device, steps=args.calibration_steps, gpus=args.gpus,
+                    log=args.log)
+    print(f"reta plan: {cfg.method} on {data.name}, IPC {cfg.ipc}, teacher {teacher.name}, {args.gpus} device(s) "
+          f"like this one ({args.device})")
+    print(est.table())
+    return 0
+

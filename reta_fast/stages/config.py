@@ -1,0 +1,198 @@
+"""The settings of the distill and evaluate stages: one dataclass each, the single source of their
+defaults (the CLI's flags are built from these fields)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Sequence
+
+from ..recover.loop import check_engine
+
+__all__ = ["METHODS", "DistillConfig", "EvalConfig", "ENGINE_DEFAULTS"]
+
+
+METHODS = ("random-real", "rded", "sre2l", "fadrm", "reta")
+
+
+ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None, topo_overlap=False)
+
+
+@dataclass
+class DistillConfig:
+    """Parameters of ``reta distill``; defaults follow METHOD.md ([pred]/[paper]) unless noted.
+
+    Attributes:
+        method: one of :data:`METHODS`.
+        ipc: images per class of the whole set; ``ipc_start``/``ipc_end``: the slice this process
+            produces (``None`` = up to ``ipc``).
+        iterations: recover steps per batch B, split over ``blocks`` blocks at the data's size, or over
+            one block per entry of ``resolutions`` (ImageNet: 200, 224, 200, 224; the last must be the
+            data's size, which the written images have).
+        batch_classes: classes per recover batch; ``ipc_per_batch``: items of each class per batch (batch
+            = ``batch_classes * ipc_per_batch`` images; BN statistics over the batch). Defaults [pred:
+            batches of 100 images]: ``min(C, 100)`` classes and ``max(1, 100 // batch_classes)`` items
+            each (ImageNet: 100 classes x 1; CIFAR-10: 10 classes x 10, so PTA sees ten synthetic
+            images of each class together).
+        partition: DRC retrieval searches, for item ``(c, i)``, only the class-``c`` patches whose RDED
+            rank ``r`` has ``r % ipc == i`` [ours]. Without it, all images of a class tend to retrieve the
+            same few low-complexity patches and, after three residual injections, collapse onto them
+            (measured on digits: 1-3 distinct retrieved patches per class of 10 images).
+        lr: Adam's pixel learning rate. None: 0.25 above 64 px ([pred], the ImageNet setting) and 0.05 up to
+            64 px ([ours]: chosen on a validation split of CIFAR-10 training images, where 0.25 over-optimises
+            the small images and falls below its own real-patch initialisation; +5 points for FADRM and
+            RETA alike, bench/results/quality-*/tuning.md).
+        jitter (None: 4 px up to 64 px data, 32 above), alpha, lam: see :class:`RecoverConfig`.
+        r_bn, first_bn_weight, lam_topo: see :class:`RETALoss`.
+        topo_k: mutual k-NN parameter of PTA (None: min(10, ipc - 1) [ours], since a class's point set
+            holds ipc synthetic images and PTA needs more than k points).
+        points_per_class: real points per class for PTA (synthetic side: min(ipc, this)).
+        pool_per_class, pool_candidates: patch pool size per class and RDED's best-of-N crops.
+        drc, pta: the RETA ablations (``reta`` only).
+        seed: everything random derives from it.
+        amp, channels_last, compile: the recover step's engine (see :class:`RecoverConfig`): bf16
+            autocast, channels-last memory format, ``torch.compile`` mode. They change the images at
+            rounding level, so a non-default choice is part of the run's identity (defaults are left
+            out of it, so folders written before these options existed still resume).
+        topo_overlap: PTA's pairings computed in a worker thread during the rest of the step and
+            used one step later (:class:`TopologyAlignmentLoss` ``overlap``) [ours]; part of the
+            identity when on (it changes the images).
+    """
+
+    method: str = "reta"
+    ipc: int = 10
+    ipc_start: int = 0
+    ipc_end: Optional[int] = None
+    iterations: int = 1000
+    blocks: int = 4
+    resolutions: Optional[Sequence[int]] = None
+    batch_classes: Optional[int] = None
+    ipc_per_batch: Optional[int] = None
+    lr: Optional[float] = None
+    jitter: Optional[int] = None
+    alpha: float = 0.5
+    lam: float = 0.1
+    r_bn: float = 0.01
+    first_bn_weight: float = 10.0
+    lam_topo: float = 0.5
+    topo_k: Optional[int] = None
+    points_per_class: int = 32
+    topo_refresh: int = 1
+    pool_per_class: int = 300
+    pool_candidates: int = 1
+    drc: bool = True
+    pta: bool = True
+    partition: bool = True
+    seed: int = 0
+    amp: Optional[str] = None
+    channels_last: bool = False
+    compile: Optional[str] = None
+    topo_overlap: bool = False
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method != "reta" and (not self.drc or not self.pta):
+            raise ValueError(f"--no-drc / --no-pta are ablations of reta, not of {self.method}")
+        for name in ("ipc", "iterations", "blocks", "batch_classes", "ipc_per_batch", "points_per_class",
+                     "pool_per_class", "pool_candidates", "topo_refresh"):
+            v = getattr(self, name)
+            if v is None and name in ("batch_classes", "ipc_per_batch"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        end = self.ipc if self.ipc_end is None else self.ipc_end
+        if not (0 <= self.ipc_start < end <= self.ipc):
+            raise ValueError(f"need 0 <= ipc_start < ipc_end <= ipc, got ipc_start={self.ipc_start}, "
+                             f"ipc_end={self.ipc_end}, ipc={self.ipc}")
+        if self.uses_recover and self.iterations < self.n_blocks:
+            raise ValueError(f"iterations ({self.iterations}) must be >= the number of blocks ({self.n_blocks})")
+        for name in ("lr", "alpha", "lam", "r_bn", "first_bn_weight", "lam_topo"):
+            v = getattr(self, name)
+            if v is None and name == "lr":
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.resolutions is not None and (not self.resolutions or any(
+                isinstance(r, bool) or not isinstance(r, int) or r < 8 for r in self.resolutions)):
+            raise ValueError(f"resolutions must be a non-empty list of integers >= 8, got {self.resolutions!r}")
+        if self.topo_k is not None and self.topo_k < 1:
+            raise ValueError(f"topo_k must be >= 1, got {self.topo_k}")
+
+        check_engine(self.amp, self.compile)
+
+    @property
+    def uses_recover(self) -> bool:
+        return self.method in ("sre2l", "fadrm", "reta")
+
+    @property
+    def uses_pool(self) -> bool:
+        return self.method in ("rded", "fadrm", "reta")
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_resolutions(0))
+
+    def block_resolutions(self, size: int) -> List[int]:
+        """One resolution per recover block (SRe2L: a single block at ``size``)."""
+        if self.method == "sre2l":
+            return [size]
+        return list(self.resolutions) if self.resolutions else [size] * self.blocks
+
+    @property
+    def end(self) -> int:
+        return self.ipc if self.ipc_end is None else self.ipc_end
+
+    @property
+    def pta_on(self) -> bool:
+        return self.method == "reta" and self.pta and self.lam_topo > 0
+
+    def batch_shape(self, num_classes: int):
+        """``(classes per batch, items of each class per batch)``."""
+        bc = self.batch_classes or min(num_classes, 100)
+        ipb = self.ipc_per_batch or max(1, min(self.ipc, 100 // bc))
+        return bc, ipb
+
+    def lr_for(self, size: int) -> float:
+        return self.lr if self.lr is not None else (0.25 if size > 64 else 0.05)
+
+    def k(self) -> int:
+        return self.topo_k if self.topo_k is not None else max(1, min(10, self.ipc - 1))
+
+    def identity(self) -> dict:
+        """The parameters that decide the images (all but the ipc slice): a folder written with one
+        identity is refused for another."""
+        d = asdict(self)
+        d.pop("ipc_start"), d.pop("ipc_end")
+        for name, default in ENGINE_DEFAULTS.items():
+            if d[name] == default:
+                d.pop(name)
+        return d
+
+
+@dataclass
+class EvalConfig:
+    """The student protocol of METHOD.md section 1 (defaults: [pred]); ``seeds``: evaluation seeds."""
+
+    student: Optional[str] = None
+    epochs: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 20.0
+    crop_scale: tuple = (0.08, 1.0)
+    cutmix: bool = True
+    labels: str = "online"
+    seeds: Sequence[int] = (0,)
+    baseline: bool = True
+
+    def validate(self) -> None:
+        if self.labels not in ("online", "stored"):
+            raise ValueError(f"labels must be 'online' or 'stored', got {self.labels!r}")
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not (self.lr > 0 and self.temperature > 0):
+            raise ValueError("lr and temperature must be > 0")
+        if not self.seeds:
+            raise ValueError("need at least one evaluation seed")

@@ -1,0 +1,321 @@
+"""The distill stage (docs/method.md §1-§3): the patch pool, the initial images, and the recover batches of
+every method, written as PNGs into the output folder.
+
+Methods (``--method``):
+
+=============  ==============================  ========  ==================  =====
+method         initialisation                  blocks    residual injection  PTA
+=============  ==============================  ========  ==================  =====
+random-real    random real images              --        --                  --
+rded           teacher-ranked real patches     --        --                  --
+sre2l          Gaussian noise                  1         none                off
+fadrm          teacher-ranked real patches     ``blocks``  static anchor      off
+reta           teacher-ranked real patches     ``blocks``  DRC retrieval      on
+=============  ==============================  ========  ==================  =====
+
+``reta`` with ``drc=False`` / ``pta=False`` gives the two ablations. "Teacher-ranked real patches"
+are RDED's: one square crop per real image (the pool), ranked within the class by the teacher's
+cross-entropy (lowest first); item ``(c, i)`` starts from the ``i``-th best patch of class ``c``.
+
+Every item ``(c, i)`` is a pure function of the run parameters and the seed: a batch's augmentation
+seed derives from its index, and the PTA bank of a batch is seeded with the *initial* images of the
+class's other items (never with images other batches produced), so a resumed run, a run split with
+``ipc_start/ipc_end``, and a torchrun-sharded run write the same images as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.sets import random_real_images
+from ..fileio import cache_dir, save_png, write_json
+from ..models.features import teacher_features, teacher_fingerprint
+from ..recover.loop import RecoverConfig, recover
+from ..recover.loss import RETALoss
+from ..retrieval.pool import PatchPool
+from ..retrieval.search import retrieve
+from .config import DistillConfig
+from .output import RUN_FORMAT, check_run, item_path, to_uint8
+from .records import versions
+from .shards import shard_batches, shard_items
+
+__all__ = ["distill", "build_pool", "rded_ranking", "PartitionedRetriever"]
+
+
+# ------------------------------------------------------------------------------------------------
+# initial images and retrieval
+
+
+@torch.no_grad()
+def rded_ranking(pool, teacher, device, batch_size: int = 256) -> List[np.ndarray]:
+    """Per class, pool indices sorted by the teacher's cross-entropy on the patch (lowest first:
+    RDED's realism score), ties by index."""
+    labels = np.asarray(pool.labels)
+    ce = np.empty(len(labels), dtype=np.float64)
+    for a in range(0, len(labels), batch_size):
+        idx = np.arange(a, min(len(labels), a + batch_size))
+        logits = teacher(pool.images(idx, device=device)).float()
+        ce[idx] = F.cross_entropy(logits, torch.as_tensor(labels[idx], device=device), reduction="none").cpu().numpy()
+    return [np.flatnonzero(labels == c)[np.lexsort((np.flatnonzero(labels == c), ce[labels == c]))]
+            for c in range(len(pool.classes))]
+
+
+class PartitionedRetriever:
+    """DRC retrieval where item ``(c, i)`` (query group ``ids = c * ipc + i``) searches only its own
+    share of the class pool (``groups`` of the pool patches); a ``retriever`` for :func:`recover`."""
+
+    def __init__(self, pool, groups, lam: float, device):
+        self.pool, self.groups, self.lam, self.device = pool, groups, lam, device
+        self._tensors: Dict[int, tuple] = {}  # resolution -> (feats, complexity scaled per class)
+        self.ids: Optional[torch.Tensor] = None
+
+    def __call__(self, q: torch.Tensor, y: torch.Tensor, resolution: int) -> torch.Tensor:
+        if self.ids is None or self.ids.shape != y.shape:
+            raise RuntimeError("PartitionedRetriever.ids must hold the batch's item ids")
+        if resolution not in self._tensors:
+            feats, _, cx = self.pool.retrieval_tensors(resolution, device=self.device)
+            self._tensors[resolution] = (feats, cx)
+        feats, cx = self._tensors[resolution]
+        return retrieve(q, self.ids, feats, self.groups, cx, lam=self.lam)
+
+
+def _noise(c: int, i: int, size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + c * 10_007 + i)
+    return torch.randn(3, size, size, generator=g)
+
+
+# ------------------------------------------------------------------------------------------------
+# distill
+
+def _pool_path(data, teacher, cfg: DistillConfig, pool_dir) -> Path:
+
+    if pool_dir is not None:
+        return Path(pool_dir)
+
+    key = f"{data.fingerprint}|{teacher_fingerprint(teacher.model)}|{cfg.pool_per_class}|{cfg.pool_candidates}|" \
+          f"{data.size}|{cfg.seed}|{sorted(set(cfg.block_resolutions(data.size)))}"
+    return cache_dir() / "pools" / f"pool-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _real_points(teacher, pool, m: int, seed: int, device) -> torch.Tensor:
+    """``[C, m, D]`` penultimate features of ``teacher`` on m seeded pool patches per class (PTA's real side)."""
+    labels = torch.tensor(np.asarray(pool.labels))
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for c in range(len(pool.classes)):
+        idx = (labels == c).nonzero().flatten()
+        if idx.numel() < m:
+            raise ValueError(f"class {pool.classes[c]!r} has {idx.numel()} pool patches, fewer than the {m} PTA points "
+                             f"per class: lower --points-per-class")
+        pick = idx[torch.randperm(idx.numel(), generator=g)[:m]]
+        with torch.no_grad():
+            rows.append(teacher_features(teacher, pool.images(pick, device=device))[1].float())
+    return torch.stack(rows)
+
+
+def build_pool(data, teacher, cfg: DistillConfig, device="cpu", pool_dir=None, progress: bool = True,
+               log: Callable = print):
+    """Build (or load) the patch pool ``distill`` uses: one crop per real image, at the data's size,
+    with complexities at every block resolution; in a cache folder keyed by data, teacher and
+    parameters unless ``pool_dir`` is given."""
+    ppath = _pool_path(data, teacher, cfg, pool_dir)
+    log(f"[distill] patch pool: {ppath}")
+    return PatchPool.build(data.train, teacher.model, ppath, per_class=cfg.pool_per_class, size=data.size,
+                           resolutions=sorted(set(cfg.block_resolutions(data.size))), candidates=cfg.pool_candidates,
+                           mean=data.mean, std=data.std, device=device, seed=cfg.seed, classes=data.classes,
+                           dataset_name=data.name, progress=progress)
+
+
+def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None, progress: bool = True,
+            log: Callable = print, rank: int = 0, world_size: int = 1, on_item: Optional[Callable] = None,
+            teacher_specs: Optional[Sequence[str]] = None) -> dict:
+    """Produce the items ``(c, i)``, ``c`` over all classes and ``i`` in ``[cfg.ipc_start, cfg.end)``,
+    that are not on disk yet, as PNGs under ``out/images`` (each written atomically).
+
+    ``teachers``: list of :class:`reta_fast.teachers.Teacher` (round-robin over batches, FADRM+); the
+    first one builds the pool and serves DRC's retrieval. ``rank``/``world_size`` shard the batches
+    (torchrun). ``on_item(c, i)`` is called after each image is written. Returns the stage info.
+    """
+    cfg.validate()
+    cfg = replace(cfg, lr=cfg.lr_for(data.size))  # the run manifest records the lr actually used
+    if not teachers:
+        raise ValueError("distill needs at least one teacher")
+    out = Path(out)
+    for t in teachers:
+        if list(t.classes) != list(data.classes) or t.size != data.size:
+            raise ValueError(f"teacher {t.name} was made for other classes or another image size than {data.name}")
+    manifest = dict(format=RUN_FORMAT, method=cfg.method, config=cfg.identity(),
+                    data=dict(name=data.name, fingerprint=data.fingerprint, size=data.size, classes=len(data.classes),
+                              mean=list(data.mean), std=list(data.std)),
+                    teachers=[dict(name=t.name, fingerprint=teacher_fingerprint(t.model)) for t in teachers],
+                    teacher_specs=list(teacher_specs) if teacher_specs else [str(t.path) for t in teachers if t.path],
+                    versions=versions())
+    out.mkdir(parents=True, exist_ok=True)
+    check_run(out, manifest)
+    write_json(out / "classes.json", dict(classes=list(data.classes),
+                                          folders=[f"new{c:03d}" for c in range(len(data.classes))]))
+    C, S = len(data.classes), data.size
+    if cfg.uses_recover and cfg.block_resolutions(S)[-1] != S:
+        raise ValueError(f"the last block's resolution must be the data's size {S} (the images are written at it), "
+                         f"got resolutions {cfg.block_resolutions(S)}")
+    now = time.time()
+    for stale in (out / "images").glob("new*/.*.tmp"):  # left by a killed run; a live writer's are seconds old
+        try:
+            if now - stale.stat().st_mtime > 120:
+                stale.unlink()
+        except OSError:
+            pass
+    info = dict(method=cfg.method, ipc=cfg.ipc, ipc_start=cfg.ipc_start, ipc_end=cfg.end, written=0, skipped=0)
+    ipcs = list(range(cfg.ipc_start, cfg.end))
+    todo_all = [(c, i) for i in ipcs for c in range(C) if not item_path(out, c, i).exists()]
+    if not todo_all:
+        log(f"[distill] all {C * len(ipcs)} items of ipc [{cfg.ipc_start}, {cfg.end}) already exist in {out}")
+        info["skipped"] = len(shard_items(cfg, C, rank, world_size))  # this rank's share: ranks' counts add up
+        return info
+    for t in teachers:
+        t.model.to(device).eval()
+
+    all_items = [(c, i) for i in ipcs for c in range(C)]  # fixed order: shards never depend on what exists
+    todo_set = set(todo_all)
+    if cfg.method == "random-real":
+        mine = [it for it in shard_items(cfg, C, rank, world_size) if it in todo_set]
+        classes = sorted({c for c, _ in mine})
+        imgs = random_real_images(data, cfg.ipc, cfg.seed, classes, cfg.ipc_start, cfg.end)
+        for c, i in mine:
+            save_png(item_path(out, c, i), imgs[(c, i)].permute(1, 2, 0).numpy())
+            info["written"] += 1
+            if on_item:
+                on_item(c, i)
+        info["skipped"] = len(shard_items(cfg, C, rank, world_size)) - len(mine)
+        return info
+
+    pool = None
+    if cfg.uses_pool:
+        pool = build_pool(data, teachers[0], cfg, device, pool_dir, progress, log)
+        counts = np.bincount(np.asarray(pool.labels), minlength=C)
+        short = [(data.classes[c], int(counts[c])) for c in range(C) if counts[c] < cfg.ipc]
+        if short:
+            raise ValueError(f"IPC {cfg.ipc} is larger than the pool of class(es) {short[:5]} (class size or "
+                             f"--pool-per-class {cfg.pool_per_class}): real-patch methods need one patch per image")
+        ranking = rded_ranking(pool, teachers[0].model, device)
+
+    def init_image(c: int, i: int) -> torch.Tensor:
+        if cfg.method == "sre2l":
+            return _noise(c, i, S, cfg.seed)
+        return pool.images([int(ranking[c][i])])[0]
+
+    if cfg.method == "rded":
+        mine = [it for it in shard_items(cfg, C, rank, world_size) if it in todo_set]
+        for c, i in mine:
+            save_png(item_path(out, c, i), to_uint8(init_image(c, i), data.mean, data.std))
+            info["written"] += 1
+            if on_item:
+                on_item(c, i)
+        info["skipped"] = len(shard_items(cfg, C, rank, world_size)) - len(mine)
+        return info
+
+    # recover methods ------------------------------------------------------------------------
+    k = cfg.k()
+    m_pts = min(cfg.ipc, cfg.points_per_class)
+    if cfg.pta_on and m_pts <= k:
+        log(f"[distill] warning: PTA needs more than k={k} points per class but IPC {cfg.ipc} gives {m_pts}: "
+            f"the topology term stays 0 (use a larger IPC or --topo-k < {m_pts})")
+    crits = []
+    for t in teachers:
+        kw = dict(r_bn=cfg.r_bn, first_bn_weight=cfg.first_bn_weight)
+        if cfg.pta_on:
+            # every class of the pool has >= ipc patches (checked above), and PTA uses min(ipc, points) points
+            real = _real_points(t.model, pool, min(cfg.points_per_class, int(counts.min())), cfg.seed, device)
+            crits.append(RETALoss(t.model, lam_topo=cfg.lam_topo, real_feats=real, k=k, topo_refresh=cfg.topo_refresh,
+                                  overlap=cfg.topo_overlap,
+                                  **kw))
+        else:
+            crits.append(RETALoss(t.model, lam_topo=0.0, **kw))
+    jitter = cfg.jitter if cfg.jitter is not None else (4 if S <= 64 else 32)
+    bc, ipb, groups, it = shard_batches(cfg, C, rank, world_size)
+    info.update(batch_classes=bc, ipc_per_batch=ipb)
+    retriever = None
+    if cfg.method == "reta" and cfg.drc and cfg.partition:
+        labels_p = torch.tensor(np.asarray(pool.labels))  # a copy: pool arrays are read-only memory maps
+        share = torch.empty(len(labels_p), dtype=torch.int64)
+        for c in range(C):
+            r = torch.as_tensor(ranking[c], dtype=torch.int64)
+            share[r] = torch.arange(r.numel()) % cfg.ipc
+        retriever = PartitionedRetriever(pool, (labels_p * cfg.ipc + share).to(device), cfg.lam, device)
+    parts_log: List[dict] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(it), desc=f"distill {cfg.method}", unit="batch")
+    try:
+        for s, gi in it:
+            bi = (s // ipb) * len(groups) + gi  # global batch index: fixes seed and teacher
+            # the whole batch, whatever slice this process makes: a batch's images depend on the batch only
+            items = [(c, i) for i in range(s, min(s + ipb, cfg.ipc)) for c in groups[gi]]
+            todo = [x for x in items if x in todo_set and not item_path(out, *x).exists()]
+            if not todo:
+                info["skipped"] += sum(x in set(all_items) for x in items)
+                if bar is not None:
+                    bar.update(1)
+                continue
+            crit = crits[bi % len(crits)]
+            x0 = torch.stack([init_image(c, i) for c, i in items]).to(device)
+            y = torch.tensor([c for c, _ in items], device=device)
+            ids = torch.tensor([c * cfg.ipc + i for c, i in items], device=device)
+            crit.reset()  # no state from earlier batches (bank, PTA grids, pairings)
+            if cfg.pta_on:
+                others = [(c, j) for c in groups[gi] for j in range(cfg.ipc)]
+                with torch.no_grad():
+                    fb = torch.cat([teacher_features(crit.teacher, torch.stack(
+                        [init_image(c, j) for c, j in others[a:a + 256]]).to(device))[1] for a in range(0, len(others), 256)])
+                crit.seed_bank(fb.float(), torch.tensor([c for c, _ in others], device=device),
+                               torch.tensor([c * cfg.ipc + j for c, j in others], device=device))
+            rc = RecoverConfig(iterations=cfg.iterations, resolutions=cfg.block_resolutions(S), lr=cfg.lr_for(S),
+                               jitter=jitter,
+                               alpha=cfg.alpha, drc=cfg.method == "reta" and cfg.drc, lam=cfg.lam, mean=data.mean,
+                               std=data.std, amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile)
+            if retriever is not None:
+                retriever.ids = ids  # query group of item (c, i) = c * ipc + i
+            x = recover(crit, x0, y, ids if cfg.pta_on else None, pool=pool if rc.drc else None, config=rc,
+                        seed=cfg.seed * 1_000_003 + bi, retrieval_teacher=teachers[0].model, retriever=retriever)
+            last = [h for h in rc.history if "ce" in h][-max(1, cfg.iterations // 10):]
+            parts = {key: float(np.mean([h[key] for h in last])) for key in ("ce", "bn", "topo")}
+            if not all(math.isfinite(v) for v in parts.values()):
+                raise FloatingPointError(f"the recover loss is not finite ({parts}) at batch {bi}: a broken teacher "
+                                         f"or too large lr={cfg.lr}; nothing was written for this batch")
+            parts_log.append(dict(batch=bi, **parts))
+            for n, (c, i) in enumerate(items):
+                if (c, i) in todo_set and not item_path(out, c, i).exists():
+                    save_png(item_path(out, c, i), to_uint8(x[n], data.mean, data.std))
+                    info["written"] += 1
+                    if on_item:
+                        on_item(c, i)
+                elif cfg.ipc_start <= i < cfg.end:
+                    info["skipped"] += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(ce=f"{parts['ce']:.3f}", bn=f"{parts['bn']:.3f}", topo=f"{parts['topo']:.4f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        for crit in crits:
+            crit.close()
+    if parts_log:
+        info["loss_parts"] = {key: float(np.mean([p[key] for p in parts_log])) for key in ("ce", "bn", "topo")}
+    info["topo_k"] = k if cfg.pta_on else None
+    return info
+
+
+# ------------------------------------------------------------------------------------------------
+# relabel / evaluate
+
+

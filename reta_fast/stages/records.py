@@ -1,0 +1,87 @@
+"""Stage records: wall time, peak memory and what a stage did, in ``out/stages/<stage>.json``, with every
+call of the stage kept (resumes, slices and torchrun ranks add up)."""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .._version import __version__
+from ..fileio import write_json
+
+__all__ = ["Stage", "write_stage_record", "versions"]
+
+
+class Stage:
+    """Context manager timing one stage and recording its peak memory into ``out/stages/<name>.json``.
+
+    Peak memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` during the stage; on the CPU
+    the process's peak resident set size so far (``ru_maxrss``; it cannot be reset per stage).
+    """
+
+    def __init__(self, out: Optional[Path], name: str, device, log: Callable = print):
+        self.out, self.name, self.device, self.log = out, name, torch.device(device), log
+        self.info: dict = {}
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        seconds = time.perf_counter() - self.t0
+        if self.device.type == "cuda":
+            peak, kind = torch.cuda.max_memory_allocated(self.device), "cuda_max_allocated"
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+            kind = "process_peak_rss"
+        rec = dict(stage=self.name, seconds=round(seconds, 3), peak_bytes=int(peak), peak_kind=kind,
+                   ok=exc_type is None, **self.info)
+        if self.out is not None and exc_type is None:
+            rec = write_stage_record(self.out, self.name, rec)
+        self.record = rec
+        if exc_type is None:
+            self.log(f"[{self.name}] done in {seconds:.1f} s, peak memory {peak / 2**20:.0f} MiB ({kind})")
+        return False
+
+
+def write_stage_record(out, name: str, rec: dict) -> dict:
+    """Write ``out/stages/<name>.json``: this call's record plus ``calls``, the summaries of every
+    call of the stage so far (resumes, slices, torchrun runs add up; none is lost), and their totals."""
+    path = Path(out) / "stages" / f"{name}.json"
+    rec = dict(rec, calls=_previous_calls(path) + [_call_summary(rec)])
+    rec["seconds_total"] = round(sum(c.get("seconds", 0) for c in rec["calls"]), 3)
+    if "written" in rec:
+        rec["written_total"] = sum(c.get("written", 0) for c in rec["calls"])
+    write_json(path, rec)
+    return rec
+
+
+def _call_summary(rec: dict) -> dict:
+    keep = ("seconds", "peak_bytes", "written", "skipped", "ipc_start", "ipc_end", "ranks")
+    return dict({k: rec[k] for k in keep if k in rec}, at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def _previous_calls(path: Path) -> list:
+    """The per-call summaries of an earlier record of the same stage (one call for a record written
+    before calls were kept); none when there is none or it is unreadable."""
+    if not path.is_file():
+        return []
+    try:
+        prev = json.loads(path.read_text())
+        return list(prev["calls"]) if isinstance(prev.get("calls"), list) else [_call_summary(prev)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def versions() -> dict:
+    return dict(reta_fast=__version__, torch=torch.__version__, numpy=np.__version__,
+                python=platform.python_version())

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from reta_fast.topology import samples
+
 
 def clustered(b: int, n: int, d: int, device: str = "cpu", seed: int = 0, clusters: int = 8) -> torch.Tensor:
     """``[b, n, d]`` fp32 points around ``clusters`` centres per set, L2-normalised like features."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(b, clusters, d, generator=g)
-    idx = torch.randint(0, clusters, (b, n), generator=g)
-    x = torch.gather(centres, 1, idx[..., None].expand(b, n, d)) + 0.7 * torch.randn(b, n, d, generator=g)
-    return torch.nn.functional.normalize(x, dim=-1).to(device)
+    return samples.clustered(b, n, d, seed=seed, clusters=clusters, spread=0.7, normalize=True).to(device)
 
 
 def graphs(b: int, n: int, d: int, k: int, seed: int = 0):

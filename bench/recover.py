@@ -54,13 +54,13 @@ def setup(cfg: dict, device: str) -> Case:
     for name, amp, cl, mode, overlap in cfg.get("engine", []):
         crit = filled(rf.RETALoss(engine_teacher(cl), real_feats=real, k=cfg["k"], overlap=overlap))
         if mode is not None:
-            crit.compile(mode)
+            crit.compile_teacher(mode)
         variants[f"reta_fast RETA step, {name}"] = make_step(crit, y * n, amp=amp, channels_last=cl)
     if cfg.get("engine"):  # the same engine without DRC+PTA: what RETA's overhead is measured against
         name, amp, cl, mode, _ = cfg["engine"][-1]
         crit = rf.RETALoss(engine_teacher(cl), lam_topo=0.0)
         if mode is not None:
-            crit.compile(mode)
+            crit.compile_teacher(mode)
         variants[f"reta_fast step without PTA, {name}"] = make_step(crit, amp=amp, channels_last=cl)
 
     eager_teacher = rf.models.resnet18(num_classes=C, cifar_stem=res <= 64).to(device).eval()

@@ -9,8 +9,9 @@ import torch
 __all__ = ["check_points", "check_k", "check_finite", "check_positive_int", "check_labels"]
 
 
-def check_points(points, name: str = "points") -> torch.Tensor:
-    """Validate a point cloud ``[n, d]`` or a batch ``[b, n, d]``; return it as ``[b, n, d]``."""
+def check_points(points, name: str = "points", finite: bool = True) -> torch.Tensor:
+    """Validate a point cloud ``[n, d]`` or a batch ``[b, n, d]``; return it as ``[b, n, d]``. With
+    ``finite=False`` the values are not read (no host synchronisation): the caller checks them later."""
     if not isinstance(points, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(points).__name__}")
     if not points.is_floating_point():
@@ -26,7 +27,8 @@ def check_points(points, name: str = "points") -> torch.Tensor:
         raise ValueError(f"{name} must hold at least 2 points per set, got n={n}")
     if d == 0:
         raise ValueError(f"{name} has feature dimension 0")
-    check_finite(points, name)
+    if finite:
+        check_finite(points, name)
     return points
 
 

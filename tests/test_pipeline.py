@@ -398,18 +398,28 @@ def test_cli_run_on_an_imagefolder_with_broken_files(tmp_path, capsys):
 
 def test_several_teachers_take_turns(data, teacher, tmp_path):
     second = squeeze(data, epochs=2, seed=1, progress=False, log=lambda m: None)
-    out = tmp_path / "multi"
-    cfg = P.DistillConfig(**{**TINY, "method": "reta", "ipc_per_batch": 1})
-    info = P.distill(data, [teacher, second], out, cfg, progress=False, log=lambda m: None,
-                     pool_dir=tmp_path / "pool-multi")
+    cfg = P.DistillConfig(**{**TINY, "method": "fadrm", "ipc_per_batch": 1})
+    runs = {}
+    for name, teachers in (("multi", [teacher, second]), ("single", [teacher])):
+        info = P.distill(data, teachers, tmp_path / name, cfg, progress=False, log=lambda m: None,
+                         pool_dir=tmp_path / "pool-multi")
+        runs[name] = png_bytes(tmp_path / name)
     assert info["written"] == 30
-    assert len(json.loads((out / "run.json").read_text())["teachers"]) == 2
-    single = tmp_path / "single"
-    P.distill(data, [teacher], single, cfg, progress=False, log=lambda m: None, pool_dir=tmp_path / "pool-multi")
-    a, b = png_bytes(out), png_bytes(single)
-    # batch 0 (ipc index 0) uses the first teacher in both runs, batch 1 the second teacher only in `out`
+    assert len(json.loads((tmp_path / "multi" / "run.json").read_text())["teachers"]) == 2
+    a, b = runs["multi"], runs["single"]
+    # batch 0 (ipc index 0) uses the first teacher in both runs, batch 1 the second teacher only in `multi`
     assert all(a[k] == b[k] for k in a if k.endswith("_id000.png"))
     assert any(a[k] != b[k] for k in a if k.endswith("_id001.png"))
+    # PTA in lockstep: a class group's units keep one teacher (its bank holds one network's features):
+    # group 0 (classes 0-4) the first teacher, group 1 the second
+    cfg = P.DistillConfig(**{**TINY, "method": "reta", "ipc_per_batch": 1, "batch_classes": 5})
+    for name, teachers in (("reta-multi", [teacher, second]), ("reta-single", [teacher])):
+        P.distill(data, teachers, tmp_path / name, cfg, progress=False, log=lambda m: None,
+                  pool_dir=tmp_path / "pool-multi")
+        runs[name] = png_bytes(tmp_path / name)
+    a, b = runs["reta-multi"], runs["reta-single"]
+    assert all(a[k] == b[k] for k in a if k.startswith(tuple(f"images/new{c:03d}" for c in range(5))))
+    assert all(a[k] != b[k] for k in a if k.startswith(tuple(f"images/new{c:03d}" for c in range(5, 10))))
 
 
 @pytest.mark.slow
@@ -421,8 +431,8 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(data, teacher, tmp_path):
 
     args = [sys.executable, "-m", "reta_fast.cli", "distill", "--data", "digits", "--teacher", str(teacher.path),
             "--method", "reta", "--ipc", "3", "--ipc-per-batch", "1", "--iterations", "60", "--blocks", "2",
-            "--pool-per-class", "8", "--points-per-class", "6", "--topo-k", "2", "--pool", str(tmp_path / "pool"),
-            "--quiet", "--device", "cpu"]
+            "--batch-classes", "2", "--pool-per-class", "8", "--points-per-class", "6", "--topo-k", "2",
+            "--pool", str(tmp_path / "pool"), "--quiet", "--device", "cpu"]  # 5 lockstep units of 2 classes
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     ref = tmp_path / "ref"
     subprocess.run(args + ["--out", str(ref)], check=True, env=env, capture_output=True, timeout=600)
@@ -550,8 +560,8 @@ def test_torchrun_two_gloo_ranks_equal_one_process(teacher, tmp_path):
     import sys
 
     base = ["distill", "--data", "digits", "--teacher", str(teacher.path), "--method", "reta", "--ipc", "3",
-            "--ipc-per-batch", "1", "--iterations", "6", "--blocks", "2", "--pool-per-class", "8",
-            "--points-per-class", "6", "--topo-k", "2", "--quiet", "--device", "cpu"]
+            "--ipc-per-batch", "1", "--batch-classes", "5", "--iterations", "6", "--blocks", "2", "--pool-per-class",
+            "8", "--points-per-class", "6", "--topo-k", "2", "--quiet", "--device", "cpu"]  # 2 lockstep units
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one, two = tmp_path / "one", tmp_path / "two"
     r = subprocess.run([sys.executable, "-m", "reta_fast.cli"] + base + ["--out", str(one), "--pool", str(tmp_path / "p1")],
@@ -608,8 +618,9 @@ def test_kill_9_of_one_torchrun_rank_then_restarts_equal_one_process(teacher, tm
     import time
 
     base = ["distill", "--data", "digits", "--teacher", str(teacher.path), "--method", "reta", "--ipc", "4",
-            "--ipc-per-batch", "1", "--iterations", "40", "--blocks", "2", "--pool-per-class", "8",
-            "--points-per-class", "6", "--topo-k", "2", "--quiet", "--device", "cpu"]
+            "--ipc-per-batch", "1", "--batch-classes", "2", "--iterations", "40", "--blocks", "2",
+            "--pool-per-class", "8", "--points-per-class", "6", "--topo-k", "2", "--quiet", "--device", "cpu"]
+    # 5 lockstep units of 2 classes x 4 images: ranks take units 0, 2, 4 and 1, 3
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     one, two = tmp_path / "one", tmp_path / "two"
     cli = [sys.executable, "-m", "reta_fast.cli"]

@@ -140,3 +140,80 @@ def test_compiled_teacher_forward_matches_eager():
     out, hist = _engine_run(iterations=4, compile="default")
     assert float((out - ref).abs().mean()) < 1e-5 and float((out - ref).abs().max()) < 1e-3
     assert all(abs(a["bn"] - b["bn"]) < 1e-3 * max(1.0, b["bn"]) for a, b in zip(hist, ref_h))
+
+
+# ---------------------------------------------------------------------------------------------
+# PTA on each class's whole synthetic set: lockstep micro-batches and the feature bank
+
+def _watch(crit, log):
+    """Record, for every call of ``crit.terms``, the bank's state when PTA reads it and the point sets."""
+    terms = crit.terms
+
+    def spy(x, y, ids=None):
+        before = (crit.bank.step, None if crit.bank.written is None else crit.bank.written.clone())
+        out = terms(x, y, ids)
+        lay = crit.last_layout
+        log.append(dict(step=before[0], written=before[1], rows=lay.rows.clone(), live=lay.live_mask.clone(),
+                        ids=ids.clone(), m=lay.m, classes=list(lay.classes)))
+        return out
+
+    crit.terms = spy
+
+
+def test_every_pta_point_is_a_current_synthetic_image_at_imagenet_batch_shape():
+    """100 classes, IPC 10, one image per class per micro-batch (ImageNet's batch structure): at every call
+    each class's point set is all 10 of its images; each point is a live feature of this call or a banked
+    feature at most one lockstep round (10 calls) old, and never a feature of an initial image once every
+    micro-batch has had its first step."""
+    C, ipc = 100, 10
+    torch.manual_seed(0)
+    t = rf.models.convnet_bn(num_classes=C, width=8, depth=2)
+    t.train()
+    with torch.no_grad():
+        t(torch.randn(64, 3, 8, 8))
+    t.eval()
+    g = torch.Generator().manual_seed(1)
+    real = torch.nn.functional.normalize(torch.randn(C, ipc, 8, generator=g), dim=-1)
+    crit = rf.RETALoss(t, real_feats=real, k=4, topo_refresh=ipc)  # pairings once per round
+    y = torch.arange(C).repeat(ipc)  # micro-batch j = images (c, j) of every class c
+    ids = torch.arange(C).repeat(ipc) * ipc + torch.arange(ipc).repeat_interleave(C)
+    x0 = torch.rand(C * ipc, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        crit.seed_bank(rf.models.teacher_features(t, x0)[1], y, ids)
+    log = []
+    _watch(crit, log)
+    cfg = rf.RecoverConfig(iterations=4, resolutions=(8, 8), drc=False, lr=0.05, jitter=1)
+    rf.recover(crit, x0, y, ids, config=cfg, micro_batches=[list(range(j * C, (j + 1) * C)) for j in range(ipc)])
+    assert len(log) == 4 * ipc
+    for n, rec in enumerate(log):
+        assert rec["m"] == ipc and rec["classes"] == list(range(C))
+        point_ids = torch.tensor(crit.bank.ids)[rec["rows"]]  # [C, ipc]
+        for c in (0, 57, 99):  # the class's whole set, each image once
+            assert sorted(point_ids[c].tolist()) == list(range(c * ipc, (c + 1) * ipc))
+        live_ids = set(rec["ids"].tolist())
+        assert set(point_ids[rec["live"]].tolist()) == live_ids and int(rec["live"].sum()) == C
+        banked = rec["written"][rec["rows"][~rec["live"]]]
+        assert bool((banked >= rec["step"] - ipc).all())  # at most one round old
+        if n >= ipc:
+            assert bool((banked >= 0).all())  # written by a live forward of the current image, not seeded
+    assert all(h["topo"] > 0 for h in cfg.history if "topo" in h)
+
+
+def test_the_initial_image_bank_of_the_earlier_design_fails_that_check():
+    """One micro-batch recovered alone with the rest of the class from initial images (pta_set="initial"):
+    its banked points stay seeded (-1) for the whole batch."""
+    C, ipc = 4, 5
+    t = teacher(classes=C)
+    g = torch.Generator().manual_seed(2)
+    real = torch.nn.functional.normalize(torch.randn(C, ipc, 8, generator=g), dim=-1)
+    crit = rf.RETALoss(t, real_feats=real, k=2)
+    y = torch.arange(C).repeat(ipc)
+    ids = torch.arange(C).repeat(ipc) * ipc + torch.arange(ipc).repeat_interleave(C)
+    x0 = normalised(torch.rand(C * ipc, 3, 8, 8, generator=g))
+    with torch.no_grad():
+        crit.seed_bank(rf.models.teacher_features(t, x0)[1], y, ids)
+    log = []
+    _watch(crit, log)
+    cfg = rf.RecoverConfig(iterations=3, resolutions=(8,), drc=False, lr=0.05, jitter=1)
+    rf.recover(crit, x0[:C], y[:C], ids[:C], config=cfg)  # micro-batch 0 only
+    assert all(bool((rec["written"][rec["rows"][~rec["live"]]] == -1).all()) for rec in log)

@@ -147,7 +147,7 @@ def test_pta_without_ids_uses_only_the_batch_and_unknown_classes_raise():
     crit = rf.RETALoss(t, real_feats=F.normalize(torch.randn(2, 6, 8), dim=-1), k=3)  # real for 2 of 4 classes
     y = torch.tensor([0] * 5 + [1] * 5)
     _, parts = crit(torch.randn(10, 3, 8, 8), y)  # 5 > k points per class from the batch alone
-    assert parts["topo"] > 0 and crit._bank == {}
+    assert parts["topo"] > 0 and len(crit.bank) == 0
     with pytest.raises(ValueError, match="no real features"):
         crit(torch.randn(10, 3, 8, 8), torch.tensor([0] * 5 + [3] * 5))
 
@@ -158,9 +158,9 @@ def test_topo_refresh_reuses_pairings_across_steps():
     y = torch.tensor([0] * 5 + [1] * 5)
     x = torch.randn(10, 3, 8, 8)
     crit(x, y)
-    key = crit.topo._cache_key
+    key, plan = crit.topo._plan_key, crit.topo._plan
     crit(x + 0.01, y)
-    assert crit.topo._cache_key == key and crit.topo._pairs_cache is not None  # same classes and real tensor
+    assert crit.topo._plan_key == key and crit.topo._plan is plan  # same classes and real tensor: reused
 
 
 def test_under_autocast_only_the_teacher_runs_in_bf16():

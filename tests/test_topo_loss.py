@@ -52,8 +52,8 @@ def test_pairing_reuse_skips_the_search(monkeypatch):
     from reta_fast.topology import pta as topo_loss
 
     calls = []
-    real_fn = topo_loss.mutual_knn_edges
-    monkeypatch.setattr(topo_loss, "mutual_knn_edges", lambda *a, **k: calls.append(1) or real_fn(*a, **k))
+    real_fn = topo_loss.graph_plan
+    monkeypatch.setattr(topo_loss, "graph_plan", lambda *a, **k: calls.append(1) or real_fn(*a, **k))
     syn, real = feats(2, 30, 8, 8), feats(2, 30, 8, 9)
     reuse = rf.TopologyAlignmentLoss(k=5, refresh_every=3, **GRID)
     fresh = rf.TopologyAlignmentLoss(k=5, **GRID)
@@ -185,7 +185,7 @@ def test_overlap_equals_sync_on_constant_features_and_restarts_on_a_new_batch():
         k=4, **{k: over.grid[v] for k, v in (("h0_range", "h0"), ("h1_pers_range", "h1p"),
                                                 ("h1_birth_range", "h1b"))})(other, other_real), atol=1e-6, rtol=1e-5)
     over.reset()  # a pending job is waited for and dropped
-    assert over._job is None and over._pairs_cache is None
+    assert over._job is None and over._plan is None
     assert torch.isfinite(over(x, real))
 
 
@@ -215,3 +215,58 @@ def test_a_new_real_tensor_is_never_mistaken_for_a_freed_one(overlap):
     loss = rf.TopologyAlignmentLoss(k=4, overlap=overlap, refresh_every=2, **GRID)
     for t, (r, w) in enumerate(zip(reals, want)):
         assert_close(loss(x, r.clone()), w, atol=1e-6, rtol=1e-5, what=f"loss at call {t}")
+
+
+def test_a_noise_initialised_set_gets_a_gradient():
+    """Synthetic features far from the real ones (noise initialisation): with the grid fixed by the real
+    diagrams their images fall off it and the gradient vanishes while the loss does not; the union grid
+    (default) keeps both sides on the grid."""
+    from reta_fast.topology.samples import clustered
+
+    real = clustered(4, 32, 64, seed=1, clusters=2, spread=0.05)  # tight clusters: short H0 bars
+    syn = torch.randn(4, 32, 64, generator=torch.Generator().manual_seed(2))  # spread out: long ones
+    grads = {}
+    for grid in ("real", "union"):
+        s = syn.clone().requires_grad_()
+        loss = rf.TopologyAlignmentLoss(k=6, grid=grid)(s, real)
+        loss.backward()
+        grads[grid] = (float(loss), float(s.grad.norm()))
+    assert grads["real"][0] > 0.1 and grads["real"][1] == 0.0  # the failure being fixed
+    assert grads["union"][0] > 0.1 and grads["union"][1] > 1e-3 * grads["union"][0]
+    # ... and following it reduces the loss
+    s = syn.clone().requires_grad_()
+    pta = rf.TopologyAlignmentLoss(k=6)
+    opt = torch.optim.Adam([s], lr=0.05)
+    first = None
+    for _ in range(30):
+        opt.zero_grad()
+        value = pta(s, real)
+        value.backward()
+        opt.step()
+        first = float(value) if first is None else first
+    assert float(pta(s, real)) < 0.5 * first
+
+
+def _loops(seed):
+    from reta_fast.topology.samples import rings
+
+    return rings(2, 12, 3, noise=0.05, seed=seed, loops=2, dtype=torch.float64, evenly=True)
+
+
+def test_h1_gradients_float64():
+    """Several finite H1 pairs on both sides (two loops per set, complete graph): gradcheck of the
+    diagrams' values and of the whole loss (grids fixed, so each evaluation compares on one grid)."""
+    syn, real = _loops(0), _loops(10)
+    for x in (syn, real):
+        dg = rf.persistence_diagrams(x, 11, essential="max")
+        finite = dg.h1[:, 1] - dg.h1[:, 0]
+        assert [int(v) for v in dg.h1_offsets.diff()] == [2, 2] and float(finite.min()) > 0.05
+    s = syn.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: rf.persistence_diagrams(p, 11, essential="max").h1, (s,))
+    grid = dict(h0_range=(0.0, 3.0), h1_pers_range=(0.0, 2.0), h1_birth_range=(0.0, 3.0))
+    loss = rf.TopologyAlignmentLoss(k=11, normalize=False, gamma=2.0, **grid)
+    assert torch.autograd.gradcheck(lambda p: loss(p, real), (s,))
+    h1_only = rf.TopologyAlignmentLoss(k=11, normalize=False, **grid)
+    s.grad = None
+    (h1_only(s, real) - rf.TopologyAlignmentLoss(k=11, normalize=False, gamma=0.0, **grid)(s, real)).backward()
+    assert float(s.grad.abs().max()) > 0  # the H1 term alone moves the points

@@ -1,7 +1,6 @@
 """``reta topo-demo``: the PTA loss alone on synthetic point clouds (a collapsed set aligned to real loops)."""
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -10,20 +9,9 @@ from .._ext import has_native
 from .._version import __version__
 from ..topology.diagrams import persistence_diagrams
 from ..topology.pta import TopologyAlignmentLoss
+from ..topology.samples import rings
 
 __all__ = ["topo_demo"]
-
-
-def _rings(classes: int, n: int, d: int, noise: float, seed: int) -> torch.Tensor:
-    """Per class: two noisy rings (loops, H1) embedded at random in R^d."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.rand(classes, n, generator=g) * 2 * math.pi
-    which = torch.randint(0, 2, (classes, n), generator=g).float()
-    radius = 1.0 + 0.5 * which
-    plane = torch.stack([radius * torch.cos(t) + 3 * which, radius * torch.sin(t)], -1)
-    basis = torch.linalg.qr(torch.randn(classes, d, 2, generator=g)).Q  # [C, d, 2] orthonormal
-    pts = plane @ basis.transpose(1, 2)
-    return pts + noise * torch.randn(classes, n, d, generator=g)
 
 
 def _summary(dg, g: int) -> str:
@@ -40,9 +28,9 @@ def topo_demo(args) -> int:
     C, n, d = args.classes, args.points, args.dim
     print(f"reta_fast {__version__} topology demo: {C} classes x {n} points in R^{d}, k={args.k}; "
           f"native extension: {'yes' if has_native() else 'no (reference path)'}")
-    real = _rings(C, n, d, 0.05, args.seed)
+    real = rings(C, n, d, 0.05, args.seed)
     # A "collapsed" synthetic set: the pull-to-anchor failure PTA is meant to undo.
-    syn = (0.3 * _rings(C, n, d, 0.02, args.seed + 1)).requires_grad_()
+    syn = (0.3 * rings(C, n, d, 0.02, args.seed + 1)).requires_grad_()
     kw = dict(essential="max")
     t0 = time.perf_counter()
     dr = persistence_diagrams(torch.nn.functional.normalize(real, dim=-1), args.k, **kw)

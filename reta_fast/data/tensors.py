@@ -6,8 +6,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TensorImageDataset", "digits_dataset", "normalise_pixels", "normalise", "IMAGENET_MEAN", "IMAGENET_STD",
-           "DIGITS_MEAN", "DIGITS_STD"]
+__all__ = ["TensorImageDataset", "digits_dataset", "normalise_pixels", "normalise", "denormalise", "channel_stats",
+           "IMAGENET_MEAN", "IMAGENET_STD", "DIGITS_MEAN", "DIGITS_STD"]
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,7 +73,21 @@ def normalise_pixels(x: torch.Tensor, mean, std) -> torch.Tensor:
     return normalise(x.float() / 255.0, mean, std)
 
 
+def channel_stats(mean, std, device, dims: int = 4):
+    """``mean``/``std`` as tensors on ``device`` shaped to broadcast over channels of a ``dims``-D batch (4:
+    ``[N, C, H, W]``, 3: ``[C, H, W]``); one small host-to-device copy each."""
+    shape = (1, -1, 1, 1) if dims == 4 else (-1, 1, 1)
+    return (torch.tensor(mean, dtype=torch.float32).to(device).view(shape),
+            torch.tensor(std, dtype=torch.float32).to(device).view(shape))
+
+
 def normalise(x, mean, std):
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    """``(x - mean) / std`` per channel of float pixels in [0, 1] (``[N, C, H, W]`` or ``[C, H, W]``)."""
+    m, s = channel_stats(mean, std, x.device, x.dim())
     return (x - m) / s
+
+
+def denormalise(x, mean, std):
+    """The inverse of :func:`normalise`: ``x * std + mean`` per channel."""
+    m, s = channel_stats(mean, std, x.device, x.dim())
+    return x * s + m

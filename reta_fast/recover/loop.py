@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..data.tensors import channel_stats
 from ..models.features import teacher_features
 from ..retrieval.inject import residual_inject
 from ..retrieval.search import retrieve
@@ -114,8 +115,10 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
             pool=None, config: Optional[RecoverConfig] = None, seed: int = 0,
             on_step: Optional[Callable[[int, dict], None]] = None,
             retrieval_teacher: Optional[torch.nn.Module] = None,
-            retriever: Optional[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = None) -> torch.Tensor:
-    """Optimise one batch of synthetic images.
+            retriever: Optional[Callable] = None,
+            micro_batches: Optional[Sequence[Sequence[int]]] = None,
+            seeds: Optional[Sequence[int]] = None, device=None) -> torch.Tensor:
+    """Optimise a set of synthetic images: one batch, or several micro-batches in lockstep.
 
     Args:
         criterion: a :class:`reta_fast.RETALoss` (its teacher is used for DRC features too).
@@ -123,18 +126,29 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
         y: ``[B]`` classes; ``ids``: ``[B]`` stable image ids (for the PTA bank).
         pool: a :class:`reta_fast.PatchPool` with ``config.resolutions[1:]`` among its resolutions;
             required when ``config.drc`` and there is more than one block.
-        config: :class:`RecoverConfig`; ``config.history`` receives one dict per step
-            (step, block, lr, ce, bn, topo) and one per injection (retrieved pool indices).
-        seed: seeds the augmentation.
-        on_step: optional callback ``(step, parts)``.
+        config: :class:`RecoverConfig`; ``config.history`` receives one dict per criterion call
+            (step, block, lr, ce, bn, topo, and ``micro`` with several micro-batches) and one per
+            injection (retrieved pool indices).
+        seed: seeds the augmentation (of the first micro-batch; see ``seeds``).
+        on_step: optional callback ``(step, parts)``, once per criterion call.
         retrieval_teacher: the network whose features the pool holds (default ``criterion.teacher``;
             pass the pool's teacher when several teachers take turns).
-        retriever: optional ``(query_feats [B, D] L2-normalised, y [B], resolution) -> pool indices [B]``
-            replacing the plain per-class :func:`reta_fast.retrieve` (e.g. the pipeline's partitioned
-            retrieval, where each image searches its own share of the class pool).
+        retriever: optional ``(query_feats [b, D] L2-normalised, y [b], ids [b] or None, resolution) -> pool
+            indices [b]`` replacing the plain per-class :func:`reta_fast.retrieve` (e.g. the pipeline's
+            partitioned retrieval, where each image searches its own share of the class pool).
+        micro_batches: rows of ``x_init`` forming each micro-batch (default: one batch of all rows). They
+            are recovered in lockstep (docs/method.md §2.1): at every step each micro-batch in turn
+            takes one optimisation step with its own forward (its own BN statistics), Adam state and
+            augmentation stream, so a criterion that banks the features of the other micro-batches
+            (RETALoss's PTA bank) sees them at most one step old.
+        seeds: the augmentation seed of each micro-batch (default ``seed + j``).
+        device: where the images are optimised (default: ``x_init``'s device). Keeping a large ``x_init``
+            on the host and passing the accelerator here holds only the optimised images, their
+            gradients and Adam's state on the device.
 
     Returns:
-        ``[B, 3, R, R]`` detached images at the last block's resolution ``R``.
+        ``[B, 3, R, R]`` detached images at the last block's resolution ``R``, rows as in ``x_init``, on
+        ``x_init``'s device.
     """
     cfg = config or RecoverConfig()
     cfg.validate()
@@ -147,66 +161,89 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
                 map(float, cfg.std)):
             raise ValueError(f"the pool normalises with mean {pool.mean}, std {pool.std} but the config uses "
                              f"{tuple(cfg.mean)}, {tuple(cfg.std)}: injected patches would not match the images")
-    dev = x_init.device
-    m = torch.tensor(cfg.mean, device=dev).view(1, 3, 1, 1)
-    s = torch.tensor(cfg.std, device=dev).view(1, 3, 1, 1)
-    lo, hi = (0 - m) / s, (1 - m) / s
-    g = torch.Generator().manual_seed(seed)
+    B = x_init.shape[0]
+    dev = x_init.device if device is None else torch.device(device)
+    if micro_batches is None:
+        micro = [torch.arange(B)]
+    else:
+        micro = [torch.as_tensor(list(mb), dtype=torch.int64) for mb in micro_batches]
+        flat = torch.cat(micro) if micro else torch.zeros(0, dtype=torch.int64)
+        if not micro or flat.numel() != B or not torch.equal(torch.sort(flat).values, torch.arange(B)):
+            raise ValueError(f"micro_batches must partition the {B} rows of x_init (each row exactly once)")
+    M = len(micro)
+    seeds = [seed + j for j in range(M)] if seeds is None else [int(v) for v in seeds]
+    if len(seeds) != M:
+        raise ValueError(f"seeds has {len(seeds)} entries for {M} micro-batches")
+    ys = [y[mb.to(y.device)] for mb in micro]  # once: every step passes the same tensors
+    idss = [None if ids is None else ids[mb.to(ids.device)] for mb in micro]
+    gens = [torch.Generator().manual_seed(s_) for s_ in seeds]
+    m, s = channel_stats(cfg.mean, cfg.std, dev)
+    lo, hi = (0 - m) / s, (1 - m) / s  # the normalised range of valid pixels
     blocks = list(cfg.resolutions)
     per_block = [cfg.iterations // len(blocks) + (1 if b < cfg.iterations % len(blocks) else 0) for b in range(len(blocks))]
-    anchor = x_init.detach()
-    x = residual_inject(x_init.detach(), x_init.detach(), 1.0, size=blocks[0])  # resize only
+    anchors = [x_init[mb.to(x_init.device)].detach().to(dev) for mb in micro]
+    xs = [residual_inject(a, a, 1.0, size=blocks[0]) for a in anchors]  # resize only
+    if cfg.drc:
+        anchors = None  # only the static anchor re-injects them
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     if cfg.channels_last:
         criterion.teacher.to(memory_format=torch.channels_last)
     if cfg.compile is not None or getattr(criterion, "compile_mode", None) is not None:
-        if not hasattr(criterion, "compile"):
-            raise ValueError("config.compile needs a criterion with a compile(mode) method (RETALoss)")
-        criterion.compile(cfg.compile)
+        if not hasattr(criterion, "compile_teacher"):
+            raise ValueError("config.compile needs a criterion with a compile_teacher(mode) method (RETALoss)")
+        criterion.compile_teacher(cfg.compile)
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if cfg.amp == "bf16" else contextlib.nullcontext
     lazy = hasattr(criterion, "terms") and on_step is None  # parts read once per block: no per-step host sync
     step = 0
     for b, res in enumerate(blocks):
-        x = x.detach().requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=cfg.lr, betas=tuple(cfg.betas))  # state re-created per block
+        xs = [x.detach().requires_grad_(True) for x in xs]
+        opts = [torch.optim.Adam([x], lr=cfg.lr, betas=tuple(cfg.betas)) for x in xs]  # re-created per block
         pending = []
         for _ in range(per_block[b]):
             lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / cfg.iterations))
-            for grp in opt.param_groups:
-                grp["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            xa = augment(x, res, cfg.jitter, cfg.crop_scale, g).contiguous(memory_format=fmt)
-            with autocast():
+            for j in range(M):
+                x, opt = xs[j], opts[j]
+                for grp in opt.param_groups:
+                    grp["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                xa = augment(x, res, cfg.jitter, cfg.crop_scale, gens[j]).contiguous(memory_format=fmt)
+                with autocast():
+                    if lazy:
+                        loss, parts = criterion.terms(xa, ys[j], idss[j])
+                    else:
+                        loss, parts = criterion(xa, ys[j], idss[j])
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+                tag = dict(step=step, block=b, lr=lr, **({"micro": j} if M > 1 else {}))
                 if lazy:
-                    loss, parts = criterion.terms(xa, y, ids)
+                    pending.append((tag, parts))
                 else:
-                    loss, parts = criterion(xa, y, ids)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                x.copy_(torch.maximum(torch.minimum(x, hi), lo))
-            if lazy:
-                pending.append((step, lr, parts))
-            else:
-                cfg.history.append(dict(step=step, block=b, lr=lr, **parts))
-                if on_step is not None:
-                    on_step(step, parts)
+                    cfg.history.append(dict(tag, **parts))
+                    if on_step is not None:
+                        on_step(step, parts)
             step += 1
         if pending:  # one host sync for the block's loss parts
-            values = torch.stack([p for _, _, p in pending]).tolist()
-            cfg.history.extend(dict(step=st, block=b, lr=lr_, ce=v[0], bn=v[1], topo=v[2])
-                               for (st, lr_, _), v in zip(pending, values))
+            values = torch.stack([p for _, p in pending]).cpu().tolist()
+            cfg.history.extend(dict(tag, ce=v[0], bn=v[1], topo=v[2]) for (tag, _), v in zip(pending, values))
         if b + 1 < len(blocks):
             nxt = blocks[b + 1]
             with torch.no_grad():
-                if cfg.drc:
-                    _, f = teacher_features(criterion.teacher if retrieval_teacher is None else retrieval_teacher, x.detach())
-                    q = F.normalize(f.float(), dim=1)
-                    idx = retriever(q, y, nxt) if retriever is not None else retrieve(q, y, pool, lam=cfg.lam,
-                                                                                    resolution=nxt)
-                    patch = pool.images(idx.cpu(), device=dev)
-                    cfg.history.append(dict(step=step, block=b, retrieved=idx.tolist()))
-                else:
-                    patch = anchor
-                x = residual_inject(x.detach(), patch, cfg.alpha, size=nxt)
-    return x.detach()
+                for j in range(M):
+                    if cfg.drc:
+                        _, f = teacher_features(criterion.teacher if retrieval_teacher is None else retrieval_teacher,
+                                                xs[j].detach())
+                        q = F.normalize(f.float(), dim=1)
+                        idx = (retriever(q, ys[j], idss[j], nxt) if retriever is not None
+                               else retrieve(q, ys[j], pool, lam=cfg.lam, resolution=nxt))
+                        patch = pool.images(idx.cpu(), device=dev)
+                        cfg.history.append(dict(step=step, block=b, retrieved=idx.cpu().tolist(),
+                                                **({"micro": j} if M > 1 else {})))
+                    else:
+                        patch = anchors[j]
+                    xs[j] = residual_inject(xs[j].detach(), patch, cfg.alpha, size=nxt)
+    out = torch.empty((B,) + tuple(xs[0].shape[1:]), dtype=xs[0].dtype, device=x_init.device)
+    for mb, x in zip(micro, xs):
+        out[mb.to(out.device)] = x.detach().to(out.device)
+    return out

@@ -1,29 +1,60 @@
-"""RETALoss: the recover objective of METHOD.md section 2, as a drop-in module.
+"""RETALoss: the recover objective of docs/method.md §2, as a drop-in module.
 
 ``L = CE(T(x), y) + r_bn * sum_l s_l (||mu_l(x) - mu_l^BN||_2 + ||var_l(x) - var_l^BN||_2) + lam_topo * L_topo``
 
 * BN-statistic matching (SRe2L): batch statistics of every BatchNorm2d input over (N, H, W), biased
   variance, unsquared L2 norms, ``s_1 = first_bn_weight`` for the first BN layer and 1 elsewhere.
 * L_topo: :class:`reta_fast.TopologyAlignmentLoss` between the synthetic images' penultimate teacher
-  features and real features of the same classes (class-balanced: ``n`` points per class, ``n`` =
-  ``real_feats.shape[1]`` > ``k``). A recover batch holds few synthetic images per class, so the loss
-  keeps a per-class bank of the latest detached feature of every synthetic image it has seen, keyed by
-  the image ids passed to ``forward`` [ours, METHOD.md section 4]: a class's point set is its current
-  images (with gradient) plus banked features of its *other* images, at most ``n``. All classes of a
-  batch use the same number of points m (the most they all have) and the first m real points; the
-  PTA term is active once m > k (so with IPC 10, use k < 10).
+  features and real features of the same classes (class-balanced: ``m`` points on each side). A class's
+  point set is its synthetic *set* (docs/method.md §4.1): the images of this call (live features, with
+  gradient) and the latest banked features of the class's other images (:class:`FeatureBank`, keyed by the
+  image ids passed to ``forward``). Register a whole set up front with :meth:`RETALoss.seed_bank`, and
+  recover its micro-batches in lockstep (:func:`reta_fast.recover` with ``micro_batches``) so every banked
+  feature is at most one round old. All classes of a call use the same number of points m (the most they all
+  have, at most ``real_feats.shape[1]``) and the first m real points; the term is active once m > k.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..topology.pta import TopologyAlignmentLoss
+from .bank import FeatureBank
 
 __all__ = ["RETALoss"]
+
+# Batch layouts kept (one per micro-batch of a lockstep unit; ImageNet IPC 50 with one image per class per
+# batch needs 50).
+MAX_LAYOUTS = 256
+
+
+def _no_autocast(device_type: str):
+    """Autocast switched off for the loss terms; a device type without autocast has nothing to switch off."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
+@dataclass
+class _Layout:
+    """How one batch (``y``, ``ids``) maps onto PTA point sets: host work done once per batch."""
+
+    classes: List[int]
+    m: int  # points per class
+    rows: Optional[torch.Tensor]  # [G, m] bank rows of the points (None: points from the batch alone)
+    batch_rows: Optional[torch.Tensor]  # [G, m] batch rows of the points when there is no bank
+    live_flat: Optional[torch.Tensor]  # [L] positions in the flattened [G * m] points that are live
+    live_src: Optional[torch.Tensor]  # [L] batch rows of those live points
+    live_mask: Optional[torch.Tensor]  # [G, m] bool (diagnostics)
+    write_rows: Optional[torch.Tensor]  # [B] bank rows of the batch's images
+    real: Optional[torch.Tensor] = None  # [G, m, D] the real side, one tensor per layout (pairings reuse it)
 
 
 class RETALoss(nn.Module):
@@ -37,15 +68,17 @@ class RETALoss(nn.Module):
         first_bn_weight: ``s_1`` (METHOD.md: 10).
         lam_topo: weight of the PTA term (METHOD.md: 0.5); 0 disables it.
         real_feats: ``[C, n, D]`` real penultimate features per class (e.g. from a
-            :class:`reta_fast.PatchPool`: :meth:`from_pool`), required when ``lam_topo > 0``.
-        k, topo_refresh, **topo_kwargs: passed to :class:`TopologyAlignmentLoss` (``refresh_every``).
+            :class:`reta_fast.PatchPool`: :meth:`from_pool`), required when ``lam_topo > 0``; ``n``
+            bounds the points per class.
+        k, topo_refresh, **topo_kwargs: passed to :class:`TopologyAlignmentLoss` (``refresh_every``: in
+            calls; with ``m`` micro-batches in lockstep, ``m`` calls make one round).
 
     Call: ``loss, parts = criterion(x, y, ids)`` with ``x`` ``[B, 3, H, W]`` (requires grad), ``y``
     ``[B]`` class indices and ``ids`` ``[B]`` image ids (for PTA); ``parts`` maps ``"ce"``, ``"bn"``,
     ``"topo"`` to floats (one host sync).
     Works under ``torch.autocast`` (statistics and losses are computed in fp32) and GradScaler.
-    Call :meth:`close` to remove the hooks it put on the teacher; :meth:`compile` to run the teacher
-    through ``torch.compile``; :meth:`terms` for the loss without a host synchronisation.
+    Call :meth:`close` to remove the hooks it put on the teacher; :meth:`compile_teacher` to run the
+    teacher through ``torch.compile``; :meth:`terms` for the loss without a host synchronisation.
     """
 
     def __init__(self, teacher: nn.Module, r_bn: float = 0.01, first_bn_weight: float = 10.0,
@@ -87,13 +120,21 @@ class RETALoss(nn.Module):
             self.register_buffer("real_feats", real_feats.detach().float())
             self.topo = TopologyAlignmentLoss(k=k, refresh_every=topo_refresh, **topo_kwargs)
             self._handles.append(linears[-1].register_forward_hook(self._feat_hook))
-            self._bank: Dict[int, Dict[int, torch.Tensor]] = {}  # class -> image id -> feature
-            self._real_slices: Dict[tuple, torch.Tensor] = {}
+        self.bank = FeatureBank()
+        self._real_slices: Dict[tuple, torch.Tensor] = {}
         self._forward_teacher = self.teacher
         self.compile_mode: Optional[str] = None
-        self._checked = None  # (y, y._version, ids, ids._version, classes, per-class rows, per-class ids)
+        self._layouts: Dict[tuple, tuple] = {}  # (id(y), id(ids), classes) -> (y, version, ids, version, layout)
+        self.last_layout: Optional[_Layout] = None  # the point sets of the last call (diagnostics, tests)
 
     def compile(self, mode: Optional[str] = "default", **kwargs) -> "RETALoss":
+        """Deprecated alias of :meth:`compile_teacher` (it compiles the teacher only, unlike
+        ``nn.Module.compile``)."""
+        warnings.warn("RETALoss.compile is deprecated: use compile_teacher (it compiles the teacher's forward)",
+                      DeprecationWarning, stacklevel=2)
+        return self.compile_teacher(mode, **kwargs)
+
+    def compile_teacher(self, mode: Optional[str] = "default", **kwargs) -> "RETALoss":
         """Run the teacher's forward (with the BN-statistic and feature hooks) through
         ``torch.compile`` (``mode``: ``"default"``, ``"reduce-overhead"`` = CUDA-graph capture of the
         compiled forward and backward on a GPU, ``"max-autotune"``...); the PTA term stays eager (its
@@ -121,34 +162,32 @@ class RETALoss(nn.Module):
             rows.append(feats[idx[torch.randperm(idx.numel(), generator=g)[:points_per_class]]])
         return cls(teacher, real_feats=torch.stack(rows), **kwargs)
 
-    def reset_bank(self) -> None:
-        """Forget every banked synthetic feature (e.g. at the start of a new recover batch)."""
-        if self.topo is not None:
-            self._bank.clear()
-
     def reset(self) -> None:
         """Forget all state carried between calls: the bank, and the PTA loss's image grids (derived
         from the first real features it sees) and stored pairings. The pipeline calls it before every
-        batch, so each batch's result depends on that batch alone."""
+        unit, so each unit's result depends on that unit alone."""
+        self.bank.clear()
+        self._layouts.clear()
+        self.last_layout = None
         if self.topo is not None:
-            self._bank.clear()
             self.topo.reset()
 
     @torch.no_grad()
     def seed_bank(self, feats: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> None:
-        """Put detached features ``[N, D]`` of images with classes ``y`` ``[N]`` and ids ``ids`` ``[N]``
-        into the PTA bank (the pipeline seeds it with the initial images of a class's other items, so
-        a batch's point set does not depend on which batches ran before it: resumed and sharded runs
-        give the same images)."""
+        """Register a synthetic set in the PTA bank: detached features ``[N, D]`` of its images, their
+        classes ``y`` ``[N]`` and ids ``ids`` ``[N]`` (the pipeline passes the features of every image of the
+        class group it recovers, at their initial state; later calls overwrite them with live features).
+        A class's point set is then all of its registered images."""
         if self.topo is None:
             return
         if feats.dim() != 2 or y.shape != (feats.shape[0],) or ids.shape != y.shape:
             raise ValueError(f"seed_bank needs feats [N, D], y [N], ids [N]; got {tuple(feats.shape)}, "
                              f"{tuple(y.shape)}, {tuple(ids.shape)}")
-        for f, c, i in zip(feats.detach(), y.tolist(), ids.tolist()):
-            bank = self._bank.setdefault(int(c), {})
-            bank.pop(int(i), None)
-            bank[int(i)] = f[None]
+        ids_l = [int(i) for i in ids.cpu().tolist()]
+        if len(set(ids_l)) != len(ids_l):
+            raise ValueError("seed_bank: ids must be distinct")
+        self.bank.seed(feats, y.cpu().tolist(), ids_l)
+        self._layouts.clear()  # layouts list the bank's members: rebuild them
 
     def _feat_hook(self, mod, inp, out):
         if self._capturing:
@@ -177,14 +216,7 @@ class RETALoss(nn.Module):
             h.remove()
         self._handles.clear()
 
-    def _layout(self, y: torch.Tensor, ids: Optional[torch.Tensor], num_classes: int):
-        """Check ``y`` (and ``ids``) and split the batch by class, once per pair of tensors: a
-        recover loop passes the same ``y``/``ids`` every step, so the host syncs of the checks and
-        of the split happen at its first step only (an in-place change of either is noticed)."""
-        c = self._checked
-        if (c is not None and c[0] is y and c[1] == y._version and c[2] is ids
-                and c[3] == (None if ids is None else ids._version) and c[4] == num_classes):
-            return c[5]
+    def _check_labels(self, y: torch.Tensor, ids: Optional[torch.Tensor], num_classes: int):
         if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dim() != 1:
             raise ValueError(f"y must be an integer tensor [B], got {getattr(y, 'shape', y)!r}")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
@@ -192,42 +224,81 @@ class RETALoss(nn.Module):
         if ids is not None and (not isinstance(ids, torch.Tensor) or ids.shape != y.shape
                                 or ids.dtype.is_floating_point):
             raise ValueError(f"ids must be an integer tensor [B] = [{y.shape[0]}]")
-        split = []
-        for cls in torch.unique(y).tolist():  # host loop over the classes of the batch
-            sel = (y == cls).nonzero().flatten()
-            split.append((cls, sel, None if ids is None else ids[sel].tolist()))
-        self._checked = (y, y._version, ids, None if ids is None else ids._version, num_classes, split)
-        return split
 
-    def _topo_term(self, y: torch.Tensor, ids: Optional[torch.Tensor], split) -> torch.Tensor:
-        f = self._feats.float()
+    def _layout(self, y: torch.Tensor, ids: Optional[torch.Tensor], num_classes: int, feats: torch.Tensor):
+        """Check ``y`` (and ``ids``) and lay the batch out as PTA point sets, once per pair of tensors: a
+        recover loop passes the same ``y``/``ids`` every step (one pair per micro-batch), so the host work
+        (and its synchronisations) happens at their first step only (an in-place change is noticed)."""
+        key = (id(y), id(ids), num_classes)
+        c = self._layouts.get(key)
+        if (c is not None and c[0] is y and c[1] == y._version and c[2] is ids
+                and c[3] == (None if ids is None else ids._version)):
+            return c[4]
+        self._check_labels(y, ids, num_classes)
+        # host synchronisation (once per batch layout): the labels and ids on the host
+        lay = self._build_layout(y.cpu().tolist(), None if ids is None else ids.cpu().tolist(), feats) if self.topo else None
+        if len(self._layouts) >= MAX_LAYOUTS:  # a loop making new label tensors every step: do not hoard them
+            self._layouts.clear()
+        self._layouts[key] = (y, y._version, ids, None if ids is None else ids._version, lay)
+        return lay
+
+    def _build_layout(self, ys: List[int], ids: Optional[List[int]], feats: torch.Tensor) -> _Layout:
+        dev = feats.device
+        n_real = self.real_feats.shape[0]
+        classes = sorted(set(ys))
+        missing = [c for c in classes if c >= n_real]
+        if missing:
+            raise ValueError(f"class {missing[0]} has no real features (real_feats covers {n_real} classes)")
         n = self.real_feats.shape[1]
-        point_sets = {}
-        for c, sel, cur_ids in split:
-            if c >= self.real_feats.shape[0]:
-                raise ValueError(f"class {c} has no real features (real_feats covers {self.real_feats.shape[0]} classes)")
-            cur = f[sel]
-            if ids is None:  # no identities: only the current images, never the bank
-                point_sets[c] = cur[:n]
-                continue
-            bank = self._bank.setdefault(c, {})
-            others = [v for key, v in reversed(bank.items()) if key not in set(cur_ids)]
-            pts = torch.cat([cur] + others[: max(0, n - cur.shape[0])]) if others else cur
-            for key, v in zip(cur_ids, cur.detach()):  # newest last
-                bank.pop(key, None)
-                bank[key] = v[None]
-            point_sets[c] = pts[:n]
-        # Class-balanced: every class of the batch contributes the same number of points, the most
-        # that all of them have (at most n); PTA needs more than k of them.
-        m = min((p.shape[0] for p in point_sets.values()), default=0)
-        if m <= self.topo.k:
-            return f.new_zeros(())
-        classes = sorted(point_sets)
-        syn = torch.stack([point_sets[c][:m] for c in classes])
-        key = (tuple(classes), m, f.device)
+        live = {c: [r for r, k in enumerate(ys) if k == c] for c in classes}  # batch rows per class
+        tensor = lambda v: torch.tensor(v, dtype=torch.int64).to(dev)  # noqa: E731  (once per layout)
+        if ids is None:  # no identities: only the batch's images, never the bank
+            m = min(min(len(live[c]), n) for c in classes)
+            return _Layout(classes, m, None, tensor([live[c][:m] for c in classes]), None, None, None, None)
+        if len(set(ids)) != len(ids):
+            raise ValueError("ids must be distinct within a batch (one id per image)")
+        self.bank.register(ids, ys, feats.shape[1], dev)
+        slot = self.bank.slot
+        sets = {}
+        for c in classes:  # the class's images in this batch first, then its other registered images
+            own = {ids[r] for r in live[c]}
+            sets[c] = [slot[ids[r]] for r in live[c]] + [r for r in self.bank.members(c) if self.bank.ids[r] not in own]
+        m = min(min(len(sets[c]), n) for c in classes)
+        rows, live_flat, live_src, mask = [], [], [], []
+        for g, c in enumerate(classes):
+            rows.append(sets[c][:m])
+            k_live = min(len(live[c]), m)
+            live_flat += [g * m + p for p in range(k_live)]
+            live_src += live[c][:k_live]
+            mask.append([p < k_live for p in range(m)])
+        return _Layout(classes, m, tensor(rows), None, tensor(live_flat), tensor(live_src),
+                       torch.tensor(mask, dtype=torch.bool).to(dev), tensor([slot[i] for i in ids]))
+
+    def _real_for(self, lay: _Layout, device) -> torch.Tensor:
+        key = (tuple(lay.classes), lay.m, device)
         if key not in self._real_slices:  # one tensor per class set, so the loss can reuse pairings
-            self._real_slices[key] = self.real_feats[classes][:, :m].to(f.device)
-        return self.topo(syn, self._real_slices[key], classes=classes)
+            rows = torch.tensor(lay.classes, dtype=torch.int64).to(self.real_feats.device)
+            self._real_slices[key] = self.real_feats.index_select(0, rows)[:, :lay.m].to(device)
+        return self._real_slices[key]
+
+    def _topo_term(self, lay: _Layout) -> torch.Tensor:
+        """PTA over the layout's point sets; writes this call's features into the bank (device ops only)."""
+        f = self._feats.float()
+        self.last_layout = lay
+        if lay.rows is None:
+            pts = f[lay.batch_rows]  # [G, m, D]
+        else:
+            G, m = lay.rows.shape
+            banked = self.bank.feats[lay.rows].reshape(G * m, -1)
+            pts = banked.index_put((lay.live_flat,), f[lay.live_src]).view(G, m, -1)  # live points carry grad
+        if lay.m <= self.topo.k:
+            out = f.new_zeros(())
+        else:
+            out = self.topo(pts, self._real_for(lay, f.device), classes=lay.classes)
+        if lay.write_rows is not None:
+            self.bank.write(lay.write_rows, f)
+            self.bank.tick()
+        return out
 
     def terms(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None
               ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -246,11 +317,11 @@ class RETALoss(nn.Module):
             logits = self._forward_teacher(x)
         finally:
             self._capturing = False
-        split = self._layout(y, ids, logits.shape[1])
-        with torch.autocast(logits.device.type, enabled=False):  # the loss terms in fp32 under autocast
+        lay = self._layout(y, ids, logits.shape[1], self._feats if self._feats is not None else logits)
+        with _no_autocast(logits.device.type):  # the loss terms in fp32 under autocast
             ce = F.cross_entropy(logits.float(), y)
             bn = torch.stack([b.float() for b in self._bn_terms]).sum() if self._bn_terms else ce.new_zeros(())
-            topo = self._topo_term(y, ids, split) if self.topo is not None else ce.new_zeros(())
+            topo = self._topo_term(lay) if self.topo is not None else ce.new_zeros(())
             loss = ce + self.r_bn * bn + self.lam_topo * topo
         return loss, torch.stack([ce.detach(), bn.detach(), topo.detach().float()])
 
@@ -260,5 +331,5 @@ class RETALoss(nn.Module):
         images (e.g. ``class * ipc + index``), needed for the PTA bank; without them only the
         current batch's images of a class form its point set."""
         loss, parts = self.terms(x, y, ids)
-        ce, bn, topo = parts.tolist()  # one host sync
+        ce, bn, topo = parts.cpu().tolist()  # one host sync
         return loss, dict(ce=ce, bn=bn, topo=topo)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .._version import __version__
 from ..data.folder import ImageFolder, dataset_classes, dataset_targets, to_image_tensor
-from ..data.tensors import IMAGENET_MEAN, IMAGENET_STD
+from ..data.tensors import IMAGENET_MEAN, IMAGENET_STD, channel_stats, normalise
 from ..models.features import teacher_features, teacher_fingerprint
 from .complexity import patch_complexity
 
@@ -50,6 +50,7 @@ class PatchPool:
         self.size = int(manifest["size"])
         self.mean = tuple(manifest["mean"])
         self.std = tuple(manifest["std"])
+        self._tensors = {}  # (resolution, device) -> retrieval_tensors' answer
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -61,27 +62,38 @@ class PatchPool:
     # ----------------------------------------------------------------------------------------
     def retrieval_tensors(self, resolution: Optional[int] = None, device="cpu"):
         """``(feats [P, D] float32, labels [P] int64, complexity [P])`` for :func:`reta_fast.retrieve`;
-        complexity at ``resolution`` (default: the first), min-max scaled to [0, 1] per class."""
+        complexity at ``resolution`` (default: the first), min-max scaled to [0, 1] per class. Made once
+        per (resolution, device) and kept (the features of a 300k x 512 pool are 600 MB: every DRC
+        injection reuses them); :meth:`drop_tensors` frees them. Treat them as read-only."""
         r = self.resolutions[0] if resolution is None else resolution
         if r not in self.resolutions:
             raise ValueError(f"resolution {r} not in this pool's resolutions {self.resolutions}")
+        key = (r, str(torch.device(device)))
+        if key not in self._tensors:
+            feats = self._tensors.get(("feats", key[1]))
+            if feats is None:
+                feats = self._tensors[("feats", key[1])] = torch.tensor(np.asarray(self.feats)).to(device)
+            self._tensors[key] = (feats,) + self._scaled(r, device)
+        return self._tensors[key]
+
+    def drop_tensors(self) -> None:
+        """Free the tensors :meth:`retrieval_tensors` keeps."""
+        self._tensors.clear()
+
+    def _scaled(self, r: int, device):
         labels = torch.tensor(np.asarray(self.labels)).to(device)  # copies: memmaps are read-only
         raw = torch.tensor(np.asarray(self.complexity[:, self.resolutions.index(r)])).to(device)
         lo = torch.full((len(self.classes),), float("inf"), device=device).scatter_reduce(0, labels, raw, "amin")
         hi = torch.full((len(self.classes),), float("-inf"), device=device).scatter_reduce(0, labels, raw, "amax")
         span = (hi - lo)[labels]
         scaled = torch.where(span > 0, (raw - lo[labels]) / span.clamp_min(1e-30), torch.zeros_like(raw))
-        return torch.tensor(np.asarray(self.feats)).to(device), labels, scaled
+        return labels, scaled
 
     def images(self, indices, device="cpu", normalize: bool = True) -> torch.Tensor:
         """Patches ``[n, 3, S, S]`` as float (teacher-normalised with the pool's mean/std, or [0, 1])."""
         idx = torch.as_tensor(indices, dtype=torch.int64).cpu().numpy()
         x = torch.from_numpy(np.ascontiguousarray(self.patches[idx])).to(device).permute(0, 3, 1, 2).float() / 255.0
-        if normalize:
-            m = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-            s = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
-            x = (x - m) / s
-        return x
+        return normalise(x, self.mean, self.std) if normalize else x
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -226,8 +238,7 @@ class PatchPool:
         teacher_was_training = teacher.training
         try:
             teacher.eval()
-            mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-            std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+            mean_t, std_t = channel_stats(mean, std, device)
             patches = np.lib.format.open_memmap(tmp / "stream.npy", "w+", np.uint8, (capacity, size, size, 3))
             feats_list, labels, cx, src = [], [], [], []
             count = [0] * n_cls

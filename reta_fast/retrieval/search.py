@@ -79,7 +79,7 @@ def _validate_retrieval(query_feats, query_labels, pool_feats, pool_labels, pool
     if q.shape[0]:
         missing = ~torch.isin(ql, pl)
         if bool(missing.any()):
-            cls = sorted(set(ql[missing].tolist()))
+            cls = sorted(set(ql[missing].cpu().tolist()))
             raise ValueError(f"classes {cls[:10]} of query_labels have no patches in the pool")
     return q, ql, z, pl, pool_complexity
 
@@ -154,7 +154,7 @@ def _sq_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_ok(t: torch.Tensor) -> bool:
-    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+    if not (t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))):
         return False
     try:
         from .. import kernels  # noqa: F401  (optional: needs triton)
@@ -293,7 +293,7 @@ def _retrieve_fast(q, ql, z, pl, c, lam, backend, precision):
         # ... and certify: unseen patches score at least the last candidate's fp32 score - bound
         certain = ((class_size[rows] <= kc) | (ex_sorted.gather(1, first)[:, 0] < a[rows, -1] - bound[rows])) & \
             ~broken[rows]
-        for i in rows[~certain].tolist():  # 3) brute force over the class (host loop, rare)
+        for i in rows[~certain].cpu().tolist():  # 3) brute force over the class (host loop, rare)
             k = int(qcls[i])
             members = p_order[int(p_off[k]): int(p_off[k + 1])]
             best[i] = members[int(_scores_f64(qs[i][None, :], z[members], c[members], lam).argmin())]
@@ -305,7 +305,7 @@ def _retrieve_fast(q, ql, z, pl, c, lam, backend, precision):
 def _retrieve_exclusive(q, ql, z, pl, c, lam):
     """Greedy assignment without replacement, class by class, with exact float64 scores."""
     out = torch.empty(q.shape[0], dtype=torch.int64, device=q.device)
-    for cls in torch.unique(ql).tolist():  # host loop over the classes present
+    for cls in torch.unique(ql).cpu().tolist():  # host loop over the classes present
         qi = (ql == cls).nonzero().flatten()
         pi = (pl == cls).nonzero().flatten()
         if pi.numel() < qi.numel():

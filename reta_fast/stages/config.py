@@ -8,12 +8,13 @@ from typing import List, Optional, Sequence
 
 from ..recover.loop import check_engine
 
-__all__ = ["METHODS", "DistillConfig", "EvalConfig", "ENGINE_DEFAULTS"]
+__all__ = ["METHODS", "PTA_SETS", "DistillConfig", "EvalConfig", "ENGINE_DEFAULTS"]
 
 
 METHODS = ("random-real", "rded", "sre2l", "fadrm", "reta")
 
 
+PTA_SETS = ("complete", "initial")
 ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None, topo_overlap=False)
 
 
@@ -43,9 +44,15 @@ class DistillConfig:
             RETA alike, bench/results/quality-*/tuning.md).
         jitter (None: 4 px up to 64 px data, 32 above), alpha, lam: see :class:`RecoverConfig`.
         r_bn, first_bn_weight, lam_topo: see :class:`RETALoss`.
-        topo_k: mutual k-NN parameter of PTA (None: min(10, ipc - 1) [ours], since a class's point set
-            holds ipc synthetic images and PTA needs more than k points).
-        points_per_class: real points per class for PTA (synthetic side: min(ipc, this)).
+        topo_k: mutual k-NN parameter of PTA (None: :meth:`k`'s rule [ours]: ``min(10, m // 2)`` for ``m``
+            points per class, so the graph is a mutual k-NN graph and not the complete graph at IPC 10).
+        points_per_class: points per class on each side of PTA, ``m`` (None: the class's whole synthetic
+            set, ``ipc``; the real side draws as many pool patches).
+        pta_set: what a class's synthetic point set is [ours, docs/method.md §4.1]: ``"complete"`` (its
+            current images: every batch of a class group is recovered in lockstep, and a banked feature is
+            at most one step old) or ``"initial"`` (the batch's images plus features of the class's other
+            *initial* images, fixed for the whole batch: reta_fast's earlier behaviour, kept for the
+            ablation). Only "complete" aligns the synthetic set whatever the batch structure.
         pool_per_class, pool_candidates: patch pool size per class and RDED's best-of-N crops.
         drc, pta: the RETA ablations (``reta`` only).
         seed: everything random derives from it.
@@ -75,7 +82,8 @@ class DistillConfig:
     first_bn_weight: float = 10.0
     lam_topo: float = 0.5
     topo_k: Optional[int] = None
-    points_per_class: int = 32
+    points_per_class: Optional[int] = None
+    pta_set: str = "complete"
     topo_refresh: int = 1
     pool_per_class: int = 300
     pool_candidates: int = 1
@@ -96,7 +104,7 @@ class DistillConfig:
         for name in ("ipc", "iterations", "blocks", "batch_classes", "ipc_per_batch", "points_per_class",
                      "pool_per_class", "pool_candidates", "topo_refresh"):
             v = getattr(self, name)
-            if v is None and name in ("batch_classes", "ipc_per_batch"):
+            if v is None and name in ("batch_classes", "ipc_per_batch", "points_per_class"):
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -115,8 +123,11 @@ class DistillConfig:
         if self.resolutions is not None and (not self.resolutions or any(
                 isinstance(r, bool) or not isinstance(r, int) or r < 8 for r in self.resolutions)):
             raise ValueError(f"resolutions must be a non-empty list of integers >= 8, got {self.resolutions!r}")
-        if self.topo_k is not None and self.topo_k < 1:
-            raise ValueError(f"topo_k must be >= 1, got {self.topo_k}")
+        if self.topo_k is not None and (isinstance(self.topo_k, bool) or not isinstance(self.topo_k, int)
+                                        or self.topo_k < 1):
+            raise ValueError(f"topo_k must be an integer >= 1, got {self.topo_k!r}")
+        if self.pta_set not in PTA_SETS:
+            raise ValueError(f"pta_set must be one of {', '.join(PTA_SETS)}, got {self.pta_set!r}")
 
         check_engine(self.amp, self.compile)
 
@@ -155,8 +166,19 @@ class DistillConfig:
     def lr_for(self, size: int) -> float:
         return self.lr if self.lr is not None else (0.25 if size > 64 else 0.05)
 
+    @property
+    def lockstep(self) -> bool:
+        """Whether a class group's batches are recovered together (PTA on the complete synthetic set)."""
+        return self.pta_on and self.pta_set == "complete"
+
+    @property
+    def pta_points(self) -> int:
+        """``m``: points per class on each side of PTA."""
+        return min(self.ipc, self.points_per_class or self.ipc)
+
     def k(self) -> int:
-        return self.topo_k if self.topo_k is not None else max(1, min(10, self.ipc - 1))
+        """PTA's mutual k-NN parameter: ``topo_k``, or ``min(10, m // 2)`` (at least 1)."""
+        return self.topo_k if self.topo_k is not None else max(1, min(10, self.pta_points // 2))
 
     def identity(self) -> dict:
         """The parameters that decide the images (all but the ipc slice): a folder written with one

@@ -29,7 +29,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ from ..retrieval.search import retrieve
 from .config import DistillConfig
 from .output import RUN_FORMAT, check_run, item_path, to_uint8
 from .records import versions
-from .shards import shard_batches, shard_items
+from .shards import shard_items, shard_units, unit_items
 
 __all__ = ["distill", "build_pool", "rded_ranking", "PartitionedRetriever"]
 
@@ -74,17 +74,12 @@ class PartitionedRetriever:
 
     def __init__(self, pool, groups, lam: float, device):
         self.pool, self.groups, self.lam, self.device = pool, groups, lam, device
-        self._tensors: Dict[int, tuple] = {}  # resolution -> (feats, complexity scaled per class)
-        self.ids: Optional[torch.Tensor] = None
 
-    def __call__(self, q: torch.Tensor, y: torch.Tensor, resolution: int) -> torch.Tensor:
-        if self.ids is None or self.ids.shape != y.shape:
-            raise RuntimeError("PartitionedRetriever.ids must hold the batch's item ids")
-        if resolution not in self._tensors:
-            feats, _, cx = self.pool.retrieval_tensors(resolution, device=self.device)
-            self._tensors[resolution] = (feats, cx)
-        feats, cx = self._tensors[resolution]
-        return retrieve(q, self.ids, feats, self.groups, cx, lam=self.lam)
+    def __call__(self, q: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor], resolution: int) -> torch.Tensor:
+        if ids is None or ids.shape != y.shape:
+            raise RuntimeError("PartitionedRetriever needs the batch's item ids (c * ipc + i)")
+        feats, _, cx = self.pool.retrieval_tensors(resolution, device=self.device)  # cached by the pool
+        return retrieve(q, ids, feats, self.groups, cx, lam=self.lam)
 
 
 def _noise(c: int, i: int, size: int, seed: int) -> torch.Tensor:
@@ -224,24 +219,25 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
 
     # recover methods ------------------------------------------------------------------------
     k = cfg.k()
-    m_pts = min(cfg.ipc, cfg.points_per_class)
+    m_pts = cfg.pta_points
     if cfg.pta_on and m_pts <= k:
         log(f"[distill] warning: PTA needs more than k={k} points per class but IPC {cfg.ipc} gives {m_pts}: "
             f"the topology term stays 0 (use a larger IPC or --topo-k < {m_pts})")
+    bc, ipb, groups, units = shard_units(cfg, C, rank, world_size)
+    n_micro = len(units[0].starts) if units else 1  # batches per unit (lockstep: calls per round)
     crits = []
     for t in teachers:
         kw = dict(r_bn=cfg.r_bn, first_bn_weight=cfg.first_bn_weight)
         if cfg.pta_on:
-            # every class of the pool has >= ipc patches (checked above), and PTA uses min(ipc, points) points
-            real = _real_points(t.model, pool, min(cfg.points_per_class, int(counts.min())), cfg.seed, device)
-            crits.append(RETALoss(t.model, lam_topo=cfg.lam_topo, real_feats=real, k=k, topo_refresh=cfg.topo_refresh,
-                                  overlap=cfg.topo_overlap,
-                                  **kw))
+            # every class of the pool has >= ipc patches (checked above), and PTA uses m <= ipc points
+            real = _real_points(t.model, pool, m_pts, cfg.seed, device)
+            crits.append(RETALoss(t.model, lam_topo=cfg.lam_topo, real_feats=real, k=k,
+                                  topo_refresh=cfg.topo_refresh * (n_micro if cfg.lockstep else 1),
+                                  overlap=cfg.topo_overlap, **kw))
         else:
             crits.append(RETALoss(t.model, lam_topo=0.0, **kw))
     jitter = cfg.jitter if cfg.jitter is not None else (4 if S <= 64 else 32)
-    bc, ipb, groups, it = shard_batches(cfg, C, rank, world_size)
-    info.update(batch_classes=bc, ipc_per_batch=ipb)
+    info.update(batch_classes=bc, ipc_per_batch=ipb, batches_per_unit=n_micro)
     retriever = None
     if cfg.method == "reta" and cfg.drc and cfg.partition:
         labels_p = torch.tensor(np.asarray(pool.labels))  # a copy: pool arrays are read-only memory maps
@@ -251,48 +247,59 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
             share[r] = torch.arange(r.numel()) % cfg.ipc
         retriever = PartitionedRetriever(pool, (labels_p * cfg.ipc + share).to(device), cfg.lam, device)
     parts_log: List[dict] = []
+    in_slice = set(all_items)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(it), desc=f"distill {cfg.method}", unit="batch")
+        bar = tqdm(total=len(units), desc=f"distill {cfg.method}", unit="unit" if cfg.lockstep else "batch")
     try:
-        for s, gi in it:
-            bi = (s // ipb) * len(groups) + gi  # global batch index: fixes seed and teacher
-            # the whole batch, whatever slice this process makes: a batch's images depend on the batch only
-            items = [(c, i) for i in range(s, min(s + ipb, cfg.ipc)) for c in groups[gi]]
+        for unit in units:
+            batches = unit_items(cfg, unit, ipb, groups)
+            items = [it for b in batches for it in b]
+            # the whole unit, whatever slice this process makes: a unit's images depend on the unit only
             todo = [x for x in items if x in todo_set and not item_path(out, *x).exists()]
             if not todo:
-                info["skipped"] += sum(x in set(all_items) for x in items)
+                info["skipped"] += sum(x in in_slice for x in items)
                 if bar is not None:
                     bar.update(1)
                 continue
-            crit = crits[bi % len(crits)]
-            x0 = torch.stack([init_image(c, i) for c, i in items]).to(device)
+            bis = [(s // ipb) * len(groups) + unit.group for s in unit.starts]  # global batch indices
+            # the teacher: per batch (FADRM+ round robin); a lockstep unit keeps one teacher, so that
+            # its PTA bank holds features of one network
+            crit = crits[(unit.group if cfg.lockstep else bis[0]) % len(crits)]
+            # a lockstep unit's initial images stay on the host: the device holds what is optimised
+            x0 = torch.stack([init_image(c, i) for c, i in items])
+            x0 = x0 if cfg.lockstep else x0.to(device)
             y = torch.tensor([c for c, _ in items], device=device)
             ids = torch.tensor([c * cfg.ipc + i for c, i in items], device=device)
-            crit.reset()  # no state from earlier batches (bank, PTA grids, pairings)
+            crit.reset()  # no state from earlier units (bank, PTA grids, pairings)
             if cfg.pta_on:
-                others = [(c, j) for c in groups[gi] for j in range(cfg.ipc)]
+                # the class group's synthetic set, at its initial state: the unit itself in lockstep,
+                # the batch plus the initial images of the class's other items otherwise
+                group_items = items if cfg.lockstep else [(c, j) for c in groups[unit.group] for j in range(cfg.ipc)]
                 with torch.no_grad():
                     fb = torch.cat([teacher_features(crit.teacher, torch.stack(
-                        [init_image(c, j) for c, j in others[a:a + 256]]).to(device))[1] for a in range(0, len(others), 256)])
-                crit.seed_bank(fb.float(), torch.tensor([c for c, _ in others], device=device),
-                               torch.tensor([c * cfg.ipc + j for c, j in others], device=device))
+                        [init_image(c, j) for c, j in group_items[a:a + 256]]).to(device))[1]
+                        for a in range(0, len(group_items), 256)])
+                crit.seed_bank(fb.float(), torch.tensor([c for c, _ in group_items], device=device),
+                               torch.tensor([c * cfg.ipc + j for c, j in group_items], device=device))
             rc = RecoverConfig(iterations=cfg.iterations, resolutions=cfg.block_resolutions(S), lr=cfg.lr_for(S),
                                jitter=jitter,
                                alpha=cfg.alpha, drc=cfg.method == "reta" and cfg.drc, lam=cfg.lam, mean=data.mean,
                                std=data.std, amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile)
-            if retriever is not None:
-                retriever.ids = ids  # query group of item (c, i) = c * ipc + i
+            sizes = [len(b) for b in batches]
+            micro = [list(range(sum(sizes[:n]), sum(sizes[:n + 1]))) for n in range(len(batches))]
+            seeds = [cfg.seed * 1_000_003 + bi for bi in bis]
             x = recover(crit, x0, y, ids if cfg.pta_on else None, pool=pool if rc.drc else None, config=rc,
-                        seed=cfg.seed * 1_000_003 + bi, retrieval_teacher=teachers[0].model, retriever=retriever)
-            last = [h for h in rc.history if "ce" in h][-max(1, cfg.iterations // 10):]
+                        seed=seeds[0], seeds=seeds, micro_batches=micro, retrieval_teacher=teachers[0].model,
+                        retriever=retriever, device=device)
+            last = [h for h in rc.history if "ce" in h][-max(1, cfg.iterations // 10) * len(batches):]
             parts = {key: float(np.mean([h[key] for h in last])) for key in ("ce", "bn", "topo")}
             if not all(math.isfinite(v) for v in parts.values()):
-                raise FloatingPointError(f"the recover loss is not finite ({parts}) at batch {bi}: a broken teacher "
-                                         f"or too large lr={cfg.lr}; nothing was written for this batch")
-            parts_log.append(dict(batch=bi, **parts))
+                raise FloatingPointError(f"the recover loss is not finite ({parts}) at batch {bis[0]}: a broken "
+                                         f"teacher or too large lr={cfg.lr}; nothing was written for this unit")
+            parts_log.append(dict(batch=bis[0], batches=len(bis), **parts))
             for n, (c, i) in enumerate(items):
                 if (c, i) in todo_set and not item_path(out, c, i).exists():
                     save_png(item_path(out, c, i), to_uint8(x[n], data.mean, data.std))

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..data.tensors import normalise_pixels
+from ..data.tensors import denormalise, normalise_pixels
 from ..fileio import read_json, write_json
 
 __all__ = ["RUN_FORMAT", "OUTPUT_NAMES", "RunMismatch", "item_path", "load_distilled", "check_run", "to_uint8"]
@@ -45,9 +45,7 @@ def item_path(out, c: int, i: int) -> Path:
 
 def to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
     """Normalised ``[3, H, W]`` -> uint8 ``[H, W, 3]``."""
-    m = torch.tensor(mean, device=x.device).view(3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(3, 1, 1)
-    return ((x * s + m).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return (denormalise(x, mean, std).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def load_distilled(out, classes: Sequence[str], mean, std, size: Optional[int] = None, raw: bool = False):

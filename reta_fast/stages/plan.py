@@ -6,9 +6,18 @@ per-image cost (decode + crop + teacher forward) on a sample of the data set; th
 the job's batches and steps:
 
     batches    = ceil(C / classes_per_batch) * ceil(IPC / items_per_batch)
-    distill    = ceil(batches / GPUs) * iterations * seconds_per_step        (ranks share batches evenly)
+    units      = batches, or with PTA on a class's whole set (lockstep) ceil(C / classes_per_batch) units
+                 of ceil(IPC / items_per_batch) batches each
+    distill    = ceil(units / GPUs) * batches_per_unit * iterations * seconds_per_step   (ranks take units)
     pool       = C * min(pool_per_class, class size) * seconds_per_pool_image  (built once, by rank 0)
-    peak       = the calibration batch's peak (CUDA max allocated; process RSS on the CPU)
+    peak       = the calibration batch's peak (CUDA max allocated; process RSS on the CPU), plus in
+                 lockstep the state of the unit's other batches: 4 fp32 copies of their pixels at the
+                 largest block resolution (the pixels, their gradient, Adam's two moments); a unit's
+                 initial images stay on the host
+
+At ImageNet-1K, IPC 50, 224 px and 100 classes per batch, a lockstep unit holds 5,000 images: 4 x 5,000 x
+3 x 224 x 224 x 4 B = 12 GB of state on the device on top of one batch's step (fewer classes per batch
+shrink it proportionally).
 
 The step time does not depend on the teacher's weights, so an untrained network of the default
 architecture stands in when no teacher exists yet (said so in the output).
@@ -47,6 +56,9 @@ class Estimate:
     peak_kind: str
     gpus: int
     batch_images: int
+    units: int = 0
+    batches_per_unit: int = 1
+    unit_state_bytes: int = 0
 
     def table(self) -> str:
         def hms(s: float) -> str:
@@ -56,6 +68,8 @@ class Estimate:
         return "\n".join([
             "| quantity | estimate |", "|---|---|",
             f"| recover batches | {self.batches} of {self.batch_images} images, {self.steps_per_batch} steps each |",
+            *([f"| lockstep units | {self.units} of {self.batches_per_unit} batches (PTA on each class's whole set); "
+               f"{self.unit_state_bytes / 2**30:.2f} GiB of unit state per device |"] if self.batches_per_unit > 1 else []),
             f"| recover step | {1e3 * self.seconds_per_step:.1f} ms |",
             f"| distill wall time on {self.gpus} device(s) | {hms(self.distill_seconds)} |",
             f"| patch pool ({self.pool_images} images, once) | {hms(self.pool_seconds)} |",
@@ -66,15 +80,22 @@ class Estimate:
 
 def estimate(num_classes: int, ipc: int, classes_per_batch: int, items_per_batch: int, iterations: int,
              seconds_per_step: float, pool_images: int, seconds_per_pool_image: float, peak_bytes: int,
-             peak_kind: str = "", gpus: int = 1) -> Estimate:
-    """The arithmetic of the model (see the module docstring), separate from the measurement."""
+             peak_kind: str = "", gpus: int = 1, lockstep: bool = False, image_bytes: int = 0) -> Estimate:
+    """The arithmetic of the model (see the module docstring), separate from the measurement.
+    ``image_bytes``: one image's fp32 pixels at the largest block resolution (for the lockstep state)."""
     if min(num_classes, ipc, classes_per_batch, items_per_batch, iterations, gpus) < 1:
         raise ValueError("classes, ipc, batch shape, iterations and gpus must all be >= 1")
-    batches = math.ceil(num_classes / classes_per_batch) * math.ceil(ipc / items_per_batch)
-    distill = math.ceil(batches / gpus) * iterations * seconds_per_step
+    groups = math.ceil(num_classes / classes_per_batch)
+    per_group = math.ceil(ipc / items_per_batch)
+    batches = groups * per_group
+    units, per_unit = (groups, per_group) if lockstep else (batches, 1)
+    distill = math.ceil(units / gpus) * per_unit * iterations * seconds_per_step
+    batch_images = min(classes_per_batch, num_classes) * min(items_per_batch, ipc)
+    # the unit's other batches: pixels, gradient and Adam's two moments (one batch's are in the measured peak)
+    state = 4 * image_bytes * batch_images * (per_unit - 1) if lockstep else 0
     return Estimate(batches, iterations, seconds_per_step, distill, pool_images, seconds_per_pool_image,
-                    pool_images * seconds_per_pool_image, int(peak_bytes), peak_kind, gpus,
-                    min(classes_per_batch, num_classes) * min(items_per_batch, ipc))
+                    pool_images * seconds_per_pool_image, int(peak_bytes) + state, peak_kind, gpus, batch_images,
+                    units, per_unit, state)
 
 
 def _peak(device) -> tuple:
@@ -107,7 +128,7 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
         if cfg.pta_on:
             with torch.no_grad():
                 d = teacher_features(model, x[:2])[1].shape[1]
-            m = min(cfg.ipc, cfg.points_per_class)
+            m = cfg.pta_points
             real = torch.nn.functional.normalize(torch.randn(C, m, d, generator=g), dim=-1).to(device)
             crit = RETALoss(model, lam_topo=cfg.lam_topo, real_feats=real, k=cfg.k(), topo_refresh=cfg.topo_refresh,
                             overlap=cfg.topo_overlap, **kw)
@@ -154,7 +175,8 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
             if torch.device(device).type == "cuda":
                 torch.cuda.synchronize(device)
         sec_pool = (time.perf_counter() - t0) / max(1, len(idx))
-    est = estimate(C, cfg.ipc, bc, ipb, max(1, steps_per_batch), sec_step, pool_images, sec_pool, peak, kind, gpus)
+    est = estimate(C, cfg.ipc, bc, ipb, max(1, steps_per_batch), sec_step, pool_images, sec_pool, peak, kind, gpus,
+                   lockstep=cfg.lockstep, image_bytes=3 * res * res * 4)
     if steps_per_batch == 0:
         est.steps_per_batch, est.distill_seconds = 0, 0.0
     return est

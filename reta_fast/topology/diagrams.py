@@ -47,7 +47,8 @@ class PersistenceDiagrams(NamedTuple):
 
 
 def segment_ids(offsets: torch.Tensor, device) -> torch.Tensor:
-    return torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff()).to(device)
+    """``[offsets[-1]]``: the segment of each row of segments with host ``offsets`` ``[B + 1]``."""
+    return torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.cpu().diff()).to(device)
 
 
 def _with_essential(points, offsets, extra, extra_offsets):
@@ -92,9 +93,11 @@ def paired_lengths(points, edges, edge_offsets, weights, pairs: PersistencePairs
     ``weights`` elsewhere. Only the O(n) paired edges pay for an ``[*, D]`` gather and its backward.
     """
     dev = points.device
-    parts = [pairs.h0, pairs.h1.reshape(-1), pairs.h1_essential]
+    # the pairings live on the host (as persistence_pairs returns them); caps may be on the device
+    parts = [pairs.h0.cpu(), pairs.h1.reshape(-1).cpu(), pairs.h1_essential.cpu()]
     if cap_edges is not None:
-        parts.append(cap_edges[cap_edges >= 0].cpu())
+        caps = cap_edges.cpu()  # host synchronisation (public path; the PTA loss plans ahead instead)
+        parts.append(caps[caps >= 0])
     used = torch.unique(torch.cat(parts)).to(dev)
     gid = segment_ids(edge_offsets, dev)[used]
     exact = edge_lengths(points, edges[used], edge_offsets, graph_ids=gid)

@@ -32,7 +32,7 @@ def h0_forest_mask(u: torch.Tensor, v: torch.Tensor, rank: torch.Tensor, num_nod
     order[rank] = torch.arange(E, device=dev)
     ar = torch.arange(N, device=dev)
     comp = ar.clone()
-    inf = torch.tensor(E, dtype=rank.dtype, device=dev)
+    inf = torch.full((), E, dtype=rank.dtype, device=dev)
     jumps = max(1, math.ceil(math.log2(max(N, 2)))) + 1
     for _ in range(max(1, math.ceil(math.log2(max(max_nodes, 2)))) + 1):
         cu, cv = comp[u], comp[v]

@@ -26,8 +26,8 @@ from torch.autograd.function import once_differentiable
 
 from .._validate import check_k, check_points
 
-__all__ = ["KNNGraph", "mutual_knn_graph", "knn_ref", "mutual_knn_ref", "knn", "edge_lengths", "edge_weights",
-           "mutual_knn_edges", "rerank_certified"]
+__all__ = ["KNNGraph", "mutual_knn_graph", "knn_ref", "mutual_knn_ref", "knn", "knn_unchecked", "edge_lengths",
+           "edge_weights", "mutual_knn_edges", "rerank_certified"]
 
 # Largest k the fused kernel keeps in registers; larger k uses the torch backend.
 TRITON_MAX_K = 64
@@ -106,18 +106,22 @@ def _knn_rows_torch(x: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, k: in
     """Exact neighbours of the query ``rows`` in each of ``G`` sets ``x`` ``[G, N, D]`` (``sq``:
     squared norms ``[G, N]``), ``1 <= k <= N - 1``: returns ``[G, len(rows), k]``.
 
-    ``baddbmm`` + ``topk``; one extra neighbour shows whether the k-th distance is tied with the
-    next one, and only such rows (where topk's arbitrary choice among equal values could break the
-    rule "smaller index first") are re-solved with a stable sort.
+    fp32: one ``topk`` over packed ``(distance bits, index)`` int64 keys gives the (distance, index)
+    order exactly, ties included, with no data-dependent step (no host synchronisation). float64 (whose
+    distances do not fit a key): ``topk`` on the distances, one extra neighbour showing whether the k-th
+    distance ties the next, and such rows re-solved with a stable sort (one host synchronisation).
     """
     G, N, _ = x.shape
     R = rows.numel()
     d2 = torch.baddbmm(sq[:, None, :] + sq[:, rows, None], x[:, rows], x.transpose(1, 2), alpha=-2.0)
     d2.clamp_(min=0.0)
     d2[:, torch.arange(R, device=x.device), rows] = float("inf")
+    if d2.dtype == torch.float32:
+        keys = _pack(d2, torch.arange(N, device=x.device))
+        return torch.topk(keys, k, dim=2, largest=False, sorted=True).indices
     vals, idx = torch.topk(d2, k + 1, dim=2, largest=False, sorted=True)
     idx = idx[..., :k]
-    tied = (vals[..., k - 1] == vals[..., k]).nonzero()  # host sync (nonzero)
+    tied = (vals[..., k - 1] == vals[..., k]).nonzero()  # host sync (nonzero): float64 only
     if tied.numel():
         g, r = tied[:, 0], tied[:, 1]
         idx[g, r] = torch.sort(d2[g, r], dim=1, stable=True).indices[:, :k]
@@ -176,7 +180,7 @@ def rerank_certified(points: torch.Tensor, cand_d2: torch.Tensor, cand: torch.Te
     bound = rel_err * (sq + sq.amax(dim=1, keepdim=True)) + 1e-30
     unsure = ~(kth < cand_d2[..., -1] - bound)
     bad = unsure.nonzero()  # host sync: rows that need the exact fallback
-    for b in bad[:, 0].unique().tolist():
+    for b in bad[:, 0].unique().cpu().tolist():
         rows = bad[bad[:, 0] == b, 1]
         idx[b, rows] = _knn_rows_torch(x[b:b + 1], sq[b:b + 1], rows, k)[0]
     return idx, torch.tensor(bad.shape[0])
@@ -184,8 +188,8 @@ def rerank_certified(points: torch.Tensor, cand_d2: torch.Tensor, cand: torch.Te
 
 def _triton_usable(points: torch.Tensor) -> tuple[bool, str]:
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if not (points.is_cuda or interpret):
-        return False, "points are not on a CUDA device"
+    if not (points.is_cuda or (interpret and points.device.type == "cpu")):
+        return False, "points are not on a CUDA device (or on the CPU under TRITON_INTERPRET=1)"
     try:
         from .. import kernels  # noqa: F401  (optional: needs triton)
     except Exception as exc:  # pragma: no cover - depends on the install
@@ -199,6 +203,8 @@ def knn(points: torch.Tensor, k: int, backend: str = "auto", precision: str = "i
     ``points`` is ``[B, N, D]`` with ``1 <= k <= N - 1``. ``precision="tf32"`` lets the Triton
     kernel search ``k + CANDIDATE_MARGIN`` candidates on tensor cores and re-rank them exactly
     (:func:`rerank_certified`): same neighbours as ``"ieee"``, rows it cannot certify are recomputed.
+    Host synchronisations: one for the finiteness check of ``points``; the fp32 ``"ieee"`` search itself
+    has none (``"tf32"``'s certificate and float64's tie handling have one each).
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
@@ -208,6 +214,12 @@ def knn(points: torch.Tensor, k: int, backend: str = "auto", precision: str = "i
     k = check_k(k)
     if k > points.shape[1] - 1:
         raise ValueError(f"k must be <= n - 1 = {points.shape[1] - 1} for the directed k-NN, got {k}")
+    return knn_unchecked(points, k, backend, precision)
+
+
+def knn_unchecked(points: torch.Tensor, k: int, backend: str = "auto", precision: str = "ieee") -> torch.Tensor:
+    """:func:`knn` on validated ``points`` ``[B, N, D]`` (``1 <= k <= N - 1``, backend and precision
+    checked): no argument checks, so no host synchronisation on the fp32 ``"ieee"`` paths."""
     with torch.no_grad():
         # Distances are translation invariant but the |x|^2 + |y|^2 - 2 x.y expansion is not: move
         # each set next to the origin so far-off data keeps its precision. Subtracting one of its
@@ -219,10 +231,10 @@ def knn(points: torch.Tensor, k: int, backend: str = "auto", precision: str = "i
         if backend != "torch":
             ok, why = _triton_usable(points)
             if ok and k <= TRITON_MAX_K and points.dtype != torch.float64:
-                from ..kernels import knn_fwd
+                from ..kernels import knn_fwd  # optional: needs triton
 
                 kc = min(points.shape[1] - 1, k + CANDIDATE_MARGIN)
-                if precision == "ieee" or points.dtype != torch.float32 or kc > TRITON_MAX_K:
+                if precision == "ieee" or kc > TRITON_MAX_K:
                     return knn_fwd(points, k)[1]
                 d2, cand = knn_fwd(points, kc, precision="tf32")
                 return rerank_certified(points, d2, cand, k, TF32_REL_ERR)[0]
@@ -281,7 +293,7 @@ def edge_lengths(points: torch.Tensor, edges: torch.Tensor, offsets: torch.Tenso
     B, N, D = points.shape
     if graph_ids is None:
         counts = (offsets[1:] - offsets[:-1]).to(edges.device)
-        graph_ids = torch.repeat_interleave(torch.arange(B, device=edges.device), counts)
+        graph_ids = torch.repeat_interleave(torch.arange(B, device=edges.device), counts, output_size=edges.shape[0])
     base = graph_ids * N
     flat = points.reshape(B * N, D)
     return _EdgeLength.apply(flat, edges[:, 0] + base, edges[:, 1] + base)
@@ -332,7 +344,7 @@ def edge_weights(points: torch.Tensor, edges: torch.Tensor, offsets: torch.Tenso
     """
     B, N, D = points.shape
     counts = (offsets[1:] - offsets[:-1]).to(edges.device)
-    gid = torch.repeat_interleave(torch.arange(B, device=edges.device), counts)
+    gid = torch.repeat_interleave(torch.arange(B, device=edges.device), counts, output_size=edges.shape[0])
     i, j = edges[:, 0], edges[:, 1]
     x = points.detach()
     x = x if x.dtype == torch.float64 else x.float()  # fp16/bf16 would overflow or blur |x|^2

@@ -59,10 +59,12 @@ class PersistencePairs(NamedTuple):
 # input checks
 
 
-def _check_graph_input(edges, weights, num_nodes, offsets, per_edge: bool):
+def _check_graph_input(edges, weights, num_nodes, offsets, per_edge: bool, to_host: bool = True):
     """Check types, shapes, devices, offsets and node counts; with ``per_edge`` also every edge
     (range, self-loops, duplicates) and weight (finite, >= 0). The native core runs the per-edge
     checks itself in one linear pass, with the same messages, so the Python side skips them there.
+    Returns ``(edges int64, weights float64, offsets, nodes)``: edges and weights on the host, or with
+    ``to_host=False`` where they are (their per-edge checks then cost one host read of five flags).
     """
     if not isinstance(edges, torch.Tensor):
         raise TypeError(f"edges must be a torch.Tensor, got {type(edges).__name__}")
@@ -105,27 +107,37 @@ def _check_graph_input(edges, weights, num_nodes, offsets, per_edge: bool):
         raise ValueError(f"num_nodes has {nodes.numel()} entries but there are {B} graphs")
     if bool((nodes < 0).any()):
         raise ValueError("num_nodes must be >= 0")
-    # Host synchronisation: the pairings are computed on the CPU.
-    e = edges.detach().to("cpu", torch.int64)
-    w = weights.detach().to("cpu", torch.float64)
+    dest = "cpu" if to_host else edges.device  # host synchronisation when the graph is copied to the host
+    e = edges.detach().to(dest, torch.int64)
+    w = weights.detach().to(dest, torch.float64)
     if per_edge:
         _check_edges(e, w, offsets_t, nodes)
     return e, w, offsets_t, nodes
 
 
 def _check_edges(e, w, offsets_t, nodes) -> None:
-    """Per-edge checks of the reference path (messages as the native core's)."""
+    """Per-edge checks of the reference and device paths (messages as the native core's), on the edges'
+    device: one host read of five flags; only an invalid graph costs more (to name the offending edge)."""
     if not e.numel():
         return
+    dev = e.device
     B = offsets_t.numel() - 1
-    gid = torch.repeat_interleave(torch.arange(B), offsets_t.diff())
-    hi = nodes[gid]
-    desc = lambda i: f"edges[{i}] = ({int(e[i, 0])}, {int(e[i, 1])}) of graph {int(gid[i])}"  # noqa: E731
+    gid = torch.repeat_interleave(torch.arange(B), offsets_t.diff()).to(dev)
+    hi = nodes.to(dev)[gid]
     bad = (e < 0).any(1) | (e[:, 0] >= hi) | (e[:, 1] >= hi)
+    loops = e[:, 0] == e[:, 1]
+    m = int(nodes.max()) + 1
+    key = torch.sort((gid * m + e.min(1).values) * m + e.max(1).values).values
+    flags = torch.stack([bad.any(), loops.any(), (~torch.isfinite(w)).any(), (w < 0).any(),
+                         (key[1:] == key[:-1]).any()])
+    if not bool(flags.any()):  # host synchronisation: the verdict
+        return
+    e, w, gid, hi = e.cpu(), w.cpu(), gid.cpu(), hi.cpu()  # an invalid graph: find and name the problem
+    bad, loops = bad.cpu(), loops.cpu()
+    desc = lambda i: f"edges[{i}] = ({int(e[i, 0])}, {int(e[i, 1])}) of graph {int(gid[i])}"  # noqa: E731
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
         raise ValueError(f"{desc(i)} has an endpoint outside [0, {int(hi[i])}) (num_nodes[{int(gid[i])}] = {int(hi[i])})")
-    loops = e[:, 0] == e[:, 1]
     if bool(loops.any()):
         raise ValueError(f"{desc(int(loops.nonzero()[0]))} is a self-loop")
     bad_w = ~torch.isfinite(w)
@@ -135,10 +147,7 @@ def _check_edges(e, w, offsets_t, nodes) -> None:
     if bool((w < 0).any()):
         i = int((w < 0).nonzero()[0])
         raise ValueError(f"weights[{i}] = {float(w[i])} (graph {int(gid[i])}) is negative: edge lengths must be >= 0")
-    m = int(nodes.max()) + 1
-    key = (gid * m + e.min(1).values) * m + e.max(1).values
-    if torch.unique(key).numel() != key.numel():
-        raise ValueError("edges: duplicate edge within a graph (two edges join the same vertices)")
+    raise ValueError("edges: duplicate edge within a graph (two edges join the same vertices)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +263,8 @@ def persistence_pairs(
         offsets: ``[B + 1]`` graph boundaries in ``edges`` (``None``: a single graph).
         backend: ``"auto"`` (native when built), ``"native"`` (raise if missing), ``"reference"``, or
             ``"device"`` (H0 only: Borůvka with tensor ops on the inputs' device,
-            :mod:`reta_fast.h0_device`; no copy of the graph to the host).
+            :mod:`reta_fast.topology.h0_device`; no copy of the graph to the host, see
+            ``h0_pairs_device``).
 
     Returns:
         :class:`PersistencePairs` (CPU tensors; global edge indices).
@@ -291,15 +301,15 @@ def persistence_pairs(
 def h0_pairs_device(edges: torch.Tensor, weights: torch.Tensor, num_nodes, offsets=None):
     """:func:`reta_fast.persistence_pairs` with ``maxdim=0`` computed by :func:`h0_forest_mask` on the
     device of ``edges``/``weights``; equal to the native union-find's answer (death edges in
-    filtration order per graph, component counts). Returns CPU tensors like the other backends."""
+    filtration order per graph, component counts). The graph is never copied to the host: host
+    synchronisations are the input checks' verdict (one read of five flags), the output size and the
+    result (the merging edges, ``[E_merge]``). Returns CPU tensors like the other backends."""
     dev = weights.device
-    e_cpu, w_cpu, offsets_t, nodes = _check_graph_input(edges, weights, num_nodes, offsets, per_edge=True)
-    B, E = offsets_t.numel() - 1, e_cpu.shape[0]
+    e, w, offsets_t, nodes = _check_graph_input(edges, weights, num_nodes, offsets, per_edge=True, to_host=False)
+    B, E = offsets_t.numel() - 1, e.shape[0]
     gid = torch.repeat_interleave(torch.arange(B), offsets_t.diff()).to(dev)
     node_off = torch.cat([torch.zeros(1, dtype=torch.int64), nodes.cumsum(0)]).to(dev)
-    e = edges.detach().to(dev, torch.int64)
     u, v = e[:, 0] + node_off[gid], e[:, 1] + node_off[gid]
-    w = weights.detach().to(dev, torch.float64)
     rank = torch.empty(E, dtype=torch.int64, device=dev)
     rank[torch.argsort(w, stable=True)] = torch.arange(E, device=dev)  # (length, edge index)
     N = int(nodes.sum())

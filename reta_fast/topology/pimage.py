@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["persistence_image", "persistence_image_ref"]
+__all__ = ["persistence_image", "persistence_image_ref", "batched_images", "gaussian_factors"]
 
 
 def _axis(lo: float, hi: float, resolution: int, dtype, device) -> torch.Tensor:
@@ -72,15 +72,8 @@ def persistence_image(
     p_max = pers_range[1] if p_max is None else p_max
     if not p_max > 0:
         raise ValueError(f"p_max must be > 0, got {p_max!r}")
-    dt, dev = diagram.dtype, diagram.device
-    b, p = diagram[:, 0], diagram[:, 1] - diagram[:, 0]
-    w = (p / p_max).clamp(0.0, 1.0)
-    gp = torch.exp(-0.5 * ((p[:, None] - _axis(*pers_range, resolution, dt, dev)) / sigma) ** 2)
-    gp = gp * (w / (math.sqrt(2 * math.pi) * sigma))[:, None]  # [m, R], weight folded in
-    if birth_range is not None:
-        gb = torch.exp(-0.5 * ((b[:, None] - _axis(*birth_range, resolution, dt, dev)) / sigma) ** 2)
-        gb = gb / (math.sqrt(2 * math.pi) * sigma)
     if offsets is None:
+        gp, gb = gaussian_factors(diagram, resolution, pers_range, birth_range, sigma, p_max)
         return gp.sum(0) if birth_range is None else gp.T @ gb
     offsets = torch.as_tensor(offsets).cpu()
     if offsets.is_floating_point() or offsets.dim() != 1 or offsets.numel() < 2:
@@ -91,17 +84,38 @@ def persistence_image(
                          f"got {offsets.tolist()[:8]}")
     B = offsets.numel() - 1
     counts = offsets.diff()
-    if birth_range is None:
-        gid = torch.repeat_interleave(torch.arange(B), counts).to(dev)
-        out = torch.zeros((B, resolution), dtype=dt, device=dev)
-        return out.index_add(0, gid, gp)
-    # Pad each diagram's factors to [B, m_max, R] and contract with one batched matmul.
-    m_max = int(counts.max()) if B else 0
     gid = torch.repeat_interleave(torch.arange(B), counts)
     pos = torch.arange(diagram.shape[0]) - offsets[:-1][gid]
-    gid, pos = gid.to(dev), pos.to(dev)
-    P = torch.zeros((B, m_max, resolution), dtype=dt, device=dev).index_put((gid, pos), gp)
-    G = torch.zeros((B, m_max, resolution), dtype=dt, device=dev).index_put((gid, pos), gb)
+    width = int(counts.max()) if B else 0
+    return batched_images(diagram, gid.to(diagram.device), pos.to(diagram.device), B, width, resolution, pers_range,
+                          birth_range, sigma, p_max)
+
+
+def gaussian_factors(diagram, resolution, pers_range, birth_range, sigma, p_max):
+    """The separable factors of each point's image: ``[m, R]`` over persistence (weight folded in) and
+    ``[m, R]`` over birth (None for a 1-D image)."""
+    dt, dev = diagram.dtype, diagram.device
+    b, p = diagram[:, 0], diagram[:, 1] - diagram[:, 0]
+    w = (p / p_max).clamp(0.0, 1.0)
+    gp = torch.exp(-0.5 * ((p[:, None] - _axis(*pers_range, resolution, dt, dev)) / sigma) ** 2)
+    gp = gp * (w / (math.sqrt(2 * math.pi) * sigma))[:, None]  # [m, R], weight folded in
+    if birth_range is None:
+        return gp, None
+    gb = torch.exp(-0.5 * ((b[:, None] - _axis(*birth_range, resolution, dt, dev)) / sigma) ** 2)
+    return gp, gb / (math.sqrt(2 * math.pi) * sigma)
+
+
+def batched_images(diagram, gid, pos, B: int, width: int, resolution: int, pers_range, birth_range, sigma: float,
+                   p_max: float) -> torch.Tensor:
+    """Images ``[B, R, R]`` (``[B, R]`` when ``birth_range`` is None) of ``B`` diagrams stored together:
+    point ``r`` of ``diagram`` ``[m, 2]`` belongs to diagram ``gid[r]`` at slot ``pos[r] < width`` (device
+    index tensors, so a caller that keeps them pays no host transfer). No checks, no host synchronisation."""
+    gp, gb = gaussian_factors(diagram, resolution, pers_range, birth_range, sigma, p_max)
+    if gb is None:
+        return torch.zeros((B, resolution), dtype=gp.dtype, device=gp.device).index_add(0, gid, gp)
+    # Pad each diagram's factors to [B, width, R] and contract with one batched matmul.
+    P = torch.zeros((B, width, resolution), dtype=gp.dtype, device=gp.device).index_put((gid, pos), gp)
+    G = torch.zeros((B, width, resolution), dtype=gp.dtype, device=gp.device).index_put((gid, pos), gb)
     return torch.bmm(P.transpose(1, 2), G)
 
 

@@ -1,27 +1,29 @@
 """Distilled-set quality: RETA vs its baselines and ablations on a real data set, side by side.
 
-    python bench/quality.py --data ../shared/data/cifar10-jpeg.tar.gz --scale cpu
+    python bench/quality.py --data path/to/cifar10.tar.gz --scale cpu --ipcs 10 50
 
-For each IPC and method (random-real, rded, sre2l, fadrm, reta, reta --no-drc, reta --no-pta) it distils
-with the same teacher, evaluates every set with the same student protocol and seeds, and writes
-``results.json`` + ``table.md`` (mean ± std over the seeds, the teacher's accuracy = the full-data
-accuracy of that architecture, wall time and peak memory of each distillation) into ``--results``.
+For each IPC, method and *distillation* seed (``--distill-seeds``: the seed of the pool, the initial patches
+and the augmentation streams) it distils with the same teacher and evaluates the set with the same student
+protocol and student seeds (``--seeds``). A method's score is the mean ± std over distillation seeds of the
+per-seed mean over student seeds (each seed's value is kept). ``results.json`` + ``table.md`` go to
+``--results``.
+
+``--split test`` (default) scores on the data set's test split; ``--split val`` on a validation split carved
+from the *training* images outside the patch pool (``--val-per-class`` per class, fixed): choose settings
+there, never on the test split.
 
 Scales (stated in the table):
 
-* ``cpu``: ConvNet-BN width 32 teacher and student (a 2-core CPU finishes in under an hour): teacher 15
-  epochs on all training images; 300 recover steps per batch; students 300 epochs (IPC 10) / 150 (IPC 50)
-  at AdamW lr 1e-2, batch 50 / 100.
-* ``gpu``: the full protocol of METHOD.md section 1: ResNet-18 (CIFAR stem) teacher (60 epochs) and
+* ``cpu``: ConvNet-BN width 32 teacher and student: teacher 15 epochs on all training images; 300 recover
+  steps per batch; students 300 epochs (IPC 10) / 150 (IPC 50) at AdamW lr 1e-2, batch 50 / 100.
+* ``gpu``: the full protocol of docs/method.md §5: ResNet-18 (CIFAR stem) teacher (60 epochs) and
   student, 1000 recover steps, 300 student epochs at lr 1e-3, batch 64.
-* ``gpu-short``: the same with a 15-epoch teacher and 500 recover steps, for a short GPU session
-  (e.g. ``--ipcs 10 --methods random-real rded sre2l "fadrm lr 0.05" "reta lr 0.05"``; the data must
-  travel with the call: copy the tarball into a git-ignored folder of the checkout and carry it).
+* ``gpu-short``: the same with a 15-epoch teacher and 500 recover steps, for a short GPU session.
 
 ``--data`` is an ImageFolder root with ``train/`` and ``test/`` (or ``val/``), or the ``.tar.gz`` of one
 (unpacked once into ``$RETA_FAST_CACHE/data``, never into the repository). Work folders go to ``--work``
 (default ``bench/out/quality``, git-ignored); a re-run resumes: finished sets and evaluations are reused
-when their settings match. No parameter is tuned on the test split.
+when their settings match. ``--merge`` keeps the rows of an existing results.json it does not recompute.
 """
 from __future__ import annotations
 
@@ -42,36 +44,34 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-VARIANTS = [  # (name, DistillConfig overrides); the first seven run by default
-    ("random-real", dict(method="random-real", lr=0.25)),  # lr: unused here, pinned as when these ran
-    ("rded", dict(method="rded", lr=0.25)),
-    ("sre2l", dict(method="sre2l", lr=0.25)),
-    ("fadrm", dict(method="fadrm", lr=0.25)),
-    ("reta", dict(method="reta", lr=0.25)),
-    ("reta --no-drc", dict(method="reta", drc=False, lr=0.25)),
-    ("reta --no-pta", dict(method="reta", pta=False, lr=0.25)),
-    # the recover lr chosen on the validation split by bench/tune.py (tuning.md), for FADRM and RETA alike;
-    # it is reta_fast's default up to 64 px
-    ("fadrm lr 0.05", dict(method="fadrm", lr=0.05)),
-    ("reta lr 0.05", dict(method="reta", lr=0.05)),
-    ("reta lr 0.05 lam_topo 2", dict(method="reta", lr=0.05, lam_topo=2.0)),
-    # the ablations at that lr, and other distillation seeds (the pool, initial patches and augmentation
-    # streams all change with the seed): how much of a gap is the method and how much the draw
-    ("reta lr 0.05 --no-drc", dict(method="reta", lr=0.05, drc=False)),
-    ("reta lr 0.05 --no-pta", dict(method="reta", lr=0.05, pta=False)),
-    ("fadrm lr 0.05 seed 1", dict(method="fadrm", lr=0.05, seed=1)),
-    ("fadrm lr 0.05 seed 2", dict(method="fadrm", lr=0.05, seed=2)),
-    ("reta lr 0.05 seed 1", dict(method="reta", lr=0.05, seed=1)),
-    ("reta lr 0.05 seed 2", dict(method="reta", lr=0.05, seed=2)),
-    ("reta lr 0.05 --no-drc seed 1", dict(method="reta", lr=0.05, drc=False, seed=1)),
-    ("reta lr 0.05 --no-drc seed 2", dict(method="reta", lr=0.05, drc=False, seed=2)),
-    # IPC 50 leaves each image 300 / 50 = 6 candidate patches in its partition (its own anchor and five
-    # lower-ranked ones): does DRC need a larger pool there?
-    ("reta lr 0.05 pool 1500", dict(method="reta", lr=0.05, pool_per_class=1500)),
-    ("rded seed 1", dict(method="rded", lr=0.25, seed=1)),
-    ("rded seed 2", dict(method="rded", lr=0.25, seed=2)),
-]
-DEFAULT_METHODS = [v[0] for v in VARIANTS[:7]]
+# The batch structure of ImageNet-1K runs (one image per class per batch) on a 10-class data set.
+IMAGENET_BATCH = dict(batch_classes=10, ipc_per_batch=1)
+
+VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults of this version)
+    "random-real": dict(method="random-real"),
+    "rded": dict(method="rded"),
+    "sre2l": dict(method="sre2l"),
+    "fadrm": dict(method="fadrm"),
+    "reta": dict(method="reta"),
+    "reta --no-drc": dict(method="reta", drc=False),
+    "reta --no-pta": dict(method="reta", pta=False),
+    # PTA's point set as reta_fast built it before: the batch's images plus fixed features of the class's
+    # other *initial* images (no lockstep)
+    "reta pta-initial": dict(method="reta", pta_set="initial"),
+    "fadrm imagenet-batch": dict(method="fadrm", **IMAGENET_BATCH),
+    "reta imagenet-batch": dict(method="reta", **IMAGENET_BATCH),
+    "reta --no-drc imagenet-batch": dict(method="reta", drc=False, **IMAGENET_BATCH),
+    "reta --no-pta imagenet-batch": dict(method="reta", pta=False, **IMAGENET_BATCH),
+    "reta pta-initial imagenet-batch": dict(method="reta", pta_set="initial", **IMAGENET_BATCH),
+    # PTA's graph: k of the mutual k-NN graph (the default is min(10, IPC // 2); IPC - 1 is the complete graph)
+    "reta k 2": dict(method="reta", topo_k=2),
+    "reta k 9": dict(method="reta", topo_k=9),
+    "reta k 2 imagenet-batch": dict(method="reta", topo_k=2, **IMAGENET_BATCH),
+    "reta k 9 imagenet-batch": dict(method="reta", topo_k=9, **IMAGENET_BATCH),
+    "reta k 25": dict(method="reta", topo_k=25),
+    "reta k 49": dict(method="reta", topo_k=49),
+}
+DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]
 
 SCALES = {
     "cpu": dict(arch="convnet-w32", teacher_epochs=15, iterations=300,
@@ -124,6 +124,24 @@ def machine() -> str:
     return f"cpu-{'-'.join(name.lower().split()[:3])}-{os.cpu_count()}core"
 
 
+def _slug(name: str) -> str:
+    return name.replace(" --", "-").replace(" ", "")
+
+
+def validation_split(data, pool, per_class: int, seed: int = 1234):
+    """Training images outside the patch pool, ``per_class`` per class (fixed by ``seed``)."""
+    from reta_fast.data.sets import Subset
+
+    used = set(np.asarray(pool.source_index).tolist())
+    targets = np.asarray(data.train.targets)
+    rng = np.random.default_rng(seed)
+    idx = []
+    for c in range(len(data.classes)):
+        free = [i for i in np.flatnonzero(targets == c).tolist() if i not in used]
+        idx += sorted(rng.choice(free, size=min(per_class, len(free)), replace=False).tolist())
+    return Subset(data.train, sorted(idx))
+
+
 def main(argv=None) -> int:
     from reta_fast import stages as P
     from reta_fast.data.sets import load_data
@@ -131,28 +149,31 @@ def main(argv=None) -> int:
     from reta_fast.stages.squeeze import squeeze
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+    ap.add_argument("--data", required=True, help="ImageFolder root with train/ and test/ (or val/), or its .tar.gz")
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     ap.add_argument("--ipcs", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--distill-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
+    ap.add_argument("--split", choices=["test", "val"], default="test")
+    ap.add_argument("--val-per-class", type=int, default=300)
     ap.add_argument("--work", default=str(ROOT / "bench" / "out" / "quality"))
     ap.add_argument("--results", help="where results.json/table.md go (default bench/results/quality-<scale>-<machine>)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of an existing results.json that this invocation does not recompute")
     args = ap.parse_args(argv)
-    unknown = set(args.methods) - {v[0] for v in VARIANTS}
+    unknown = set(args.methods) - set(VARIANTS)
     if unknown:
-        ap.error(f"unknown methods {sorted(unknown)}; choose from {[v[0] for v in VARIANTS]}")
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {list(VARIANTS)}")
     src = Path(args.data)
     if not src.exists():
-        print(f"quality: data {src} not found (the real CIFAR-10 copy lives in ../shared/data/); nothing to do",
-              file=sys.stderr)
+        print(f"quality: data {src} not found; nothing to do", file=sys.stderr)
         return 2
     root = unpack(src) if src.is_file() else src
     sc = SCALES[args.scale]
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     data = load_data(str(root))
     print(data.describe(), flush=True)
     work = Path(args.work) / f"{args.scale}-{data.fingerprint}"
@@ -166,38 +187,55 @@ def main(argv=None) -> int:
         teacher = squeeze(data, sc["arch"], epochs=sc["teacher_epochs"], device=args.device, out=tpath)
         teacher_s = time.perf_counter() - t0
     print(f"teacher {sc['arch']}: top-1 {teacher.accuracy:.2f}%", flush=True)
+    test_split = data.val
     rows = []
     for ipc in args.ipcs:
         ev = sc["eval"][ipc] if ipc in sc["eval"] else sc["eval"][max(sc["eval"])]
         ecfg = P.EvalConfig(student=sc["arch"], epochs=ev["epochs"], batch_size=ev["batch_size"], lr=ev["lr"],
                             seeds=tuple(args.seeds), baseline=False)
-        for name, over in VARIANTS:
-            if name not in args.methods:
-                continue
-            out = work / f"{name.replace(' --', '-').replace(' ', '')}-ipc{ipc}"
-            cfg = P.DistillConfig(ipc=ipc, iterations=sc["iterations"], **over)
-            with P.Stage(out, "distill", args.device, print) as st:
-                st.info.update(P.distill(data, [teacher], out, cfg, device=args.device,
-                                         pool_dir=work / _pool_name(cfg), progress=False, log=print,
-                                         teacher_specs=[str(tpath)]))
-            dstage = json.loads((out / "stages" / "distill.json").read_text())
-            first = out / "stages" / "distill-first.json"
-            if st.info.get("written"):
-                shutil.copyfile(out / "stages" / "distill.json", first)
-            dinfo = json.loads(first.read_text()) if first.is_file() else dstage
-            res = None
-            if (out / "eval.json").is_file():
-                old = json.loads((out / "eval.json").read_text())
+        for name in [n for n in VARIANTS if n in args.methods]:
+            per_seed, diag = {}, {}
+            for dseed in args.distill_seeds:
+                out = work / f"{_slug(name)}-ipc{ipc}-seed{dseed}"
+                cfg = P.DistillConfig(ipc=ipc, iterations=sc["iterations"], seed=dseed, **VARIANTS[name])
+                pool_dir = work / _pool_name(cfg)
+                with P.Stage(out, "distill", args.device, print) as st:
+                    st.info.update(P.distill(data, [teacher], out, cfg, device=args.device, pool_dir=pool_dir,
+                                             progress=False, log=print, teacher_specs=[str(tpath)]))
+                first = out / "stages" / "distill-first.json"
+                if st.info.get("written"):
+                    shutil.copyfile(out / "stages" / "distill.json", first)
+                dinfo = json.loads((first if first.is_file() else out / "stages" / "distill.json").read_text())
+                if args.split == "val":
+                    from reta_fast.retrieval import PatchPool
+
+                    data.val = validation_split(data, PatchPool.load(pool_dir), args.val_per_class)
+                else:
+                    data.val = test_split
+                evfile = out / f"eval-{args.split}.json"
                 want = json.loads(json.dumps(dict(asdict(ecfg), crop_scale=list(ecfg.crop_scale),
                                                   seeds=list(ecfg.seeds), flip=data.flip)))
-                if old.get("protocol") == want:
-                    res = old
-            if res is None:
-                res = P.evaluate(data, teacher, out, ecfg, device=args.device, progress=False, log=print, ipc=ipc)
-            rows.append(dict(name=name, ipc=ipc, top1=res["distilled"], distill_seconds=dinfo["seconds"],
-                             distill_peak_bytes=dinfo["peak_bytes"], peak_kind=dinfo["peak_kind"],
-                             loss_parts=dinfo.get("loss_parts")))
-            print(f"== {name} IPC {ipc}: {res['distilled']['mean']:.2f} ± {res['distilled']['std']:.2f}", flush=True)
+                res = json.loads(evfile.read_text()) if evfile.is_file() else None
+                if res is None or res.get("protocol") != want:
+                    res = P.evaluate(data, teacher, out, ecfg, device=args.device, progress=False, log=print, ipc=ipc)
+                    os.replace(out / "eval.json", evfile)
+                per_seed[dseed] = dict(top1=res["distilled"], distill_seconds=dinfo["seconds"],
+                                       distill_peak_bytes=dinfo["peak_bytes"], peak_kind=dinfo["peak_kind"],
+                                       loss_parts=dinfo.get("loss_parts"))
+                diag[dseed] = dinfo.get("diagnostics")
+                print(f"== {name} IPC {ipc} seed {dseed} ({args.split}): {res['distilled']['mean']:.2f} ± "
+                      f"{res['distilled']['std']:.2f}", flush=True)
+            means = [v["top1"]["mean"] for v in per_seed.values()]
+            rows.append(dict(name=name, ipc=ipc, split=args.split,
+                             top1=dict(mean=float(np.mean(means)), std=float(np.std(means)), runs=means),
+                             seeds={str(k): v for k, v in per_seed.items()},
+                             diagnostics={str(k): v for k, v in diag.items() if v is not None} or None,
+                             distill_seconds=float(np.mean([v["distill_seconds"] for v in per_seed.values()])),
+                             distill_peak_bytes=max(v["distill_peak_bytes"] for v in per_seed.values()),
+                             peak_kind=next(iter(per_seed.values()))["peak_kind"]))
+            r = rows[-1]["top1"]
+            print(f"== {name} IPC {ipc} ({args.split}, {len(means)} distillation seeds): {r['mean']:.2f} ± "
+                  f"{r['std']:.2f}", flush=True)
     try:
         sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True).stdout.strip()
@@ -205,25 +243,28 @@ def main(argv=None) -> int:
         sha = "unknown"
     import reta_fast
 
-    meta = dict(data=str(src.name), classes=len(data.classes), train=len(data.train), test=len(data.val),
+    meta = dict(data=str(src.name), classes=len(data.classes), train=len(data.train), test=len(test_split),
+                split=args.split, val_per_class=args.val_per_class if args.split == "val" else None,
                 scale=args.scale, settings=dict(sc, eval={str(k): v for k, v in sc["eval"].items()}),
                 teacher=dict(arch=sc["arch"], top1=teacher.accuracy, seconds=teacher_s), seeds=args.seeds,
-                machine=machine(), device=args.device, torch=torch.__version__, reta_fast=reta_fast.__version__,
-                git=sha, date=time.strftime("%Y-%m-%d"))
+                distill_seeds=args.distill_seeds, machine=machine(), device=args.device, torch=torch.__version__,
+                reta_fast=reta_fast.__version__, git=sha, date=time.strftime("%Y-%m-%d"))
     results = Path(args.results) if args.results else ROOT / "bench" / "results" / f"quality-{args.scale}-{machine()}"
     results.mkdir(parents=True, exist_ok=True)
     from reta_fast.fileio import atomic_write, write_json
 
-    if args.merge and (results / "results.json").is_file():
-        old = json.loads((results / "results.json").read_text())
+    name = "results.json" if args.split == "test" else "validation.json"
+    if args.merge and (results / name).is_file():
+        old = json.loads((results / name).read_text())
         if old["meta"]["scale"] == meta["scale"] and old["meta"]["teacher"]["top1"] == meta["teacher"]["top1"]:
             mine = {(r["name"], r["ipc"]) for r in rows}
             rows = [r for r in old["rows"] if (r["name"], r["ipc"]) not in mine] + rows
-            order = {v[0]: i for i, v in enumerate(VARIANTS)}
+            order = {v: i for i, v in enumerate(VARIANTS)}
             rows.sort(key=lambda r: (order.get(r["name"], 99), r["ipc"]))
-    write_json(results / "results.json", dict(meta=meta, rows=rows))
+    write_json(results / name, dict(meta=meta, rows=rows))
     table = render(meta, rows)
-    atomic_write(results / "table.md", lambda fh: fh.write(table.encode()))
+    atomic_write(results / name.replace(".json", ".md").replace("results.md", "table.md"),
+                 lambda fh: fh.write(table.encode()))
     print(table)
     return 0
 
@@ -233,13 +274,16 @@ def render(meta: dict, rows) -> str:
     names = list(dict.fromkeys(r["name"] for r in rows))
     by = {(r["name"], r["ipc"]): r for r in rows}
     s = meta["settings"]
+    split = ("test split" if meta.get("split", "test") == "test" else
+             f"validation split ({meta.get('val_per_class')} training images per class outside the patch pool)")
     L = [f"Distilled-set quality on {meta['data']} ({meta['classes']} classes, {meta['train']} train / {meta['test']} "
          f"test images), scale `{meta['scale']}`: teacher and student {s['arch']}, teacher {s['teacher_epochs']} epochs "
          f"(top-1 {meta['teacher']['top1']:.2f}% = full-data accuracy of this architecture), {s['iterations']} "
          f"recover steps per batch, students: " + "; ".join(
              f"IPC {k}: {v['epochs']} epochs, batch {v['batch_size']}, AdamW lr {v['lr']}" for k, v in s["eval"].items())
-         + f". Student top-1 % on the test split, mean ± std over seeds {meta['seeds']}. {meta['machine']}, "
-         f"torch {meta['torch']}, git {meta['git']}, {meta['date']}. No parameter tuned on the test split.", "",
+         + f". Student top-1 % on the {split}, mean ± std over distillation seeds {meta.get('distill_seeds', [0])} "
+         f"(each: the mean over student seeds {meta['seeds']}). {meta['machine']}, torch {meta['torch']}, git "
+         f"{meta['git']}, {meta['date']}. No parameter tuned on the test split.", "",
          "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " | " + " | ".join(
              f"distill time IPC {i}" for i in ipcs) + " |",
          "|---|" + "---|" * (2 * len(ipcs))]
@@ -247,7 +291,9 @@ def render(meta: dict, rows) -> str:
         cells = []
         for i in ipcs:
             r = by.get((n, i))
-            cells.append("–" if r is None else f"{r['top1']['mean']:.2f} ± {r['top1']['std']:.2f}")
+            runs = "" if r is None or len(r["top1"].get("runs", [])) < 2 else \
+                " (" + ", ".join(f"{v:.1f}" for v in r["top1"]["runs"]) + ")"
+            cells.append("–" if r is None else f"{r['top1']['mean']:.2f} ± {r['top1']['std']:.2f}{runs}")
         times = []
         for i in ipcs:
             r = by.get((n, i))

@@ -1,4 +1,4 @@
-"""One recover step (METHOD.md section 2): reta_fast's RETALoss step (CE + BN + PTA, frozen teacher)
+"""One recover step (docs/method.md §2): reta_fast's RETALoss step (CE + BN + PTA, frozen teacher)
 against the same step without PTA and a plain eager SRe2L-style step (CE + BN, teacher parameters
 still requiring grad, as much published code leaves them). Same teacher, batch and augmentation."""
 from __future__ import annotations

@@ -100,8 +100,5 @@ h0_components [B]; and for maxdim >= 1: h1_pairs [M, 2] (birth edge, death
 edge; zero-persistence pairs dropped), h1_offsets [B + 1], h1_essential,
 h1_essential_offsets [B + 1]. Raises ValueError on malformed input.)doc");
 
-  m.def("num_threads", &reta::max_threads, "Number of OpenMP threads used (1 without OpenMP).");
-  m.def("_set_num_threads", &reta::set_num_threads, py::arg("n"),
-        "Test-only: set the OpenMP thread count (no-op without OpenMP).");
   m.attr("build_info") = RETA_BUILD_INFO;
 }

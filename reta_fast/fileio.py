@@ -1,16 +1,33 @@
 """Atomic file output: every file the pipeline writes goes to a temporary name in the same folder,
-is flushed and fsync'ed, and is renamed into place, so a reader (or a resumed run) sees either the
-complete file or none, whatever happens to the process (kill -9, disk full, exception)."""
+is flushed and fsync'ed, and is renamed into place, and the folder's entry is fsync'ed too, so a reader
+(or a resumed run) sees either the complete file or none, whatever happens to the process (kill -9, disk
+full, exception) or, once the call has returned, to the machine (power cut)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-__all__ = ["atomic_write", "write_json", "read_json", "save_png", "save_torch", "cache_dir"]
+__all__ = ["atomic_write", "atomic_dir", "write_json", "read_json", "save_png", "save_torch", "cache_dir", "fsync_dir"]
+
+
+def fsync_dir(path) -> None:
+    """Make a folder's entries (a rename into it) durable; best effort where folders cannot be opened."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path, write: Callable[[io.BufferedWriter], None]) -> Path:
@@ -34,7 +51,35 @@ def atomic_write(path, write: Callable[[io.BufferedWriter], None]) -> Path:
         except OSError:
             pass
         raise
+    fsync_dir(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path) -> Iterator[Path]:
+    """A folder published whole: yields a temporary folder beside ``path`` to fill; on success its files are
+    fsync'ed and it is renamed to ``path`` (atomic); on an error it is removed. If ``path`` appeared
+    meanwhile (another process published it first), raises ``FileExistsError`` and removes the temporary."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):  # durable before the rename publishes the folder
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if path.exists():
+                raise FileExistsError(f"{str(path)!r} was published by another process meanwhile") from None
+            raise
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_json(path, obj) -> Path:

@@ -131,35 +131,45 @@ def test_a_full_disk_is_a_clean_error(tmp_path):
 # stored soft labels: streamed to one file, read back by row ranges
 
 def test_stored_logits_round_trip_and_refusals(tmp_path):
-    from reta_fast.train.labels import StoredLogits, write_logits
+    from reta_fast.train.labels import StoredLogits, sidecar, write_logits
 
     g = torch.Generator().manual_seed(0)
     parts = [torch.randn(n, 7, generator=g) * 5 for n in (3, 8, 1, 8)]
-    path = write_logits(tmp_path / "s.logits", iter(parts), rows=20, classes=7, meta=dict(seed=3, ids=[[0, 1]]))
+    path = write_logits(tmp_path / "s.npy", iter(parts), rows=20, classes=7, meta=dict(seed=3, ids=[[0, 1]]))
     st = StoredLogits(path)
     full = torch.cat(parts).half()
     assert st.shape == (20, 7) and len(st) == 20 and st.meta["seed"] == 3 and st.meta["ids"] == [[0, 1]]
     assert torch.equal(st.read(), full) and torch.equal(st[5:13], full[5:13]) and st[19:40].shape == (1, 7)
     assert st[7:7].shape == (0, 7)
+    assert np.array_equal(np.load(path), full.numpy())  # a plain .npy file
     with pytest.raises(TypeError, match="row ranges"):
         st[3]
-    before = path.read_bytes()
-    # a wrong row count, a batch of another width or a NaN stores nothing and keeps the old file
+    before, side = path.read_bytes(), sidecar(path).read_bytes()
+    # a wrong row count, a batch of another width or a NaN stores nothing and keeps the old files
     for batches, rows, match in (([torch.zeros(4, 7)], 5, "4 rows, 5 were announced"),
                                  ([torch.zeros(6, 7)], 5, "6 rows, 5 were announced"),
                                  ([torch.zeros(4, 6)], 4, r"expected \[\*, 7\]"),
                                  ([torch.full((2, 7), float("nan"))], 2, "non-finite")):
         with pytest.raises(ValueError, match=match):
             write_logits(path, iter(batches), rows=rows, classes=7)
-        assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.logits"]
-    # truncated, padded, foreign or empty files are refused by name
+        assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.npy"]
+        sidecar(path).write_bytes(side)  # (the sidecar is withdrawn before an array is replaced)
+    # truncated, padded, foreign or empty arrays, and arrays without or against their sidecar, are refused
     for name, data in (("trunc", before[:-3]), ("long", before + b"\0\0"), ("foreign", b"PK\x03\x04" + before[4:]),
-                       ("empty", b""), ("header", before[:8] + (10**9).to_bytes(8, "little"))):
-        (tmp_path / name).write_bytes(data)
+                       ("empty", b"")):
+        (tmp_path / f"{name}.npy").write_bytes(data)
+        (tmp_path / f"{name}.json").write_bytes(side)
         with pytest.raises(ValueError, match=name):
-            StoredLogits(tmp_path / name)
+            StoredLogits(tmp_path / f"{name}.npy")
+    (tmp_path / "alone.npy").write_bytes(before)
+    with pytest.raises(ValueError, match="sidecar alone.json is missing"):
+        StoredLogits(tmp_path / "alone.npy")
+    (tmp_path / "other.npy").write_bytes(before)
+    (tmp_path / "other.json").write_text('{"rows": 21, "classes": 7, "dtype": "float16"}')
+    with pytest.raises(ValueError, match="altered"):
+        StoredLogits(tmp_path / "other.npy")
     with pytest.raises(FileNotFoundError):
-        StoredLogits(tmp_path / "missing")
+        StoredLogits(tmp_path / "missing.npy")
 
 
 def test_student_trains_the_same_from_stored_logits_on_disk_or_in_memory(tmp_path):

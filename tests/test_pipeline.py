@@ -261,7 +261,8 @@ def test_stored_soft_labels_replay_the_online_stream(data, teacher, tmp_path):
     P.relabel_stage(data, teacher, out, ecfg, progress=False, log=lambda m: None)
     from reta_fast.train.labels import StoredLogits
 
-    stored = StoredLogits(out / "labels" / "seed0.logits").read()
+    stored = StoredLogits(out / "labels" / "seed0.npy").read()
+    assert np.array_equal(np.load(out / "labels" / "seed0.npy"), stored.numpy())  # numpy alone reads them
     x, _, _ = P.load_distilled(out, data.classes, data.mean, data.std)
     from reta_fast.train import student_batches
 
@@ -284,21 +285,24 @@ def test_stored_soft_labels_replay_the_online_stream(data, teacher, tmp_path):
                     data.std)
     with pytest.raises(ValueError, match="another teacher"):
         P.evaluate(data, other, out, ecfg, **quiet)
-    (out / "labels" / "seed0.logits").rename(out / "labels" / "seed1.logits")
+    for ext in ("npy", "json"):
+        (out / "labels" / f"seed0.{ext}").rename(out / "labels" / f"seed1.{ext}")
     with pytest.raises(ValueError, match="seed 0 vs 1"):
         P.evaluate(data, teacher, out, P.EvalConfig(epochs=2, batch_size=8, seeds=(1,), labels="stored"), **quiet)
-    (out / "labels" / "seed1.logits").rename(out / "labels" / "seed0.logits")
+    for ext in ("npy", "json"):
+        (out / "labels" / f"seed1.{ext}").rename(out / "labels" / f"seed0.{ext}")
     P.item_path(out, 3, 2).rename(P.item_path(out, 3, 7))  # the set changed since relabel
     with pytest.raises(ValueError, match="other images"):
         P.evaluate(data, teacher, out, ecfg, ipc=2, **quiet)
     P.item_path(out, 3, 7).rename(P.item_path(out, 3, 2))
-    # a folder relabelled by the previous version (labels/seed0.pt) still evaluates
-    legacy = dict(logits=stored, epochs=2, batch_size=8, seed=0, n=30, crop_scale=[0.08, 1.0], cutmix=True,
-                  flip=False, ids=[tuple(i) for i in P.load_distilled(out, data.classes, data.mean, data.std)[2]])
-    (out / "labels" / "seed0.logits").unlink()
+    # labels of an older version are never unpickled: a clear error instead
+    legacy = dict(logits=stored, epochs=2, batch_size=8, seed=0, n=30, crop_scale=[0.08, 1.0], cutmix=True)
+    (out / "labels" / "seed0.npy").unlink()
     torch.save(legacy, out / "labels" / "seed0.pt")
-    again = P.evaluate(data, teacher, out, ecfg, **quiet)
-    assert again["distilled"] == res["distilled"]
+    with pytest.raises(FileNotFoundError, match="seed0.pt was written by an older reta_fast"):
+        P.evaluate(data, teacher, out, ecfg, **quiet)
+    # the stored arrays are plain numpy: np.load reads them
+    assert (out / "labels" / "seed0.json").is_file()
 
 
 def test_evaluate_refuses_an_incomplete_set(data, teacher, tmp_path):
@@ -539,14 +543,15 @@ def test_quality_experiment_runs_and_resumes(tmp_path):
     make_folder(tmp_path / "ds" / "test", per_class=2, size=16, seed=1)
     script = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
     cmd = [sys.executable, str(script), "--data", str(tmp_path / "ds"), "--scale", "smoke", "--ipcs", "2",
-           "--methods", "random-real", "fadrm", "reta", "--seeds", "0", "1", "--work", str(tmp_path / "w"),
+           "--methods", "random-real", "fadrm", "reta", "--seeds", "0", "1", "--distill-seeds", "0",
+           "--work", str(tmp_path / "w"),
            "--results", str(tmp_path / "res"), "--device", "cpu"]
     env = dict(os.environ, RETA_FAST_CACHE=str(tmp_path / "cache"))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "res" / "results.json").read_text())
     assert [(x["name"], x["ipc"]) for x in res["rows"]] == [("random-real", 2), ("fadrm", 2), ("reta", 2)]
-    assert all(len(x["top1"]["runs"]) == 2 for x in res["rows"])
+    assert all(len(x["top1"]["runs"]) == 1 and len(x["seeds"]["0"]["top1"]["runs"]) == 2 for x in res["rows"])
     table = (tmp_path / "res" / "table.md").read_text()
     assert "| reta | " in table and "No parameter tuned on the test split" in table
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)  # resumes: reuses everything

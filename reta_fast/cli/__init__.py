@@ -19,15 +19,19 @@ import sys
 
 import torch
 
+from ..stages.config import DistillConfig, EvalConfig
 from .commands import (_device, _Log, cmd_distill, cmd_evaluate, cmd_plan, cmd_relabel, cmd_report, cmd_run,
                        cmd_squeeze)
+from .flags import add_config_flags
 from .topo_demo import topo_demo
 
 __all__ = ["main", "build_parser"]
 
 
-DEMO = dict(data="digits", method="reta", ipc=10, iterations=200, blocks=4, batch_classes=10, topo_k=4,
-            eval_epochs=150, eval_batch=50, eval_lr=1e-2, eval_seeds=[0, 1, 2], out="reta-demo")
+# `reta demo`: the embedded digits, small enough for a CPU in well under a minute
+DEMO = dict(data="digits", out="reta-demo")
+DEMO_DISTILL = dict(method="reta", ipc=10, iterations=200, blocks=4, batch_classes=10, topo_k=4)
+DEMO_EVAL = dict(epochs=150, batch_size=50, lr=1e-2, seeds=(0, 1, 2))
 
 
 def _common(p, demo=False, squeeze=False):
@@ -62,61 +66,12 @@ def _out(p, demo=False):
 
 
 def _distill_args(p, demo=False):
-    d = DEMO if demo else {}
-    g = p.add_argument_group("distill")
-    g.add_argument("--method", default=d.get("method", "reta"), choices=["random-real", "rded", "sre2l", "fadrm", "reta"])
-    g.add_argument("--ipc", type=int, default=d.get("ipc", 10), help="images per class")
-    g.add_argument("--ipc-start", type=int, default=0, help="first ipc index this process makes")
-    g.add_argument("--ipc-end", type=int, default=None, help="one past the last ipc index (default: --ipc)")
-    g.add_argument("--iterations", type=int, default=d.get("iterations", 1000), help="recover steps per batch")
-    g.add_argument("--blocks", type=int, default=d.get("blocks", 4), help="multi-resolution blocks (FADRM)")
-    g.add_argument("--resolutions", type=lambda v: [int(r) for r in v.split(",")], default=None,
-                   help="one resolution per block, comma-separated (ImageNet: 200,224,200,224); overrides --blocks")
-    g.add_argument("--batch-classes", type=int, default=d.get("batch_classes"),
-                   help="classes per batch (default: min(classes, 100))")
-    g.add_argument("--ipc-per-batch", type=int, default=None,
-                   help="items of each class per batch (default: 100 images per batch)")
-    g.add_argument("--lr", type=float, default=None,
-                   help="recover lr (default: 0.25 above 64 px as in SRe2L/FADRM, 0.05 up to 64 px, tuned on CIFAR-10)")
-    g.add_argument("--jitter", type=int, default=None)
-    g.add_argument("--alpha", type=float, default=0.5, help="residual weight of the synthetic image")
-    g.add_argument("--lam", type=float, default=0.1, help="DRC complexity weight lambda")
-    g.add_argument("--r-bn", type=float, default=0.01)
-    g.add_argument("--first-bn-weight", type=float, default=10.0)
-    g.add_argument("--no-bn", action="store_true", help="no BN-statistic matching (teachers without BatchNorm)")
-    g.add_argument("--lam-topo", type=float, default=0.5, help="PTA weight")
-    g.add_argument("--topo-k", type=int, default=d.get("topo_k"), help="mutual k-NN k (default min(10, ipc-1))")
-    g.add_argument("--points-per-class", type=int, default=32, help="real PTA points per class")
-    g.add_argument("--pool", help="patch pool folder (default: a cache folder keyed by data, teacher, params)")
-    g.add_argument("--pool-per-class", type=int, default=300)
-    g.add_argument("--pool-candidates", type=int, default=1, help="RDED best-of-N crops per image")
-    g.add_argument("--no-drc", action="store_true", help="ablation: static anchor instead of DRC retrieval")
-    g.add_argument("--no-pta", action="store_true", help="ablation: no topology alignment")
-    g.add_argument("--topo-refresh", type=int, default=1,
-                   help="recompute PTA's graphs and pairings every T steps, re-gather lengths in between")
-    g.add_argument("--topo-overlap", action="store_true",
-                   help="compute PTA's pairings in a worker thread during the step, use them one step later")
-    e = p.add_argument_group("recover engine (changes images at rounding level; recorded in run.json)")
-    e.add_argument("--amp", choices=["bf16"], default=None, help="teacher forward under bf16 autocast")
-    e.add_argument("--channels-last", action="store_true", help="teacher and batch in channels-last format")
-    e.add_argument("--compile", nargs="?", const="default", default=None,
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                   help="torch.compile the teacher's forward (reduce-overhead: CUDA graphs on a GPU)")
+    add_config_flags(p, DistillConfig, "distill", overrides=DEMO_DISTILL if demo else None)
+    p.add_argument("--pool", help="patch pool folder (default: a cache folder keyed by data, teacher, params)")
 
 
 def _eval_args(p, demo=False):
-    d = DEMO if demo else {}
-    g = p.add_argument_group("evaluate")
-    g.add_argument("--student", choices=["convnet", "resnet18"], help="student architecture (default: the teacher's)")
-    g.add_argument("--eval-epochs", type=int, default=d.get("eval_epochs", 300))
-    g.add_argument("--eval-batch", type=int, default=d.get("eval_batch", 64))
-    g.add_argument("--eval-lr", type=float, default=d.get("eval_lr", 1e-3))
-    g.add_argument("--eval-wd", type=float, default=0.01)
-    g.add_argument("--temperature", type=float, default=20.0)
-    g.add_argument("--labels", choices=["online", "stored"], default="online",
-                   help="soft labels from the teacher during training, or stored by `reta relabel`")
-    g.add_argument("--eval-seeds", type=int, nargs="+", default=d.get("eval_seeds", [0]))
-    g.add_argument("--no-baseline", action="store_true", help="skip the random-real baseline")
+    add_config_flags(p, EvalConfig, "evaluate", prefix="eval_", overrides=DEMO_EVAL if demo else None)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from ..stages.records import Stage, write_stage_record
 from ..stages.relabel import relabel_stage
 from ..stages.report import write_report
 from ..stages.squeeze import default_teacher_path, resolve_teachers, squeeze
+from .flags import config_from
 
 class _Log:
     def __init__(self, quiet: bool):
@@ -105,22 +106,12 @@ def _rank():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _distill_config(args):
-    return DistillConfig(method=args.method, ipc=args.ipc, ipc_start=args.ipc_start, ipc_end=args.ipc_end,
-                         iterations=args.iterations, blocks=args.blocks, resolutions=args.resolutions, batch_classes=args.batch_classes,
-                         ipc_per_batch=args.ipc_per_batch, lr=args.lr, jitter=args.jitter, alpha=args.alpha,
-                         lam=args.lam, r_bn=0.0 if args.no_bn else args.r_bn, first_bn_weight=args.first_bn_weight,
-                         lam_topo=args.lam_topo, topo_k=args.topo_k, points_per_class=args.points_per_class,
-                         pool_per_class=args.pool_per_class, pool_candidates=args.pool_candidates,
-                         drc=not args.no_drc, pta=not args.no_pta, seed=args.seed, topo_refresh=args.topo_refresh,
-                         amp=args.amp, channels_last=args.channels_last, compile=args.compile,
-                         topo_overlap=args.topo_overlap)
+def _distill_config(args) -> DistillConfig:
+    return config_from(DistillConfig, args)
 
 
-def _eval_config(args):
-    return EvalConfig(student=args.student, epochs=args.eval_epochs, batch_size=args.eval_batch, lr=args.eval_lr,
-                      weight_decay=args.eval_wd, temperature=args.temperature, labels=args.labels,
-                      seeds=tuple(args.eval_seeds), baseline=not args.no_baseline)
+def _eval_config(args) -> EvalConfig:
+    return config_from(EvalConfig, args, "eval_")
 
 
 def cmd_squeeze(args) -> int:
@@ -139,7 +130,7 @@ def cmd_squeeze(args) -> int:
 def _no_bn_check(args, teachers):
     from torch import nn
 
-    if args.no_bn or args.method in ("random-real", "rded"):
+    if args.r_bn == 0 or args.method in ("random-real", "rded"):
         return
     for t in teachers:
         if not any(isinstance(m, nn.BatchNorm2d) for m in t.model.modules()):
@@ -250,7 +241,7 @@ def cmd_run(args) -> int:
     if world > 1 and not torch.distributed.is_initialized():
         args.log("[run] ranks without a process group: run `reta evaluate` once every rank has finished")
         return 0
-    if args.labels == "stored":  # rank 0 relabels, the others wait for the labels
+    if args.eval_labels == "stored":  # rank 0 relabels, the others wait for the labels
         if rank == 0:
             cmd_relabel(args, data, teachers)
         if world > 1:

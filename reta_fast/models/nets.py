@@ -32,7 +32,7 @@ class _Block(nn.Module):
 class ResNet18(nn.Module):
     def __init__(self, num_classes: int = 1000, cifar_stem: bool = False, in_channels: int = 3):
         super().__init__()
-        if cifar_stem:  # 3x3 stride-1 stem, no max-pool (METHOD.md section 1)
+        if cifar_stem:  # 3x3 stride-1 stem, no max-pool (docs/method.md §1)
             self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
             self.maxpool = nn.Identity()
         else:

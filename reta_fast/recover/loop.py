@@ -1,4 +1,4 @@
-"""The recover loop (METHOD.md section 2): multi-resolution blocks with residual connections, the
+"""The recover loop (docs/method.md §2): multi-resolution blocks with residual connections, the
 injected patch chosen by DRC (RETA) or fixed to the initial patch (FADRM's static anchor).
 
 A reusable function: bring your own teacher (through :class:`reta_fast.RETALoss`), initial images
@@ -24,7 +24,7 @@ __all__ = ["RecoverConfig", "recover", "augment", "check_engine"]
 
 @dataclass
 class RecoverConfig:
-    """Recover-loop parameters; defaults follow METHOD.md section 2 ([pred]/[paper]) for 32 px data.
+    """Recover-loop parameters; defaults follow docs/method.md §2 ([pred]/[paper]) for 32 px data.
 
     Attributes:
         iterations: total optimisation steps B over all blocks (split evenly).

@@ -63,10 +63,10 @@ class RETALoss(nn.Module):
     Args:
         teacher: the teacher network; it is put in eval mode and its parameters are frozen
             (``requires_grad=False``): no weight gradient is ever computed.
-        r_bn: weight of the BN term (METHOD.md: 0.01); 0 disables it (and allows a teacher without
+        r_bn: weight of the BN term (docs/method.md: 0.01); 0 disables it (and allows a teacher without
             BatchNorm layers).
-        first_bn_weight: ``s_1`` (METHOD.md: 10).
-        lam_topo: weight of the PTA term (METHOD.md: 0.5); 0 disables it.
+        first_bn_weight: ``s_1`` (docs/method.md: 10).
+        lam_topo: weight of the PTA term (docs/method.md: 0.5); 0 disables it.
         real_feats: ``[C, n, D]`` real penultimate features per class (e.g. from a
             :class:`reta_fast.PatchPool`: :meth:`from_pool`), required when ``lam_topo > 0``; ``n``
             bounds the points per class.

@@ -32,7 +32,7 @@ def _blur_matrix(n: int, sigma: float, dtype, device) -> torch.Tensor:
 
 
 def patch_complexity(images: torch.Tensor, sigma: float = 1.0, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Complexity proxy ``c(o) = Var_u ||grad (G_sigma * o)(u)||^2`` of each image (METHOD.md section 3).
+    """Complexity proxy ``c(o) = Var_u ||grad (G_sigma * o)(u)||^2`` of each image (docs/method.md §3).
 
     Args:
         images: ``[N, C, H, W]`` (or ``[C, H, W]``) float tensor, any device; finite.

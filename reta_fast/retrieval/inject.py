@@ -12,7 +12,7 @@ __all__ = ["residual_inject"]
 
 def residual_inject(x: torch.Tensor, patches: torch.Tensor, alpha: float = 0.5,
                     size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-    """The residual connection of METHOD.md section 2: ``alpha * resize(x) + (1 - alpha) * resize(patches)``.
+    """The residual connection of docs/method.md §2: ``alpha * resize(x) + (1 - alpha) * resize(patches)``.
 
     Args:
         x: ``[N, C, H, W]`` synthetic images.

@@ -1,4 +1,4 @@
-"""Patch pools for DRC (METHOD.md section 3): per class, one square crop per real image, its
+"""Patch pools for DRC (docs/method.md §3): per class, one square crop per real image, its
 L2-normalised penultimate teacher feature and its complexity at each resolution the recover schedule
 uses, stored on disk as memory-mappable arrays + a JSON manifest, built once and reused."""
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from .._version import __version__
 from ..data.folder import ImageFolder, dataset_classes, dataset_targets, to_image_tensor
 from ..data.tensors import IMAGENET_MEAN, IMAGENET_STD, channel_stats, normalise
+from ..fileio import atomic_dir
 from ..models.features import teacher_features, teacher_fingerprint
 from .complexity import patch_complexity
 
@@ -176,7 +176,7 @@ class PatchPool:
             out: pool folder; written under a temporary name and renamed when complete. An existing
                 complete pool with the same teacher, classes and parameters is loaded instead; any
                 other existing folder is refused, never overwritten.
-            per_class: images per class (METHOD.md [ours]: 300, RDED's mipc); fewer if a class is short.
+            per_class: images per class ([ours]: 300, RDED's mipc); fewer if a class is short.
             size: side of the stored square crops.
             resolutions: resolutions at which the complexity is precomputed (the recover schedule's).
             candidates: 1 = the centred largest square; N > 1 = best of N random squares of side
@@ -231,142 +231,144 @@ class PatchPool:
         else:
             capacity = min(len(order), per_class * n_cls)
 
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
         teacher_was_training = teacher.training
+        teacher.eval()
         try:
-            teacher.eval()
-            mean_t, std_t = channel_stats(mean, std, device)
-            patches = np.lib.format.open_memmap(tmp / "stream.npy", "w+", np.uint8, (capacity, size, size, 3))
-            feats_list, labels, cx, src = [], [], [], []
-            count = [0] * n_cls
-            skipped = 0
-            n = 0
-            batch_imgs, batch_lab, batch_idx = [], [], []
-            iterator = order
-            if progress:
-                try:
-                    from tqdm.auto import tqdm
-
-                    iterator = tqdm(order, desc="pool", unit="img", leave=False)
-                except ImportError:
-                    pass
-
-            def flush():
-                nonlocal n
-                x = torch.stack(batch_imgs).to(device)  # [b, K, 3, S, S] in [0, 1]
-                b, K = x.shape[:2]
-                y = torch.tensor(batch_lab, device=device)
-                with torch.no_grad():
-                    if K > 1:  # RDED's realism score: the crop with the lowest teacher cross-entropy
-                        logits = teacher((x.flatten(0, 1) - mean_t) / std_t)
-                        ce = F.cross_entropy(logits.float(), y.repeat_interleave(K), reduction="none").view(b, K)
-                        pick = ce.argmin(1)
-                    else:
-                        pick = torch.zeros(b, dtype=torch.int64, device=device)
-                    best8 = (x[torch.arange(b, device=device), pick].clamp(0, 1) * 255).round()
-                    best = best8 / 255.0  # what is stored is what is described: features of the uint8 patch
-                    _, f = teacher_features(teacher, (best - mean_t) / std_t)
-                    f = F.normalize(f.float(), dim=1)
-                    comp = torch.stack([patch_complexity(_resize(best, r), sigma=sigma) for r in resolutions], 1)
-                patches[n:n + b] = best8.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-                feats_list.append(f.cpu())
-                cx.append(comp.float().cpu())
-                labels.extend(batch_lab)
-                src.extend(batch_idx)
-                n += b
-                batch_imgs.clear(), batch_lab.clear(), batch_idx.clear()
-
-            for i in iterator:
-                if n + len(batch_imgs) >= capacity or all(c >= per_class for c in count):
-                    break
-                if targets is not None and count[targets[i]] >= per_class:
-                    continue  # class full: skip without decoding
-                try:
-                    img, t = dataset[i]
-                except (OSError, SyntaxError) as exc:  # unreadable/corrupt image files: skip, count
-                    skipped += 1
-                    if skipped <= 3:
-                        warnings.warn(f"reta_fast: skipping unreadable image {i}: {exc}", RuntimeWarning)
-                    continue
-                try:
-                    img = to_image_tensor(img)
-                    t = int(t)
-                except (ValueError, TypeError) as exc:  # a format we cannot use is an error, not a skip
-                    raise ValueError(f"dataset item {i}: {exc}") from None
-                if not 0 <= t < n_cls:
-                    raise ValueError(f"dataset label {t} at index {i} is outside [0, {n_cls})")
-                if count[t] >= per_class:
-                    continue
-                count[t] += 1
-                batch_imgs.append(_crops(img, size, candidates, crop_scale, g))
-                batch_lab.append(t)
-                batch_idx.append(i)
-                if len(batch_imgs) == batch_size:
-                    flush()
-            if batch_imgs:
-                flush()
-            if n == 0:
-                raise ValueError("no usable image in the data set: the pool would be empty")
-            patches.flush()
-            patches = None  # close the memmap before it is read back
-            # Store class-sorted (stable: stream order inside a class), so retrieval can use the pool
-            # without reordering it; the copy also drops the unused tail (short classes, skipped files).
-            lab = np.asarray(labels, dtype=np.int64)
-            order = np.argsort(lab, kind="stable")
-            stream = np.load(tmp / "stream.npy", mmap_mode="r")
-            final = np.lib.format.open_memmap(tmp / "patches.npy", "w+", np.uint8, (n, size, size, 3))
-            for a in range(0, n, 4096):
-                final[a:a + 4096] = stream[np.sort(order[a:a + 4096])][np.argsort(np.argsort(order[a:a + 4096]))]
-            final.flush()
-            del stream, final
-            os.remove(tmp / "stream.npy")
-            np.save(tmp / "feats.npy", torch.cat(feats_list).numpy().astype(np.float32)[order])
-            np.save(tmp / "labels.npy", lab[order])
-            np.save(tmp / "complexity.npy", torch.cat(cx).numpy().astype(np.float32)[order])
-            np.save(tmp / "source_index.npy", np.asarray(src, dtype=np.int64)[order])
-            seconds = time.perf_counter() - t_start
-            arrays = {}
-            for name in _ARRAYS:
-                arr = np.load(tmp / f"{name}.npy", mmap_mode="r")
-                arrays[name] = dict(shape=list(arr.shape), dtype=str(arr.dtype),
-                                    bytes=(tmp / f"{name}.npy").stat().st_size,
-                                    sha256=None if name == "patches" else _sha256(tmp / f"{name}.npy"))
-                del arr
-
-            manifest = dict(
-                format=POOL_FORMAT, reta_fast=__version__, teacher=fp, dataset=dataset_name or type(dataset).__name__,
-                dataset_size=len(dataset), classes=class_names, params=params, size=size, resolutions=resolutions,
-                mean=list(mean), std=list(std), counts=count, skipped_images=skipped,
-                build_seconds=round(seconds, 3), images_per_second=round(n / max(seconds, 1e-9), 1), arrays=arrays,
-            )
-            with open(tmp / "manifest.json", "w") as fh:
-                json.dump(manifest, fh, indent=1)
-                fh.flush()
-            for f in tmp.iterdir():  # durable before the rename publishes the pool
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            try:
-                os.rename(tmp, out)  # atomic: a pool folder is either complete or absent
-            except OSError:
-                if not (out / "manifest.json").is_file():
-                    raise
-                # another process (a torchrun rank) published the same pool first: use theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-                return cls.build(dataset, teacher, out, per_class=per_class, size=size, resolutions=resolutions,
-                                 candidates=candidates, crop_scale=crop_scale, sigma=sigma, mean=mean, std=std,
-                                 batch_size=batch_size, device=device, seed=seed, classes=classes,
-                                 dataset_name=dataset_name, progress=False)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            with atomic_dir(out) as tmp:  # a pool folder is either complete or absent
+                got = _stream_patches(tmp / "stream.npy", dataset, teacher, targets, n_cls, per_class, capacity,
+                                      order, size, resolutions, candidates, crop_scale, sigma, mean, std, batch_size,
+                                      device, g, progress)
+                arrays = _write_class_sorted(tmp, got, size)
+                seconds = time.perf_counter() - t_start
+                manifest = dict(
+                    format=POOL_FORMAT, reta_fast=__version__, teacher=fp,
+                    dataset=dataset_name or type(dataset).__name__, dataset_size=len(dataset), classes=class_names,
+                    params=params, size=size, resolutions=resolutions, mean=list(mean), std=list(std),
+                    counts=got["count"], skipped_images=got["skipped"], build_seconds=round(seconds, 3),
+                    images_per_second=round(got["n"] / max(seconds, 1e-9), 1), arrays=arrays)
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        except FileExistsError:
+            if not (out / "manifest.json").is_file():
+                raise
+            # another process (a torchrun rank) published the same pool first: use theirs
+            return cls.build(dataset, teacher, out, per_class=per_class, size=size, resolutions=resolutions,
+                             candidates=candidates, crop_scale=crop_scale, sigma=sigma, mean=mean, std=std,
+                             batch_size=batch_size, device=device, seed=seed, classes=classes,
+                             dataset_name=dataset_name, progress=False)
         finally:
             teacher.train(teacher_was_training)
-        if skipped:
-            warnings.warn(f"reta_fast: {skipped} unreadable image(s) skipped while building the pool", RuntimeWarning)
+        if got["skipped"]:
+            warnings.warn(f"reta_fast: {got['skipped']} unreadable image(s) skipped while building the pool",
+                          RuntimeWarning)
         return cls.load(out)
+
+
+
+def _stream_patches(path: Path, dataset, teacher, targets, n_cls: int, per_class: int, capacity: int, order,
+                    size: int, resolutions, candidates: int, crop_scale, sigma: float, mean, std, batch_size: int,
+                    device, g: torch.Generator, progress: bool) -> dict:
+    """Decode the data set once in ``order``, keeping up to ``per_class`` images per class: their crops go to
+    the memory map ``path`` (stream order) and their features, complexities, labels and source indices are
+    returned with the counts. Memory is bounded by a batch."""
+    mean_t, std_t = channel_stats(mean, std, device)
+    patches = np.lib.format.open_memmap(path, "w+", np.uint8, (capacity, size, size, 3))
+    got = dict(feats=[], labels=[], cx=[], src=[], count=[0] * n_cls, skipped=0, n=0)
+    batch_imgs, batch_lab, batch_idx = [], [], []
+    iterator = order
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(order, desc="pool", unit="img", leave=False)
+        except ImportError:
+            pass
+
+    def flush():
+        n = got["n"]
+        x = torch.stack(batch_imgs).to(device)  # [b, K, 3, S, S] in [0, 1]
+        b, K = x.shape[:2]
+        y = torch.tensor(batch_lab).to(device)
+        with torch.no_grad():
+            if K > 1:  # RDED's realism score: the crop with the lowest teacher cross-entropy
+                logits = teacher((x.flatten(0, 1) - mean_t) / std_t)
+                ce = F.cross_entropy(logits.float(), y.repeat_interleave(K), reduction="none").view(b, K)
+                pick = ce.argmin(1)
+            else:
+                pick = torch.zeros(b, dtype=torch.int64, device=device)
+            best8 = (x[torch.arange(b, device=device), pick].clamp(0, 1) * 255).round()
+            best = best8 / 255.0  # what is stored is what is described: features of the uint8 patch
+            _, f = teacher_features(teacher, (best - mean_t) / std_t)
+            f = F.normalize(f.float(), dim=1)
+            comp = torch.stack([patch_complexity(_resize(best, r), sigma=sigma) for r in resolutions], 1)
+        patches[n:n + b] = best8.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        got["feats"].append(f.cpu())
+        got["cx"].append(comp.float().cpu())
+        got["labels"].extend(batch_lab)
+        got["src"].extend(batch_idx)
+        got["n"] = n + b
+        batch_imgs.clear(), batch_lab.clear(), batch_idx.clear()
+
+    count = got["count"]
+    for i in iterator:
+        if got["n"] + len(batch_imgs) >= capacity or all(c >= per_class for c in count):
+            break
+        if targets is not None and count[targets[i]] >= per_class:
+            continue  # class full: skip without decoding
+        try:
+            img, t = dataset[i]
+        except (OSError, SyntaxError) as exc:  # unreadable/corrupt image files: skip, count
+            got["skipped"] += 1
+            if got["skipped"] <= 3:
+                warnings.warn(f"reta_fast: skipping unreadable image {i}: {exc}", RuntimeWarning)
+            continue
+        try:
+            img = to_image_tensor(img)
+            t = int(t)
+        except (ValueError, TypeError) as exc:  # a format we cannot use is an error, not a skip
+            raise ValueError(f"dataset item {i}: {exc}") from None
+        if not 0 <= t < n_cls:
+            raise ValueError(f"dataset label {t} at index {i} is outside [0, {n_cls})")
+        if count[t] >= per_class:
+            continue
+        count[t] += 1
+        batch_imgs.append(_crops(img, size, candidates, crop_scale, g))
+        batch_lab.append(t)
+        batch_idx.append(i)
+        if len(batch_imgs) == batch_size:
+            flush()
+    if batch_imgs:
+        flush()
+    if got["n"] == 0:
+        raise ValueError("no usable image in the data set: the pool would be empty")
+    patches.flush()
+    return got
+
+
+def _write_class_sorted(tmp: Path, got: dict, size: int) -> dict:
+    """The pool's arrays in ``tmp``, sorted by class (stable: stream order inside a class, so retrieval uses
+    the pool without reordering it; the copy also drops the stream's unused tail). Returns the manifest's
+    description of each array."""
+    n = got["n"]
+    lab = np.asarray(got["labels"], dtype=np.int64)
+    order = np.argsort(lab, kind="stable")
+    stream = np.load(tmp / "stream.npy", mmap_mode="r")
+    final = np.lib.format.open_memmap(tmp / "patches.npy", "w+", np.uint8, (n, size, size, 3))
+    for a in range(0, n, 4096):
+        final[a:a + 4096] = stream[np.sort(order[a:a + 4096])][np.argsort(np.argsort(order[a:a + 4096]))]
+    final.flush()
+    del stream, final
+    os.remove(tmp / "stream.npy")
+    np.save(tmp / "feats.npy", torch.cat(got["feats"]).numpy().astype(np.float32)[order])
+    np.save(tmp / "labels.npy", lab[order])
+    np.save(tmp / "complexity.npy", torch.cat(got["cx"]).numpy().astype(np.float32)[order])
+    np.save(tmp / "source_index.npy", np.asarray(got["src"], dtype=np.int64)[order])
+    arrays = {}
+    for name in _ARRAYS:
+        arr = np.load(tmp / f"{name}.npy", mmap_mode="r")
+        arrays[name] = dict(shape=list(arr.shape), dtype=str(arr.dtype), bytes=(tmp / f"{name}.npy").stat().st_size,
+                            sha256=None if name == "patches" else _sha256(tmp / f"{name}.npy"))
+        del arr
+    return arrays
 
 
 def _sha256(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Dynamic Retrieval Connection (DRC, METHOD.md section 3): the complexity proxy, the grouped
+"""Dynamic Retrieval Connection (DRC, docs/method.md §3): the complexity proxy, the grouped
 fit-complexity search and the residual injection.
 
 Retrieval semantics (defined by :func:`retrieve_ref`; every backend returns exactly its answer):
@@ -179,7 +179,7 @@ def retrieve(
 
     Args:
         query_feats: ``[B, D]`` float features of the synthetic images (normalise them yourself,
-            as the pool's are: METHOD.md uses L2-normalised penultimate teacher features).
+            as the pool's are: docs/method.md §3 uses L2-normalised penultimate teacher features).
         query_labels: ``[B]`` integer classes.
         pool_feats: ``[P, D]`` float pool features, or a :class:`reta_fast.PatchPool` (then
             ``pool_labels``/``pool_complexity`` come from it, at ``resolution``).

@@ -3,10 +3,10 @@ defaults (the CLI's flags are built from these fields)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence
 
-from ..recover.loop import check_engine
+from ..recover.loop import COMPILE_MODES, check_engine
 
 __all__ = ["METHODS", "PTA_SETS", "DistillConfig", "EvalConfig", "ENGINE_DEFAULTS"]
 
@@ -15,12 +15,22 @@ METHODS = ("random-real", "rded", "sre2l", "fadrm", "reta")
 
 
 PTA_SETS = ("complete", "initial")
+
+
+def _opt(default, help: str, **cli):
+    """A setting: its default, its help text and how the command line spells it (``reta_fast.cli.flags``
+    builds the flags from these fields: one source for every default). ``cli``: ``flag`` (name, default the
+    field's with dashes), ``choices``, ``kind`` ("ints": comma-separated, "many": space-separated list),
+    ``negation`` (``(flag, value)``: a switch that sets the field to ``value``), ``const`` (an optional
+    value), ``group``, ``cli=False`` (not on the command line)."""
+    return field(default=default, metadata=dict(help=help, **cli)) if not isinstance(default, (list, dict)) else \
+        field(default_factory=lambda: default, metadata=dict(help=help, **cli))
 ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None, topo_overlap=False)
 
 
 @dataclass
 class DistillConfig:
-    """Parameters of ``reta distill``; defaults follow METHOD.md ([pred]/[paper]) unless noted.
+    """Parameters of ``reta distill``; defaults follow docs/method.md ([pred]/[paper]) unless noted.
 
     Attributes:
         method: one of :data:`METHODS`.
@@ -65,36 +75,41 @@ class DistillConfig:
             identity when on (it changes the images).
     """
 
-    method: str = "reta"
-    ipc: int = 10
-    ipc_start: int = 0
-    ipc_end: Optional[int] = None
-    iterations: int = 1000
-    blocks: int = 4
-    resolutions: Optional[Sequence[int]] = None
-    batch_classes: Optional[int] = None
-    ipc_per_batch: Optional[int] = None
-    lr: Optional[float] = None
-    jitter: Optional[int] = None
-    alpha: float = 0.5
-    lam: float = 0.1
-    r_bn: float = 0.01
-    first_bn_weight: float = 10.0
-    lam_topo: float = 0.5
-    topo_k: Optional[int] = None
-    points_per_class: Optional[int] = None
-    pta_set: str = "complete"
-    topo_refresh: int = 1
-    pool_per_class: int = 300
-    pool_candidates: int = 1
-    drc: bool = True
-    pta: bool = True
-    partition: bool = True
-    seed: int = 0
-    amp: Optional[str] = None
-    channels_last: bool = False
-    compile: Optional[str] = None
-    topo_overlap: bool = False
+    method: str = _opt("reta", "what to distil with (see the table above)", choices=METHODS)
+    ipc: int = _opt(10, "images per class")
+    ipc_start: int = _opt(0, "first ipc index this process makes")
+    ipc_end: Optional[int] = _opt(None, "one past the last ipc index (default: --ipc)")
+    iterations: int = _opt(1000, "recover steps per batch")
+    blocks: int = _opt(4, "multi-resolution blocks (FADRM)")
+    resolutions: Optional[Sequence[int]] = _opt(None, "one resolution per block, comma-separated (ImageNet: "
+                                                "200,224,200,224); overrides --blocks", kind="ints")
+    batch_classes: Optional[int] = _opt(None, "classes per batch (default: min(classes, 100))")
+    ipc_per_batch: Optional[int] = _opt(None, "items of each class per batch (default: 100 images per batch)")
+    lr: Optional[float] = _opt(None, "recover lr (default: 0.25 above 64 px as in SRe2L/FADRM, 0.05 up to 64 px)")
+    jitter: Optional[int] = _opt(None, "roll jitter in pixels (default: 4 up to 64 px, 32 above)")
+    alpha: float = _opt(0.5, "residual weight of the synthetic image")
+    lam: float = _opt(0.1, "DRC complexity weight lambda")
+    r_bn: float = _opt(0.01, "BN-statistic matching weight (--no-bn: 0)", negation=("no-bn", 0.0))
+    first_bn_weight: float = _opt(10.0, "weight of the first BN layer's term")
+    lam_topo: float = _opt(0.5, "PTA weight lambda_topo")
+    topo_k: Optional[int] = _opt(None, "PTA's mutual k-NN k (default: min(10, points per class // 2))")
+    points_per_class: Optional[int] = _opt(None, "PTA points per class on each side (default: IPC)")
+    pta_set: str = _opt("complete", "PTA's synthetic point set: the class's current images (complete, a class "
+                        "group's batches in lockstep) or the batch plus initial images (initial)", choices=PTA_SETS)
+    topo_refresh: int = _opt(1, "recompute PTA's graphs and pairings every T steps, re-gather lengths in between")
+    pool_per_class: int = _opt(300, "patch pool images per class")
+    pool_candidates: int = _opt(1, "RDED best-of-N crops per image")
+    drc: bool = _opt(True, "ablation: static anchor instead of DRC retrieval", negation=("no-drc", False))
+    pta: bool = _opt(True, "ablation: no topology alignment", negation=("no-pta", False))
+    partition: bool = _opt(True, "DRC searches only its own share of the class pool (--no-partition: the whole "
+                           "class pool, the paper's argmin)", negation=("no-partition", False))
+    seed: int = _opt(0, "everything random derives from it", group="common")
+    amp: Optional[str] = _opt(None, "teacher forward under bf16 autocast", choices=("bf16",), group="engine")
+    channels_last: bool = _opt(False, "teacher and batch in channels-last format", group="engine")
+    compile: Optional[str] = _opt(None, "torch.compile the teacher's forward (reduce-overhead: CUDA graphs on a GPU)",
+                                  choices=tuple(m for m in COMPILE_MODES if m), const="default", group="engine")
+    topo_overlap: bool = _opt(False, "compute PTA's pairings in a worker thread during the step, use them one "
+                              "step later", group="engine")
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -193,19 +208,21 @@ class DistillConfig:
 
 @dataclass
 class EvalConfig:
-    """The student protocol of METHOD.md section 1 (defaults: [pred]); ``seeds``: evaluation seeds."""
+    """The student protocol of docs/method.md §5 (defaults: [pred]); ``seeds``: evaluation seeds."""
 
-    student: Optional[str] = None
-    epochs: int = 300
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    temperature: float = 20.0
-    crop_scale: tuple = (0.08, 1.0)
-    cutmix: bool = True
-    labels: str = "online"
-    seeds: Sequence[int] = (0,)
-    baseline: bool = True
+    student: Optional[str] = _opt(None, "student architecture (default: the teacher's)",
+                                  choices=("convnet", "resnet18"), flag="student")
+    epochs: int = _opt(300, "student training epochs", flag="eval-epochs")
+    batch_size: int = _opt(64, "student batch size", flag="eval-batch")
+    lr: float = _opt(1e-3, "student AdamW lr", flag="eval-lr")
+    weight_decay: float = _opt(0.01, "student AdamW weight decay", flag="eval-wd")
+    temperature: float = _opt(20.0, "KL temperature of the soft labels")
+    crop_scale: tuple = _opt((0.08, 1.0), "RandomResizedCrop area range", cli=False)
+    cutmix: bool = _opt(True, "CutMix (--no-cutmix: off)", negation=("no-cutmix", False))
+    labels: str = _opt("online", "soft labels from the teacher during training, or stored by `reta relabel`",
+                       choices=("online", "stored"))
+    seeds: Sequence[int] = _opt((0,), "evaluation seeds (one student each)", flag="eval-seeds", kind="many")
+    baseline: bool = _opt(True, "skip the random-real baseline", negation=("no-baseline", False))
 
     def validate(self) -> None:
         if self.labels not in ("online", "stored"):

@@ -6,7 +6,7 @@ Layout (``out``)::
     classes.json              class index -> class name (folder name / WNID) and image folder name
     images/new{c:03d}/class{c:03d}_id{i:03d}.png    the distilled set (an ImageFolder)
     stages/<stage>.json       wall time, peak memory and loss parts of each stage that ran
-    labels/seed{s}.logits     stored soft labels (``reta relabel``), per evaluation seed (reta_fast.train.labels)
+    labels/seed{s}.npy, .json stored soft labels (``reta relabel``) per evaluation seed, and what they depend on
     export.pt                 tensor export: uint8 images, targets, classes, teacher logits
     eval.json, report.md, report.json, report/grid.png, report/betti.png
 

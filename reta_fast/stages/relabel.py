@@ -1,5 +1,5 @@
 """The relabel stage (docs/method.md §1): stored FKD-style soft labels per evaluation seed, streamed to
-``labels/seed*.logits``, and the tensor export ``export.pt``."""
+``labels/seed*.npy`` (+ ``.json``), and the tensor export ``export.pt``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,9 +18,9 @@ __all__ = ["relabel_stage", "stored_labels"]
 
 
 def relabel_stage(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool = True, log=print) -> dict:
-    """Stored soft labels for every evaluation seed (``labels/seed{s}.logits``: the teacher's fp16
+    """Stored soft labels for every evaluation seed (``labels/seed{s}.npy`` + ``.json``: the teacher's fp16
     logits for each augmented batch the student protocol draws, streamed to disk, see
-    :mod:`reta_fast.labels`) and the tensor export ``export.pt`` (uint8 images, targets, classes,
+    :mod:`reta_fast.train.labels`) and the tensor export ``export.pt`` (uint8 images, targets, classes,
     mean/std and the teacher's logits on the un-augmented images)."""
     ecfg.validate()
     out = Path(out)
@@ -28,7 +28,7 @@ def relabel_stage(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: 
     teacher.model.to(device).eval()
     info = dict(images=len(y), seeds=list(ecfg.seeds))
     for s in ecfg.seeds:
-        path = out / "labels" / f"seed{s}.logits"
+        path = out / "labels" / f"seed{s}.npy"
         meta = dict(_label_settings(ecfg, len(y), data.flip), seed=s, ids=[list(i) for i in ids],
                     teacher=teacher_fingerprint(teacher.model))
         rows = ecfg.epochs * len(y)
@@ -55,22 +55,15 @@ def _label_settings(ecfg: EvalConfig, n: int, flip: bool) -> dict:
 def stored_labels(out: Path, s: int, ecfg: EvalConfig, ids, flip: bool, classes: int, teacher):
     """The stored soft labels of seed ``s``, checked against everything they depend on: the student
     protocol's settings, the seed, the images (ids, in order), the class count and the teacher."""
-    path = out / "labels" / f"seed{s}.logits"
-    legacy = out / "labels" / f"seed{s}.pt"  # written by reta_fast before the streamed format
-    if not path.is_file() and legacy.is_file():
-        try:
-            d = torch.load(legacy, map_location="cpu", weights_only=False)
-            logits, meta = d["logits"], {k: v for k, v in d.items() if k != "logits"}
-            meta["crop_scale"] = [float(v) for v in meta["crop_scale"]]
-            meta["ids"] = [list(i) for i in meta.get("ids", [])] or None
-        except Exception as exc:  # noqa: BLE001
-            raise ValueError(f"stored soft labels {str(legacy)!r} are unreadable: {exc!r}") from None
-    elif not path.is_file():
-        raise FileNotFoundError(f"no stored soft labels {str(path)!r}: run `reta relabel` with the same evaluation "
-                                f"settings first, or use --labels online")
-    else:
-        logits = StoredLogits(path)
-        meta = logits.meta
+    path = out / "labels" / f"seed{s}.npy"
+    if not path.is_file():
+        older = [p.name for p in (out / "labels").glob(f"seed{s}.*") if p.suffix in (".logits", ".pt")]
+        hint = (f" ({older[0]} was written by an older reta_fast in a format this version does not read)"
+                if older else "")
+        raise FileNotFoundError(f"no stored soft labels {str(path)!r}{hint}: run `reta relabel` with the same "
+                                f"evaluation settings first, or use --labels online")
+    logits = StoredLogits(path)
+    meta = logits.meta
     n = len(ids)
     want = _label_settings(ecfg, n, flip)
     got = {k: meta.get(k) for k in want}
@@ -86,6 +79,6 @@ def stored_labels(out: Path, s: int, ecfg: EvalConfig, ids, flip: bool, classes:
     if meta.get("teacher") is not None and meta["teacher"] != teacher_fingerprint(teacher):
         problems.append("another teacher")
     if problems:
-        raise ValueError(f"stored soft labels {str(path if path.is_file() else legacy)!r} do not match this "
+        raise ValueError(f"stored soft labels {str(path)!r} do not match this "
                          f"evaluation ({'; '.join(problems)}): run `reta relabel` again")
     return logits

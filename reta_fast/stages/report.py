@@ -1,6 +1,6 @@
 """Run reports: ``report.md`` + ``report.json`` with the accuracy table, wall time and peak memory per
 stage, a grid of distilled images per class, and the Betti-0 / Betti-1 curves of real vs synthetic
-teacher features (the pull-to-anchor diagnostic of METHOD.md section 4: a synthetic Betti-0 curve
+teacher features (the pull-to-anchor diagnostic of docs/method.md §4: a synthetic Betti-0 curve
 shifted left means premature merging, a suppressed Betti-1 curve means lost loops)."""
 from __future__ import annotations
 

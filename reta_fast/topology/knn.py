@@ -1,4 +1,4 @@
-"""Mutual k-nearest-neighbour graphs of point clouds (METHOD.md section 4, "Graph").
+"""Mutual k-nearest-neighbour graphs of point clouds (docs/method.md §4, "Graph").
 
 Semantics (defined by :func:`knn_ref`, every backend must agree with it):
 
@@ -364,7 +364,7 @@ def edge_weights(points: torch.Tensor, edges: torch.Tensor, offsets: torch.Tenso
 
 
 def mutual_knn_graph(points: torch.Tensor, k: int, backend: str = "auto", precision: str = "ieee") -> KNNGraph:
-    """Mutual k-NN graph of each point set (METHOD.md section 4).
+    """Mutual k-NN graph of each point set (docs/method.md §4).
 
     Args:
         points: ``[n, d]`` or ``[b, n, d]`` floating tensor, finite, ``n >= 2`` (one graph per set).

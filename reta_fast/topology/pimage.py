@@ -1,4 +1,4 @@
-"""Differentiable persistence images (Adams et al., JMLR 2017; METHOD.md section 4).
+"""Differentiable persistence images (Adams et al., JMLR 2017; docs/method.md §4).
 
 A diagram point (b, d) is mapped to (b, p = d - b) and spread by a Gaussian of width ``sigma``
 over a fixed grid; each point is weighted by ``w(p) = clamp(p / p_max, 0, 1)``. The grid follows

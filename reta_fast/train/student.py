@@ -1,5 +1,5 @@
 """Training utilities shared by the pipeline stages: the embedded ``digits`` data set, teacher
-training (squeeze), accuracy, and the student protocol of METHOD.md section 1 (evaluate)."""
+training (squeeze), accuracy, and the student protocol of docs/method.md §5 (evaluate)."""
 from __future__ import annotations
 
 import gc
@@ -37,7 +37,7 @@ def _rrc_flip(x: torch.Tensor, scale, g: torch.Generator, flip: bool) -> torch.T
 
 def student_batches(images: torch.Tensor, epochs: int, batch_size: int, crop_scale=(0.08, 1.0), flip: bool = True,
                     cutmix: bool = True, seed: int = 0, device="cpu", mean=None, std=None) -> Iterator[torch.Tensor]:
-    """The augmented batches of the student protocol (METHOD.md section 1), one per step, as a
+    """The augmented batches of the student protocol (docs/method.md §1), one per step, as a
     deterministic function of ``seed``: shuffled each epoch, per-image RandomResizedCrop + flip,
     CutMix (Beta(1, 1) box, partner permutation). Relabelling (stored soft labels) and evaluation
     replay the same stream, so stored and online teacher labels agree step by step.
@@ -98,7 +98,7 @@ def train_student(student: nn.Module, teacher: Optional[nn.Module], images: torc
                   cutmix: bool = True, crop_scale=(0.08, 1.0), flip: bool = True, device="cpu", seed: int = 0,
                   progress: bool = False, soft_labels=None, distributed: Optional[bool] = None, mean=None,
                   std=None) -> nn.Module:
-    """The student protocol of METHOD.md section 1.
+    """The student protocol of docs/method.md §5.
 
     ``images`` ``[N, 3, H, W]`` are normalised synthetic images, or uint8 pixels with ``mean``/``std``. Each step (:func:`student_batches`):
     RandomResizedCrop + flip per image, CutMix; soft labels = the teacher's logits on the same

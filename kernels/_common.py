@@ -14,9 +14,10 @@ EMPTY_BASE = tl.constexpr(1 << 30)  # index part of an empty slot; real indices 
 
 
 @triton.jit
-def init_topk(BLOCK_M: tl.constexpr, KP: tl.constexpr, KC: tl.constexpr):
+def init_topk(BLOCK_M: tl.constexpr, KP: tl.constexpr, KC):
     """``[BLOCK_M, KP]`` running best: KC distinct "infinitely far" keys (so exactly one slot is the
-    worst) and padding slots holding -1, which is never the worst and so never replaced."""
+    worst) and padding slots holding -1, which is never the worst and so never replaced. ``KC`` is a
+    runtime value (only ``KP`` shapes the tiles), so one compiled kernel serves every ``KC <= KP``."""
     slot = tl.arange(0, KP)
     empty = (tl.full([KP], INF_BITS, tl.int64) << 32) | (slot + EMPTY_BASE).to(tl.int64)
     best = tl.where(slot < KC, empty, -1)
@@ -33,13 +34,16 @@ def pack_keys(score, idx, valid):
 
 
 @triton.jit
-def merge_topk(best, key, KC: tl.constexpr):
+def merge_topk(best, key, KC):
     """Merge a tile of keys ``[BLOCK_M, BLOCK_N]`` into the running best ``[BLOCK_M, KP]``."""
     # Only as many extraction rounds as the row with the most improving candidates needs: after
     # the first tiles this is usually 0 and the merge is skipped.
     worst = tl.max(best, axis=1)
-    n_better = tl.sum((key < worst[:, None]).to(tl.int32), axis=1)
-    n_rounds = tl.minimum(tl.max(n_better, axis=0), KC)
+    # Counted in fp32 (exact up to 2**24): summed as int32, LLVM packed the comparisons into an i16
+    # through a 2-byte local array (a st.local/ld.local round trip per tile, 8 B of stack) in every
+    # sm_90 ieee variant with 64x32 tiles and 4 warps. It depends on the layout; fp32 never does it.
+    n_better = tl.sum((key < worst[:, None]).to(tl.float32), axis=1)
+    n_rounds = tl.minimum(tl.max(n_better, axis=0).to(tl.int32), KC)
     for _ in range(0, n_rounds):
         cand = tl.min(key, axis=1)
         worst = tl.max(best, axis=1)

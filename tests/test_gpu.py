@@ -124,3 +124,36 @@ def test_ddp_free_pieces_on_gpu():
     a = list(student_batches(normalise_pixels(u8, m, s), 1, 4, seed=3, device="cuda"))
     b = list(student_batches(u8, 1, 4, seed=3, device="cuda", mean=m, std=s))
     assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("engine", [dict(topo_refresh=1), dict(topo_refresh=4), dict(overlap=True)])
+def test_recover_steps_make_no_hidden_synchronisation_on_gpu(engine):
+    """CUDA's own sync detector (torch.cuda.set_sync_debug_mode('error')) around steady-state RETALoss.terms
+    calls: a PTA refresh waits only on its transfer's event (not flagged), everything else is asynchronous."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    t = rf.models.resnet18(num_classes=10, cifar_stem=True).cuda().eval()
+    real = F.normalize(torch.randn(10, 8, 512, device="cuda"), dim=-1)
+    crit = rf.RETALoss(t, real_feats=real, k=4, **engine)
+    y = torch.arange(10, device="cuda").repeat(8)
+    ids = torch.arange(80, device="cuda")
+    x = torch.rand(80, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        crit.seed_bank(rf.models.teacher_features(t, x)[1], y, ids)
+    micro = [torch.arange(j * 10, (j + 1) * 10, device="cuda") for j in range(8)]
+    batches = [(y[m], ids[m]) for m in micro]
+    xs = [x[m].clone().requires_grad_() for m in micro]
+    for _ in range(2):  # layouts, real side, compilation of kernels: allowed to synchronise
+        for j in range(8):
+            crit.terms(xs[j], *batches[j])[0].backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            for j in range(8):
+                loss, parts = crit.terms(xs[j], *batches[j])
+                loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert float(parts[2]) > 0

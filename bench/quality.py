@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -164,6 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of an existing results.json that this invocation does not recompute")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     unknown = set(args.methods) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; choose from {list(VARIANTS)}")
@@ -199,9 +201,9 @@ def main(argv=None) -> int:
                 out = work / f"{_slug(name)}-ipc{ipc}-seed{dseed}"
                 cfg = P.DistillConfig(ipc=ipc, iterations=sc["iterations"], seed=dseed, **VARIANTS[name])
                 pool_dir = work / _pool_name(cfg)
-                with P.Stage(out, "distill", args.device, print) as st:
+                with P.Stage(out, "distill", args.device) as st:
                     st.info.update(P.distill(data, [teacher], out, cfg, device=args.device, pool_dir=pool_dir,
-                                             progress=False, log=print, teacher_specs=[str(tpath)]))
+                                             progress=False, teacher_specs=[str(tpath)]))
                 first = out / "stages" / "distill-first.json"
                 if st.info.get("written"):
                     shutil.copyfile(out / "stages" / "distill.json", first)
@@ -217,7 +219,7 @@ def main(argv=None) -> int:
                                                   seeds=list(ecfg.seeds), flip=data.flip)))
                 res = json.loads(evfile.read_text()) if evfile.is_file() else None
                 if res is None or res.get("protocol") != want:
-                    res = P.evaluate(data, teacher, out, ecfg, device=args.device, progress=False, log=print, ipc=ipc)
+                    res = P.evaluate(data, teacher, out, ecfg, device=args.device, progress=False, ipc=ipc)
                     os.replace(out / "eval.json", evfile)
                 per_seed[dseed] = dict(top1=res["distilled"], distill_seconds=dinfo["seconds"],
                                        distill_peak_bytes=dinfo["peak_bytes"], peak_kind=dinfo["peak_kind"],

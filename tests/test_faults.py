@@ -101,12 +101,12 @@ def test_edited_run_manifest_makes_distill_refuse(tmp_path):
     t = Teacher(model, "convnet", data.classes, 16, data.mean, data.std)
     out = tmp_path / "o"
     cfg = P.DistillConfig(method="random-real", ipc=1)
-    P.distill(data, [t], out, cfg, progress=False, log=lambda m: None)
+    P.distill(data, [t], out, cfg, progress=False)
     run = json.loads((out / "run.json").read_text())
     run["config"]["seed"] = 7
     (out / "run.json").write_text(json.dumps(run))
     with pytest.raises(P.RunMismatch, match="seed"):
-        P.distill(data, [t], out, cfg, progress=False, log=lambda m: None)
+        P.distill(data, [t], out, cfg, progress=False)
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")

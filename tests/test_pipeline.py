@@ -40,13 +40,12 @@ def data():
 @pytest.fixture(scope="module")
 def teacher(data, tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "t.pt"
-    return squeeze(data, epochs=4, out=path, progress=False, log=lambda m: None)
+    return squeeze(data, epochs=4, out=path, progress=False)
 
 
-def run(data, teacher, out, log=None, **kw):
+def run(data, teacher, out, **kw):
     cfg = P.DistillConfig(**{**TINY, **kw})
-    return P.distill(data, [teacher], out, cfg, progress=False, log=log or (lambda m: None),
-                     pool_dir=Path(out).parent / f"pool-{teacher.name}")
+    return P.distill(data, [teacher], out, cfg, progress=False, pool_dir=Path(out).parent / f"pool-{teacher.name}")
 
 
 def png_bytes(out):
@@ -165,8 +164,7 @@ def test_same_seed_same_images_and_resume_after_interruption(data, teacher, tmp_
 
     part = tmp_path / "part"
     with pytest.raises(Stop):
-        P.distill(data, [teacher], part, P.DistillConfig(**{**TINY, "method": "reta"}), progress=False,
-                  log=lambda m: None, pool_dir=tmp_path / f"pool-{teacher.name}", on_item=stop_after_12)
+        P.distill(data, [teacher], part, P.DistillConfig(**{**TINY, "method": "reta"}), progress=False, pool_dir=tmp_path / f"pool-{teacher.name}", on_item=stop_after_12)
     assert len(png_bytes(part)) == 12
     info = run(data, teacher, part, method="reta")
     assert info["written"] == 18
@@ -183,8 +181,7 @@ def test_ipc_slices_and_rank_shards_union_equals_one_run(data, teacher, tmp_path
     run(data, teacher, tmp_path / "sl", ipc_start=1, **kw)
     assert png_bytes(tmp_path / "sl") == ref
     for r in range(2):
-        P.distill(data, [teacher], tmp_path / "sh", P.DistillConfig(**{**TINY, **kw}), progress=False,
-                  log=lambda m: None, pool_dir=tmp_path / f"pool-{teacher.name}", rank=r, world_size=2)
+        P.distill(data, [teacher], tmp_path / "sh", P.DistillConfig(**{**TINY, **kw}), progress=False, pool_dir=tmp_path / f"pool-{teacher.name}", rank=r, world_size=2)
     assert png_bytes(tmp_path / "sh") == ref
 
 
@@ -258,7 +255,7 @@ def test_stored_soft_labels_replay_the_online_stream(data, teacher, tmp_path):
     out = tmp_path / "r"
     run(data, teacher, out, method="rded")
     ecfg = P.EvalConfig(epochs=2, batch_size=8, seeds=(0,), labels="stored")
-    P.relabel_stage(data, teacher, out, ecfg, progress=False, log=lambda m: None)
+    P.relabel_stage(data, teacher, out, ecfg, progress=False)
     from reta_fast.train.labels import StoredLogits
 
     stored = StoredLogits(out / "labels" / "seed0.npy").read()
@@ -272,9 +269,9 @@ def test_stored_soft_labels_replay_the_online_stream(data, teacher, tmp_path):
     torch.testing.assert_close(stored.float(), online, atol=2e-2, rtol=1e-2)
     export = torch.load(out / "export.pt", weights_only=False)
     assert export["images"].dtype == torch.uint8 and export["images"].shape == (30, 3, 16, 16)
-    res = P.evaluate(data, teacher, out, ecfg, progress=False, log=lambda m: None)
+    res = P.evaluate(data, teacher, out, ecfg, progress=False)
     assert 0 <= res["distilled"]["mean"] <= 100 and res["random_real"] is not None
-    quiet = dict(progress=False, log=lambda m: None)
+    quiet = dict(progress=False)
     # every thing the stored labels depend on is checked, by name, before any training
     for cfg, match in ((P.EvalConfig(epochs=3, batch_size=8, labels="stored"), "settings .*'epochs': 2"),
                        (P.EvalConfig(epochs=2, batch_size=8, labels="stored", crop_scale=(0.5, 1.0)), "crop_scale"),
@@ -310,13 +307,13 @@ def test_evaluate_refuses_an_incomplete_set(data, teacher, tmp_path):
     run(data, teacher, out, method="rded")
     P.item_path(out, 4, 2).unlink()
     with pytest.raises(ValueError, match="incomplete"):
-        P.evaluate(data, teacher, out, P.EvalConfig(epochs=1), ipc=3, progress=False, log=lambda m: None)
+        P.evaluate(data, teacher, out, P.EvalConfig(epochs=1), ipc=3, progress=False)
     with pytest.raises(ValueError, match="classes"):
         P.load_distilled(out, list("abcdefghij"), data.mean, data.std)
 
 
 def test_betti_curves_count_components_and_loops():
-    from reta_fast.stages.report import betti_curves
+    from reta_fast.topology.betti import betti_curves
 
     t = torch.linspace(0, 2, 101)
     ang = torch.linspace(0, 2 * np.pi, 13)[:-1]
@@ -369,10 +366,9 @@ def test_teacher_without_batchnorm_needs_no_bn(data, tmp_path, capsys):
     assert "does not fit" in capsys.readouterr().err
     t = Teacher(model, "linear", data.classes, 16, data.mean, data.std)
     with pytest.raises(ValueError, match="no BatchNorm2d"):
-        P.distill(data, [t], tmp_path / "o3", P.DistillConfig(**{**TINY, "method": "sre2l"}), progress=False,
-                  log=lambda m: None)
+        P.distill(data, [t], tmp_path / "o3", P.DistillConfig(**{**TINY, "method": "sre2l"}), progress=False)
     info = P.distill(data, [t], tmp_path / "o4", P.DistillConfig(**{**TINY, "method": "sre2l", "r_bn": 0.0}),
-                     progress=False, log=lambda m: None)
+                     progress=False)
     assert info["written"] == 30
 
 
@@ -401,11 +397,11 @@ def test_cli_run_on_an_imagefolder_with_broken_files(tmp_path, capsys):
 
 
 def test_several_teachers_take_turns(data, teacher, tmp_path):
-    second = squeeze(data, epochs=2, seed=1, progress=False, log=lambda m: None)
+    second = squeeze(data, epochs=2, seed=1, progress=False)
     cfg = P.DistillConfig(**{**TINY, "method": "fadrm", "ipc_per_batch": 1})
     runs = {}
     for name, teachers in (("multi", [teacher, second]), ("single", [teacher])):
-        info = P.distill(data, teachers, tmp_path / name, cfg, progress=False, log=lambda m: None,
+        info = P.distill(data, teachers, tmp_path / name, cfg, progress=False,
                          pool_dir=tmp_path / "pool-multi")
         runs[name] = png_bytes(tmp_path / name)
     assert info["written"] == 30
@@ -418,7 +414,7 @@ def test_several_teachers_take_turns(data, teacher, tmp_path):
     # group 0 (classes 0-4) the first teacher, group 1 the second
     cfg = P.DistillConfig(**{**TINY, "method": "reta", "ipc_per_batch": 1, "batch_classes": 5})
     for name, teachers in (("reta-multi", [teacher, second]), ("reta-single", [teacher])):
-        P.distill(data, teachers, tmp_path / name, cfg, progress=False, log=lambda m: None,
+        P.distill(data, teachers, tmp_path / name, cfg, progress=False,
                   pool_dir=tmp_path / "pool-multi")
         runs[name] = png_bytes(tmp_path / name)
     a, b = runs["reta-multi"], runs["reta-single"]
@@ -473,8 +469,7 @@ def test_unaligned_slices_and_several_class_groups_equal_one_run(data, teacher, 
     run(data, teacher, tmp_path / "one", **kw)
     assert png_bytes(tmp_path / "one") == ref
     for r in (1, 0):  # rank 1 first
-        P.distill(data, [teacher], tmp_path / "sh", P.DistillConfig(**{**TINY, **kw}), progress=False,
-                  log=lambda m: None, pool_dir=tmp_path / f"pool-{teacher.name}", rank=r, world_size=2)
+        P.distill(data, [teacher], tmp_path / "sh", P.DistillConfig(**{**TINY, **kw}), progress=False, pool_dir=tmp_path / f"pool-{teacher.name}", rank=r, world_size=2)
     assert png_bytes(tmp_path / "sh") == ref
 
 
@@ -482,8 +477,7 @@ def test_unaligned_slices_and_several_class_groups_equal_one_run(data, teacher, 
 def test_real_image_methods_shard_completely(data, teacher, tmp_path, method):
     run(data, teacher, tmp_path / "one", method=method)
     for r in (0, 1):  # ranks one after the other: rank 1 sees rank 0's files
-        P.distill(data, [teacher], tmp_path / "sh", P.DistillConfig(**{**TINY, "method": method}), progress=False,
-                  log=lambda m: None, pool_dir=tmp_path / f"pool-{teacher.name}", rank=r, world_size=2)
+        P.distill(data, [teacher], tmp_path / "sh", P.DistillConfig(**{**TINY, "method": method}), progress=False, pool_dir=tmp_path / f"pool-{teacher.name}", rank=r, world_size=2)
     assert png_bytes(tmp_path / "sh") == png_bytes(tmp_path / "one")
 
 
@@ -497,7 +491,7 @@ def test_later_stages_use_the_recorded_teacher(data, teacher, tmp_path, capsys):
     assert json.loads((out / "run.json").read_text())["teacher_specs"] == [str(teacher.path)]
     assert main(["evaluate", "--eval-epochs", "1", "--no-baseline"] + common) == 0
     assert f"teacher {teacher.accuracy:.2f}%" in capsys.readouterr().out
-    other = squeeze(data, epochs=1, seed=3, out=tmp_path / "other.pt", progress=False, log=lambda m: None)
+    other = squeeze(data, epochs=1, seed=3, out=tmp_path / "other.pt", progress=False)
     os.replace(other.path, teacher.path.parent / "swapped.pt")
     run_json = json.loads((out / "run.json").read_text())
     run_json["teacher_specs"] = [str(teacher.path.parent / "swapped.pt")]
@@ -515,7 +509,7 @@ def test_more_bad_input(data, teacher, tmp_path):
     for i in range(3):
         P.item_path(out, 9, i).unlink()
     with pytest.raises(ValueError, match="incomplete"):
-        write_report(out, data, teacher, log=lambda m: None)
+        write_report(out, data, teacher)
     mixed = tmp_path / "mixed"
     (mixed / "images").mkdir(parents=True)
     (mixed / "notes.txt").write_text("mine")

@@ -15,12 +15,14 @@ Under ``torchrun`` the distill stage shards its batches over the ranks (``RANK``
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 import torch
 
 from ..stages.config import DistillConfig, EvalConfig
-from .commands import (_device, _Log, cmd_distill, cmd_evaluate, cmd_plan, cmd_relabel, cmd_report, cmd_run,
+from .commands import (_device, cmd_distill, cmd_evaluate, cmd_plan, cmd_relabel, cmd_report, cmd_run,
                        cmd_squeeze)
 from .flags import add_config_flags
 from .topo_demo import topo_demo
@@ -130,6 +132,27 @@ _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErr
                 PermissionError)
 
 
+def _configure_logging(quiet: bool) -> None:
+    """What the library says (the ``reta_fast`` loggers) goes to stdout as plain lines; ``--quiet`` (and
+    every torchrun rank but 0) keeps only warnings. A library user routes or silences them as usual."""
+    log = logging.getLogger("reta_fast")
+    if not any(isinstance(h, _Stdout) for h in log.handlers):
+        log.addHandler(_Stdout())
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+class _Stdout(logging.Handler):
+    """Plain lines on whatever ``sys.stdout`` is when a record is emitted (so a replaced stdout, e.g. a
+    test's capture, gets them too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stdout.write(record.getMessage() + "\n")
+            sys.stdout.flush()
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "topo-demo":
@@ -138,10 +161,8 @@ def main(argv=None) -> int:
                 print(f"reta: --{name} must be >= 1", file=sys.stderr)
                 return 2
         return args.func(args)
-    args.log = _Log(args.quiet)
+    _configure_logging(args.quiet or int(os.environ.get("RANK", 0)) != 0)
     if getattr(args, "deterministic", False):
-        import os
-
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA initialises
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False

@@ -2,6 +2,7 @@
 process group (rank 0 builds the pool and merges the stage records)."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -22,14 +23,7 @@ from ..stages.report import write_report
 from ..stages.squeeze import default_teacher_path, resolve_teachers, squeeze
 from .flags import config_from
 
-class _Log:
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-
-    def __call__(self, msg: str) -> None:
-        if not self.quiet:
-            print(msg, flush=True)
-
+logger = logging.getLogger("reta_fast")
 
 def _device(name: str) -> str:
     """``auto``: ``cuda:$LOCAL_RANK`` (torchrun) or ``cuda`` when CUDA is available, else ``cpu``."""
@@ -52,7 +46,7 @@ def _device(name: str) -> str:
 
 def _data(args):
     data = load_data(args.data, size=args.size, val=args.val, root=args.data_root)  # fixed split, any --seed
-    args.log(f"[data] {data.describe()}" + "".join(f"; {n}" for n in data.notes))
+    logger.info(f"[data] {data.describe()}" + "".join(f"; {n}" for n in data.notes))
     return data
 
 
@@ -61,7 +55,7 @@ def _teachers(args, data):
     record is kept in ``args.squeeze_record`` and written once the output folder is accepted)."""
     arch = getattr(args, "arch", None)
     kw = dict(device=args.device, seed=args.seed, weights=args.teacher_weights, arch=arch,
-              epochs=getattr(args, "squeeze_epochs", None), progress=not args.quiet, log=args.log,
+              epochs=getattr(args, "squeeze_epochs", None), progress=not args.quiet,
               workers=args.workers)
     run_json = Path(args.out) / "run.json" if getattr(args, "out", None) else None
     if not args.teacher and args.command in ("relabel", "evaluate", "report") and run_json and run_json.is_file():
@@ -71,7 +65,7 @@ def _teachers(args, data):
     if _rank()[1] > 1:
         raise ValueError("under torchrun every rank needs the same teacher: run `reta squeeze` (or pass --teacher) "
                          "before launching the ranks")
-    with Stage(None, "squeeze", args.device, args.log) as st:
+    with Stage(None, "squeeze", args.device) as st:
         teachers = resolve_teachers(None, data, **kw)
         st.info.update(teacher=teachers[0].name, top1=teachers[0].accuracy, checkpoint=str(teachers[0].path))
     args.squeeze_record = st.record
@@ -90,7 +84,7 @@ def _recorded_teachers(args, data, run_json, kw):
         if teacher_fingerprint(t.model) != r.get("fingerprint"):
             raise ValueError(f"teacher {t.path} is not the network that distilled {args.out} (fingerprint "
                              f"{teacher_fingerprint(t.model)} vs {r.get('fingerprint')}): pass --teacher explicitly")
-    args.log(f"[teacher] using the distilling teacher recorded in run.json: {specs[0]}")
+    logger.info(f"[teacher] using the distilling teacher recorded in run.json: {specs[0]}")
     return teachers
 
 
@@ -120,9 +114,9 @@ def cmd_squeeze(args) -> int:
     out = args.teacher_out or default_teacher_path(data, arch, args.seed)
     if Path(out).exists():
         raise FileExistsError(f"{out} exists: a teacher is never overwritten (pass --teacher-out elsewhere)")
-    with Stage(None, "squeeze", args.device, args.log):
+    with Stage(None, "squeeze", args.device):
         t = squeeze(data, arch, epochs=args.epochs, lr=args.squeeze_lr, seed=args.seed, device=args.device, out=out,
-                    progress=not args.quiet, workers=args.workers, log=args.log)
+                    progress=not args.quiet, workers=args.workers)
     print(f"teacher {t.name}: top-1 {t.accuracy:.2f}% -> {out}")
     return 0
 
@@ -173,12 +167,11 @@ def cmd_distill(args, data=None, teachers=None) -> int:
         import torch.distributed as dist
 
         if rank == 0 and cfg.uses_pool:  # one rank builds the pool; the others then load it
-            build_pool(data, teachers[0], cfg, args.device, args.pool, not args.quiet, args.log)
+            build_pool(data, teachers[0], cfg, args.device, args.pool, not args.quiet)
         dist.barrier()
-    with Stage(out if world == 1 else None, "distill" if world == 1 else f"distill-rank{rank}", args.device,
-               args.log) as st:
+    with Stage(out if world == 1 else None, "distill" if world == 1 else f"distill-rank{rank}", args.device) as st:
         st.info.update(distill(data, teachers, out, cfg, device=args.device, pool_dir=args.pool,
-                               progress=not args.quiet and rank == 0, log=args.log, rank=rank, world_size=world,
+                               progress=not args.quiet and rank == 0, rank=rank, world_size=world,
                                teacher_specs=[str(t.path) if t.path else t.name for t in teachers]))
     _keep_squeeze_record(args)
     if world > 1:
@@ -193,16 +186,16 @@ def cmd_distill(args, data=None, teachers=None) -> int:
             merged.pop("stage", None)
             write_stage_record(out, "distill", dict(stage="distill", **merged))
     i = st.info
-    args.log(f"[distill] {i['written']} images written, {i['skipped']} already there -> {out / 'images'}")
+    logger.info(f"[distill] {i['written']} images written, {i['skipped']} already there -> {out / 'images'}")
     return 0
 
 
 def cmd_relabel(args, data=None, teachers=None) -> int:
     data = data or _data(args)
     teachers = teachers or _teachers(args, data)
-    with Stage(Path(args.out), "relabel", args.device, args.log) as st:
+    with Stage(Path(args.out), "relabel", args.device) as st:
         st.info.update(relabel_stage(data, teachers[0], args.out, _eval_config(args), device=args.device,
-                                     progress=not args.quiet, log=args.log))
+                                     progress=not args.quiet))
     return 0
 
 
@@ -213,10 +206,9 @@ def cmd_evaluate(args, data=None, teachers=None) -> int:
     if world > 1 and not _process_group(args):
         raise ValueError("`reta evaluate` with WORLD_SIZE > 1 trains each student with DDP and needs torchrun's "
                          "process group (MASTER_ADDR); run it with torchrun, or in one process")
-    log = args.log if rank == 0 else (lambda m: None)
-    with Stage(Path(args.out) if rank == 0 else None, "evaluate", args.device, log) as st:
+    with Stage(Path(args.out) if rank == 0 else None, "evaluate", args.device, quiet=rank != 0) as st:
         r = evaluate(data, teachers[0], args.out, _eval_config(args), device=args.device,
-                     progress=not args.quiet and rank == 0, log=log, seed=args.seed, workers=args.workers)
+                     progress=not args.quiet and rank == 0, seed=args.seed, workers=args.workers)
         st.info.update(top1=r["distilled"]["mean"], ranks=world)
     if rank != 0:
         return 0
@@ -229,7 +221,7 @@ def cmd_evaluate(args, data=None, teachers=None) -> int:
 def cmd_report(args, data=None, teachers=None) -> int:
     data = data or _data(args)
     teachers = teachers or _teachers(args, data)
-    write_report(args.out, data, teachers[0], k=args.topo_k or 10, seed=args.seed, device=args.device, log=args.log)
+    write_report(args.out, data, teachers[0], k=args.topo_k or 10, seed=args.seed, device=args.device)
     return 0
 
 
@@ -239,7 +231,7 @@ def cmd_run(args) -> int:
     cmd_distill(args, data, teachers)
     rank, world = _rank()
     if world > 1 and not torch.distributed.is_initialized():
-        args.log("[run] ranks without a process group: run `reta evaluate` once every rank has finished")
+        logger.info("[run] ranks without a process group: run `reta evaluate` once every rank has finished")
         return 0
     if args.eval_labels == "stored":  # rank 0 relabels, the others wait for the labels
         if rank == 0:
@@ -259,14 +251,13 @@ def cmd_plan(args) -> int:
     arch = args.arch or default_arch(data)
     if args.teacher or default_teacher_path(data, arch, args.seed).is_file():
         teacher = resolve_teachers(args.teacher, data, device=args.device, seed=args.seed,
-                                   weights=args.teacher_weights, arch=arch, log=args.log)[0]
+                                   weights=args.teacher_weights, arch=arch)[0]
     else:  # the step time does not depend on the weights
         model, _ = build_arch(arch, len(data.classes), data.size)
         teacher = Teacher(model, arch, data.classes, data.size, data.mean, data.std)
-        args.log(f"[plan] no teacher yet: timing an untrained {arch} (the step cost does not depend on weights)")
+        logger.info(f"[plan] no teacher yet: timing an untrained {arch} (the step cost does not depend on weights)")
     cfg = _distill_config(args)
-    est = calibrate(data, teacher, cfg, device=args.device, steps=args.calibration_steps, gpus=args.gpus,
-                    log=args.log)
+    est = calibrate(data, teacher, cfg, device=args.device, steps=args.calibration_steps, gpus=args.gpus)
     print(f"reta plan: {cfg.method} on {data.name}, IPC {cfg.ipc}, teacher {teacher.name}, {args.gpus} device(s) "
           f"like this one ({args.device})")
     print(est.table())

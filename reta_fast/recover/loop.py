@@ -117,7 +117,8 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
             retrieval_teacher: Optional[torch.nn.Module] = None,
             retriever: Optional[Callable] = None,
             micro_batches: Optional[Sequence[Sequence[int]]] = None,
-            seeds: Optional[Sequence[int]] = None, device=None) -> torch.Tensor:
+            seeds: Optional[Sequence[int]] = None, device=None, anchor_ids: Optional[torch.Tensor] = None,
+            diagnose: bool = False) -> torch.Tensor:
     """Optimise a set of synthetic images: one batch, or several micro-batches in lockstep.
 
     Args:
@@ -145,6 +146,12 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
         device: where the images are optimised (default: ``x_init``'s device). Keeping a large ``x_init``
             on the host and passing the accelerator here holds only the optimised images, their
             gradients and Adam's state on the device.
+        anchor_ids: ``[B]`` pool indices of the initial patches: with DRC, each injection records in
+            ``config.history`` how its retrieval compares with re-injecting the anchor (``"drc"`` entries:
+            share of images retrieving their own anchor, fit and complexity of retrieved vs anchor
+            patches, distinct patches per class).
+        diagnose: at the last step of every block, record the norm of each loss term's gradient on the
+            first micro-batch's pixels (``"grads"`` entries; three extra backward passes per block).
 
     Returns:
         ``[B, 3, R, R]`` detached images at the last block's resolution ``R``, rows as in ``x_init``, on
@@ -212,6 +219,8 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
                         loss, parts = criterion.terms(xa, ys[j], idss[j])
                     else:
                         loss, parts = criterion(xa, ys[j], idss[j])
+                if diagnose and j == 0 and step == sum(per_block[:b + 1]) - 1 and hasattr(criterion, "last_terms"):
+                    cfg.history.append(dict(step=step, block=b, grads=_term_grad_norms(criterion.last_terms, x)))
                 loss.backward()
                 opt.step()
                 with torch.no_grad():
@@ -240,6 +249,10 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
                         patch = pool.images(idx.cpu(), device=dev)
                         cfg.history.append(dict(step=step, block=b, retrieved=idx.cpu().tolist(),
                                                 **({"micro": j} if M > 1 else {})))
+                        if anchor_ids is not None:
+                            anchor = anchor_ids[micro[j].to(anchor_ids.device)].to(idx.device)
+                            cfg.history.append(dict(step=step, block=b, drc=_drc_stats(
+                                q, idx, anchor, ys[j], pool, nxt, dev)))
                     else:
                         patch = anchors[j]
                     xs[j] = residual_inject(xs[j].detach(), patch, cfg.alpha, size=nxt)
@@ -247,3 +260,30 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
     for mb, x in zip(micro, xs):
         out[mb.to(out.device)] = x.detach().to(out.device)
     return out
+
+
+def _term_grad_norms(terms: dict, x: torch.Tensor) -> dict:
+    """The norm of each (weighted) loss term's gradient on the pixels ``x`` (graphs kept for the step)."""
+    out = {}
+    for name, t in terms.items():
+        if not t.requires_grad:
+            out[name] = 0.0
+            continue
+        (g,) = torch.autograd.grad(t, x, retain_graph=True, allow_unused=True)
+        out[name] = 0.0 if g is None else float(g.norm())
+    return out
+
+
+@torch.no_grad()
+def _drc_stats(q: torch.Tensor, idx: torch.Tensor, anchor: torch.Tensor, y: torch.Tensor, pool, res: int, dev) -> dict:
+    """How one injection's retrieved patches compare with the images' own anchors: the share retrieving
+    their anchor, the fit ``|q - z|^2`` and the (per-class scaled) complexity of both, and the number of
+    distinct retrieved patches per class over the class's images."""
+    feats, _, cx = pool.retrieval_tensors(res, device=dev)
+    fit = lambda i: (q - feats[i.to(dev)]).pow(2).sum(1).mean()  # noqa: E731
+    yc = y.cpu()
+    idc = idx.cpu()
+    spread = [len(set(idc[yc == c].tolist())) / int((yc == c).sum()) for c in yc.unique().tolist()]
+    return dict(own_anchor=float((idx == anchor).float().mean()), fit_retrieved=float(fit(idx)),
+                fit_anchor=float(fit(anchor)), complexity_retrieved=float(cx[idx.to(dev)].mean()),
+                complexity_anchor=float(cx[anchor.to(dev)].mean()), distinct_per_class=float(sum(spread) / len(spread)))

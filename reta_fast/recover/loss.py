@@ -323,6 +323,8 @@ class RETALoss(nn.Module):
             bn = torch.stack([b.float() for b in self._bn_terms]).sum() if self._bn_terms else ce.new_zeros(())
             topo = self._topo_term(lay) if self.topo is not None else ce.new_zeros(())
             loss = ce + self.r_bn * bn + self.lam_topo * topo
+        # the weighted terms, graphs attached, until the next call (the recover loop's gradient diagnostics)
+        self.last_terms = dict(ce=ce, bn=self.r_bn * bn, topo=self.lam_topo * topo)
         return loss, torch.stack([ce.detach(), bn.detach(), topo.detach().float()])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None

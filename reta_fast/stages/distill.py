@@ -24,6 +24,7 @@ class's other items (never with images other batches produced), so a resumed run
 """
 from __future__ import annotations
 
+import logging
 import hashlib
 import math
 import time
@@ -42,12 +43,15 @@ from ..recover.loop import RecoverConfig, recover
 from ..recover.loss import RETALoss
 from ..retrieval.pool import PatchPool
 from ..retrieval.search import retrieve
+from ..topology.betti import betti_distance
 from .config import DistillConfig
 from .output import RUN_FORMAT, check_run, item_path, to_uint8
 from .records import versions
 from .shards import shard_items, shard_units, unit_items
 
 __all__ = ["distill", "build_pool", "rded_ranking", "PartitionedRetriever"]
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,6 +92,60 @@ def _noise(c: int, i: int, size: int, seed: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
+# diagnostics: what DRC and PTA did (docs/method.md §3-§4), in the stage record and the report
+
+
+class _Diagnostics:
+    """Collects, over the units of a distill call: per block, DRC's injections against the static anchor and
+    each loss term's gradient norm; and for every class recovered whole in this call, the Betti-curve
+    distance of its set to real features before and after recovery."""
+
+    def __init__(self, teacher, pool, cfg: DistillConfig, device):
+        self.teacher, self.cfg, self.device = teacher, cfg, device
+        self.drc, self.grads = {}, {}
+        self.before, self.after = {}, {}
+        self.real = None
+        if pool is not None and cfg.uses_recover:
+            m = cfg.pta_points
+            self.real = _real_points(teacher, pool, m, cfg.seed, device).cpu()
+
+    @torch.no_grad()
+    def _feats(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([teacher_features(self.teacher, x[a:a + 256].to(self.device))[1].float().cpu()
+                          for a in range(0, len(x), 256)])
+
+    def unit(self, history, items, x0, x) -> None:
+        for h in history:
+            if "drc" in h:
+                self.drc.setdefault(h["block"], []).append(h["drc"])
+            if "grads" in h:
+                self.grads.setdefault(h["block"], []).append(h["grads"])
+        if self.real is not None:
+            for store, images in ((self.before, x0), (self.after, x)):
+                f = self._feats(images)
+                store.update({it: f[n] for n, it in enumerate(items)})
+
+    def summary(self) -> dict:
+        mean = lambda rows, key: float(np.mean([r[key] for r in rows]))  # noqa: E731
+        out = dict(
+            drc=[dict(block=b, **{k: mean(v, k) for k in v[0]}) for b, v in sorted(self.drc.items())],
+            grads=[dict(block=b, **{k: mean(v, k) for k in v[0]},
+                        topo_over_ce=mean(v, "topo") / max(mean(v, "ce"), 1e-12),
+                        topo_over_bn=mean(v, "topo") / max(mean(v, "bn"), 1e-12)) for b, v in sorted(self.grads.items())],
+            betti=None)
+        ipc, m = self.cfg.ipc, self.cfg.pta_points
+        whole = sorted({c for c, _ in self.after if all((c, i) in self.after for i in range(ipc))})
+        if self.real is not None and whole and m >= 3:
+            k = min(self.cfg.k(), m - 1)
+            real = self.real[whole]
+            out["betti"] = dict(classes=len(whole), k=k, points=m, **{
+                when: betti_distance(real, torch.stack([torch.stack([store[(c, i)] for i in range(m)])
+                                                        for c in whole]), k)
+                for when, store in (("before", self.before), ("after", self.after))})
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
 # distill
 
 def _pool_path(data, teacher, cfg: DistillConfig, pool_dir) -> Path:
@@ -116,21 +174,19 @@ def _real_points(teacher, pool, m: int, seed: int, device) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def build_pool(data, teacher, cfg: DistillConfig, device="cpu", pool_dir=None, progress: bool = True,
-               log: Callable = print):
+def build_pool(data, teacher, cfg: DistillConfig, device="cpu", pool_dir=None, progress: bool = True):
     """Build (or load) the patch pool ``distill`` uses: one crop per real image, at the data's size,
     with complexities at every block resolution; in a cache folder keyed by data, teacher and
     parameters unless ``pool_dir`` is given."""
     ppath = _pool_path(data, teacher, cfg, pool_dir)
-    log(f"[distill] patch pool: {ppath}")
+    logger.info(f"[distill] patch pool: {ppath}")
     return PatchPool.build(data.train, teacher.model, ppath, per_class=cfg.pool_per_class, size=data.size,
                            resolutions=sorted(set(cfg.block_resolutions(data.size))), candidates=cfg.pool_candidates,
                            mean=data.mean, std=data.std, device=device, seed=cfg.seed, classes=data.classes,
                            dataset_name=data.name, progress=progress)
 
 
-def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None, progress: bool = True,
-            log: Callable = print, rank: int = 0, world_size: int = 1, on_item: Optional[Callable] = None,
+def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None, progress: bool = True, rank: int = 0, world_size: int = 1, on_item: Optional[Callable] = None,
             teacher_specs: Optional[Sequence[str]] = None) -> dict:
     """Produce the items ``(c, i)``, ``c`` over all classes and ``i`` in ``[cfg.ipc_start, cfg.end)``,
     that are not on disk yet, as PNGs under ``out/images`` (each written atomically).
@@ -172,7 +228,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     ipcs = list(range(cfg.ipc_start, cfg.end))
     todo_all = [(c, i) for i in ipcs for c in range(C) if not item_path(out, c, i).exists()]
     if not todo_all:
-        log(f"[distill] all {C * len(ipcs)} items of ipc [{cfg.ipc_start}, {cfg.end}) already exist in {out}")
+        logger.info(f"[distill] all {C * len(ipcs)} items of ipc [{cfg.ipc_start}, {cfg.end}) already exist in {out}")
         info["skipped"] = len(shard_items(cfg, C, rank, world_size))  # this rank's share: ranks' counts add up
         return info
     for t in teachers:
@@ -194,7 +250,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
 
     pool = None
     if cfg.uses_pool:
-        pool = build_pool(data, teachers[0], cfg, device, pool_dir, progress, log)
+        pool = build_pool(data, teachers[0], cfg, device, pool_dir, progress)
         counts = np.bincount(np.asarray(pool.labels), minlength=C)
         short = [(data.classes[c], int(counts[c])) for c in range(C) if counts[c] < cfg.ipc]
         if short:
@@ -221,7 +277,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     k = cfg.k()
     m_pts = cfg.pta_points
     if cfg.pta_on and m_pts <= k:
-        log(f"[distill] warning: PTA needs more than k={k} points per class but IPC {cfg.ipc} gives {m_pts}: "
+        logger.warning(f"[distill] warning: PTA needs more than k={k} points per class but IPC {cfg.ipc} gives {m_pts}: "
             f"the topology term stays 0 (use a larger IPC or --topo-k < {m_pts})")
     bc, ipb, groups, units = shard_units(cfg, C, rank, world_size)
     n_micro = len(units[0].starts) if units else 1  # batches per unit (lockstep: calls per round)
@@ -248,6 +304,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
         retriever = PartitionedRetriever(pool, (labels_p * cfg.ipc + share).to(device), cfg.lam, device)
     parts_log: List[dict] = []
     in_slice = set(all_items)
+    diag = _Diagnostics(teachers[0].model, pool, cfg, device)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -291,9 +348,11 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
             sizes = [len(b) for b in batches]
             micro = [list(range(sum(sizes[:n]), sum(sizes[:n + 1]))) for n in range(len(batches))]
             seeds = [cfg.seed * 1_000_003 + bi for bi in bis]
+            anchors = (torch.tensor([int(ranking[c][i]) for c, i in items]) if rc.drc else None)
             x = recover(crit, x0, y, ids if cfg.pta_on else None, pool=pool if rc.drc else None, config=rc,
                         seed=seeds[0], seeds=seeds, micro_batches=micro, retrieval_teacher=teachers[0].model,
-                        retriever=retriever, device=device)
+                        retriever=retriever, device=device, anchor_ids=anchors, diagnose=cfg.compile is None)
+            diag.unit(rc.history, items, x0, x)
             last = [h for h in rc.history if "ce" in h][-max(1, cfg.iterations // 10) * len(batches):]
             parts = {key: float(np.mean([h[key] for h in last])) for key in ("ce", "bn", "topo")}
             if not all(math.isfinite(v) for v in parts.values()):
@@ -316,6 +375,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
             bar.close()
         for crit in crits:
             crit.close()
+    info["diagnostics"] = diag.summary()
     if parts_log:
         info["loss_parts"] = {key: float(np.mean([p[key] for p in parts_log])) for key in ("ce", "bn", "topo")}
     info["topo_k"] = k if cfg.pta_on else None

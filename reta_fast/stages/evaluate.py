@@ -2,6 +2,7 @@
 real subset of the same size, report their top-1 with the teacher's, in ``eval.json``."""
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -20,6 +21,8 @@ from .relabel import stored_labels
 
 __all__ = ["evaluate"]
 
+logger = logging.getLogger(__name__)
+
 
 def _student(name: Optional[str], data, teacher_name: str):
     arch = name or (teacher_name if teacher_name == "resnet18" or teacher_name.startswith("convnet")
@@ -27,7 +30,7 @@ def _student(name: Optional[str], data, teacher_name: str):
     return build_arch(arch, len(data.classes), data.size)[0], arch
 
 
-def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool = True, log=print,
+def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool = True,
              ipc: Optional[int] = None, seed: int = 0, workers: int = 0) -> dict:
     """Train a student from scratch on the distilled set of ``out`` for every seed of ``ecfg`` and
     report its top-1 on ``data.val``, with the teacher's top-1 and (``ecfg.baseline``) the random
@@ -70,7 +73,7 @@ def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool 
                                     progress=progress, soft_labels=soft, mean=data.mean, std=data.std)
             acc = accuracy(student, val, **acc_kw)
             res[name].append(acc)
-            log(f"[evaluate] {name} (IPC {ipc}) student {arch}, seed {s}: top-1 {acc:.2f}%")
+            logger.info(f"[evaluate] {name} (IPC {ipc}) student {arch}, seed {s}: top-1 {acc:.2f}%")
 
     def stat(v):
         return dict(mean=float(np.mean(v)), std=float(np.std(v)), runs=[float(a) for a in v])

@@ -24,6 +24,7 @@ architecture stands in when no teacher exists yet (said so in the output).
 """
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import sys
@@ -39,6 +40,8 @@ from ..recover.loop import RecoverConfig, recover
 from ..recover.loss import RETALoss
 
 __all__ = ["Estimate", "estimate", "calibrate"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,8 +108,7 @@ def _peak(device) -> tuple:
     return rss, "process_peak_rss"
 
 
-def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int = 64, gpus: int = 1,
-              log=print) -> Estimate:
+def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int = 64, gpus: int = 1) -> Estimate:
     """Measure one batch's recover step (``steps`` timed steps after one warm-up step) and the pool's
     per-image cost, then apply :func:`estimate` to the whole job described by ``cfg``."""
     cfg.validate()

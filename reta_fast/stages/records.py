@@ -2,13 +2,14 @@
 call of the stage kept (resumes, slices and torchrun ranks add up)."""
 from __future__ import annotations
 
+import logging
 import json
 import platform
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ from ..fileio import write_json
 
 __all__ = ["Stage", "write_stage_record", "versions"]
 
+logger = logging.getLogger(__name__)
+
 
 class Stage:
     """Context manager timing one stage and recording its peak memory into ``out/stages/<name>.json``.
@@ -26,8 +29,8 @@ class Stage:
     the process's peak resident set size so far (``ru_maxrss``; it cannot be reset per stage).
     """
 
-    def __init__(self, out: Optional[Path], name: str, device, log: Callable = print):
-        self.out, self.name, self.device, self.log = out, name, torch.device(device), log
+    def __init__(self, out: Optional[Path], name: str, device, quiet: bool = False):
+        self.out, self.name, self.device, self.quiet = out, name, torch.device(device), quiet
         self.info: dict = {}
 
     def __enter__(self):
@@ -49,7 +52,7 @@ class Stage:
             rec = write_stage_record(self.out, self.name, rec)
         self.record = rec
         if exc_type is None:
-            self.log(f"[{self.name}] done in {seconds:.1f} s, peak memory {peak / 2**20:.0f} MiB ({kind})")
+            (logger.debug if self.quiet else logger.info)(f"[{self.name}] done in {seconds:.1f} s, peak memory {peak / 2**20:.0f} MiB ({kind})")
         return False
 
 

@@ -2,6 +2,7 @@
 ``labels/seed*.npy`` (+ ``.json``), and the tensor export ``export.pt``."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -16,8 +17,10 @@ from .output import load_distilled
 
 __all__ = ["relabel_stage", "stored_labels"]
 
+logger = logging.getLogger(__name__)
 
-def relabel_stage(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool = True, log=print) -> dict:
+
+def relabel_stage(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool = True) -> dict:
     """Stored soft labels for every evaluation seed (``labels/seed{s}.npy`` + ``.json``: the teacher's fp16
     logits for each augmented batch the student protocol draws, streamed to disk, see
     :mod:`reta_fast.train.labels`) and the tensor export ``export.pt`` (uint8 images, targets, classes,
@@ -36,13 +39,13 @@ def relabel_stage(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: 
                                            crop_scale=ecfg.crop_scale, flip=data.flip, cutmix=ecfg.cutmix, seed=s,
                                            device=device, progress=progress, mean=data.mean, std=data.std),
                      rows=rows, classes=len(data.classes), meta=meta)
-        log(f"[relabel] ({rows}, {len(data.classes)}) fp16 logits for seed {s} -> {path}")
+        logger.info(f"[relabel] ({rows}, {len(data.classes)}) fp16 logits for seed {s} -> {path}")
     with torch.no_grad():
         plain = torch.cat([teacher.model(normalise_pixels(u8[a:a + 256], data.mean, data.std).to(device)).half().cpu()
                            for a in range(0, len(u8), 256)])
     save_torch(out / "export.pt", dict(images=u8, targets=y, classes=list(data.classes), mean=list(data.mean),
                                        std=list(data.std), soft_labels=plain, ids=ids))
-    log(f"[relabel] tensor export {out / 'export.pt'}")
+    logger.info(f"[relabel] tensor export {out / 'export.pt'}")
     return info
 
 

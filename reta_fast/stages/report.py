@@ -4,46 +4,24 @@ teacher features (the pull-to-anchor diagnostic of docs/method.md §4: a synthet
 shifted left means premature merging, a suppressed Betti-1 curve means lost loops)."""
 from __future__ import annotations
 
+import logging
 import io
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.sets import random_real_images
+from ..data.tensors import denormalise, normalise_pixels
 from ..fileio import atomic_write, read_json, write_json
 from ..models.features import teacher_features
-from ..topology.diagrams import persistence_diagrams
+from ..topology.betti import betti_curves
 from .output import load_distilled
 
-__all__ = ["betti_curves", "write_report", "image_grid"]
+__all__ = ["write_report", "image_grid"]
 
-#: cap for classes that never die, above every distance of L2-normalised features (<= 2)
-_ESSENTIAL_CAP = 2.5
-
-
-@torch.no_grad()
-def betti_curves(points: torch.Tensor, k: int, grid: torch.Tensor) -> Dict[str, np.ndarray]:
-    """Mean Betti-0 and Betti-1 curves over the point sets ``points`` ``[C, m, D]`` (L2-normalised
-    first), of the mutual k-NN flag complex filtered by edge length, sampled at ``grid`` ``[T]``."""
-    pts = F.normalize(points.float(), dim=-1)
-    dg = persistence_diagrams(pts, k, maxdim=1, essential=_ESSENTIAL_CAP)
-    t = grid.view(1, -1)
-    C = pts.shape[0]
-
-    def curve(d, off, dim):
-        out = torch.zeros(C, grid.numel())
-        for c in range(C):
-            bars = d[off[c]:off[c + 1]].detach().cpu()
-            if bars.numel():
-                alive = (bars[:, :1] <= t) & (t < bars[:, 1:2]) if dim else (t < bars[:, 1:2])
-                out[c] = alive.sum(0).float()
-        return out.mean(0).numpy()
-
-    return dict(b0=curve(dg.h0, dg.h0_offsets, 0), b1=curve(dg.h1, dg.h1_offsets, 1))
-
+logger = logging.getLogger(__name__)
 
 def image_grid(images_u8: torch.Tensor, rows: int, cols: int) -> np.ndarray:
     """``[rows * cols, 3, H, W]`` uint8 (row-major, missing cells black) -> ``[rows*(H+2), cols*(W+2), 3]``."""
@@ -68,7 +46,7 @@ def _fmt_bytes(b: Optional[int]) -> str:
 
 
 def write_report(out, data, teacher, k: int = 10, max_classes: int = 10, max_ipc: int = 10, seed: int = 0,
-                 device="cpu", log=print) -> dict:
+                 device="cpu") -> dict:
     """Assemble ``out/report.md`` and ``out/report.json`` from what the stages left in ``out``
     (``run.json``, ``stages/*.json``, ``eval.json``) and draw ``report/grid.png`` and
     ``report/betti.png`` (teacher features of the distilled images vs as many random real images
@@ -91,9 +69,7 @@ def write_report(out, data, teacher, k: int = 10, max_classes: int = 10, max_ipc
                config=run.get("config"), teacher=dict(name=teacher.name, top1=teacher.accuracy),
                evaluation=ev, stages=stages, versions=run.get("versions"))
     (out / "report").mkdir(exist_ok=True)
-    m = torch.tensor(data.mean).view(1, 3, 1, 1)
-    sd = torch.tensor(data.std).view(1, 3, 1, 1)
-    u8 = ((x * sd + m).clamp(0, 1) * 255).round().to(torch.uint8)
+    u8 = (denormalise(x, data.mean, data.std).clamp(0, 1) * 255).round().to(torch.uint8)
     shown_c, shown_i = list(range(min(C, max_classes))), min(ipc, max_ipc)
     cells = []
     for c in shown_c:
@@ -123,7 +99,7 @@ def write_report(out, data, teacher, k: int = 10, max_classes: int = 10, max_ipc
     kk = min(k, ipc - 1)
     if kk >= 1 and ipc >= 3:
         rr = random_real_images(data, ipc, seed + 1)
-        xr = (torch.stack([rr[(c, i)] for c in range(C) for i in range(ipc)]).float() / 255.0 - m) / sd
+        xr = normalise_pixels(torch.stack([rr[(c, i)] for c in range(C) for i in range(ipc)]), data.mean, data.std)
         xs = torch.cat([x[y == c][:ipc] for c in range(C)])
         model = teacher.model.to(device).eval()
         with torch.no_grad():
@@ -152,7 +128,7 @@ def write_report(out, data, teacher, k: int = 10, max_classes: int = 10, max_ipc
     rep["pictures"] = pictures
     write_json(out / "report.json", rep)
     atomic_write(out / "report.md", lambda fh: fh.write(_markdown(rep).encode()))
-    log(f"[report] {out / 'report.md'}")
+    logger.info(f"[report] {out / 'report.md'}")
     return rep
 
 
@@ -208,6 +184,38 @@ def _markdown(rep: dict) -> str:
               f"Betti-1 area means suppressed loops.", ""]
     else:
         L += ["Needs at least 3 images per class.", ""]
+    L += _diagnostics_markdown(next((s.get("diagnostics") for s in rep["stages"] if s.get("stage") == "distill"), None))
     if rep.get("versions"):
         L += ["Versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), ""]
     return "\n".join(L)
+
+
+def _diagnostics_markdown(d: Optional[dict]) -> list:
+    """What DRC and PTA did during recovery (the distill stage's record)."""
+    if not d:
+        return []
+    L = ["## What DRC and PTA did", ""]
+    if d.get("drc"):
+        L += ["DRC at each residual injection, against re-injecting the image's own initial patch (the static "
+              "anchor): share of images whose retrieved patch *is* their anchor; fit `|q - z|^2` of the teacher "
+              "features and per-class scaled complexity of the retrieved vs the anchor patches; distinct retrieved "
+              "patches per class over its images.", "",
+              "| after block | own anchor | fit retrieved / anchor | complexity retrieved / anchor | distinct per class |",
+              "|---|---|---|---|---|"]
+        L += [f"| {r['block']} | {100 * r['own_anchor']:.0f}% | {r['fit_retrieved']:.4f} / {r['fit_anchor']:.4f} | "
+              f"{r['complexity_retrieved']:.3f} / {r['complexity_anchor']:.3f} | {r['distinct_per_class']:.2f} |"
+              for r in d["drc"]]
+        L.append("")
+    if d.get("grads"):
+        L += ["Gradient norm of each weighted loss term on the pixels, at the last step of each block:", "",
+              "| block | CE | BN | PTA | PTA / CE | PTA / BN |", "|---|---|---|---|---|---|"]
+        L += [f"| {r['block']} | {r['ce']:.3g} | {r['bn']:.3g} | {r['topo']:.3g} | {r['topo_over_ce']:.3f} | "
+              f"{r['topo_over_bn']:.3f} |" for r in d["grads"]]
+        L.append("")
+    b = d.get("betti")
+    if b:
+        L += [f"Betti-curve distance of each class's synthetic set to real features (mean over {b['classes']} classes, "
+              f"mutual {b['k']}-NN, {b['points']} points per class; 0 = the same curves): before recovery Betti-0 "
+              f"{b['before']['b0']:.4f}, Betti-1 {b['before']['b1']:.4f}; after recovery Betti-0 "
+              f"{b['after']['b0']:.4f}, Betti-1 {b['after']['b1']:.4f}.", ""]
+    return L

@@ -2,6 +2,7 @@
 ``--teacher`` argument (a checkpoint, a library model, a list taking turns, or the cached default)."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -18,6 +19,8 @@ from ..train.classifier import accuracy, train_classifier
 
 __all__ = ["squeeze", "resolve_teachers", "default_teacher_path"]
 
+logger = logging.getLogger(__name__)
+
 
 def default_teacher_path(data, arch: str, seed: int) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(data.name).name if os.sep in data.name else data.name).strip("-")
@@ -26,7 +29,7 @@ def default_teacher_path(data, arch: str, seed: int) -> Path:
 
 def squeeze(data, arch: Optional[str] = None, epochs: Optional[int] = None, batch_size: Optional[int] = None,
             lr: Optional[float] = None, seed: int = 0, device="cpu", out=None, progress: bool = True,
-            workers: int = 0, log=print) -> Teacher:
+            workers: int = 0) -> Teacher:
     """Train a BN teacher on ``data.train`` (SGD + one-cycle, crop + flip), measure its top-1 on
     ``data.val``, and save the checkpoint atomically to ``out`` (when given).
 
@@ -48,7 +51,7 @@ def squeeze(data, arch: Optional[str] = None, epochs: Optional[int] = None, batc
     train_classifier(model, train, epochs=epochs, batch_size=batch_size, lr=lr, mean=data.mean, std=data.std,
                      device=device, seed=seed, flip=data.flip, progress=progress, size=data.size, workers=workers)
     acc = accuracy(model, val, mean=data.mean, std=data.std, device=device, size=data.size, workers=workers)
-    log(f"[squeeze] {arch} on {data.name}: top-1 {acc:.2f}% on {len(data.val)} val images "
+    logger.info(f"[squeeze] {arch} on {data.name}: top-1 {acc:.2f}% on {len(data.val)} val images "
         f"({epochs} epochs, {time.perf_counter() - t0:.1f} s)")
     teacher = Teacher(model.eval(), arch, data.classes, data.size, data.mean, data.std, acc, out)
     if out is not None:
@@ -57,7 +60,7 @@ def squeeze(data, arch: Optional[str] = None, epochs: Optional[int] = None, batc
 
 
 def resolve_teachers(specs, data, device="cpu", seed: int = 0, weights=None, arch=None, epochs=None,
-                     progress=True, log=print, workers: int = 0):
+                     progress=True, workers: int = 0):
     """``--teacher`` (comma-separated list, round-robin over recover batches as in FADRM+) or, when
     empty, the default teacher for ``data`` squeezed once and cached (keyed by data set, arch, seed)."""
     if not specs:
@@ -65,10 +68,10 @@ def resolve_teachers(specs, data, device="cpu", seed: int = 0, weights=None, arc
         path = default_teacher_path(data, arch, seed)
         if path.is_file():
             t = load_teacher(path, data, device)
-            log(f"[squeeze] reusing cached teacher {path} (top-1 {t.accuracy:.2f}%)")
+            logger.info(f"[squeeze] reusing cached teacher {path} (top-1 {t.accuracy:.2f}%)")
             return [t]
-        log(f"[squeeze] no teacher given: training the default {arch} teacher for {data.name} (cached at {path})")
-        return [squeeze(data, arch, epochs=epochs, seed=seed, device=device, out=path, progress=progress, log=log,
+        logger.info(f"[squeeze] no teacher given: training the default {arch} teacher for {data.name} (cached at {path})")
+        return [squeeze(data, arch, epochs=epochs, seed=seed, device=device, out=path, progress=progress,
                         workers=workers)]
     out = []
     for s in [s for s in str(specs).split(",") if s]:

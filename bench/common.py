@@ -1,5 +1,8 @@
-"""Inputs shared by the benchmark modules (clustered features like a teacher's, fixed seeds)."""
+"""What the benchmark scripts share: inputs (clustered features like a teacher's, fixed seeds) and the
+machine's name."""
 from __future__ import annotations
+
+import platform
 
 import torch
 
@@ -17,3 +20,15 @@ def graphs(b: int, n: int, d: int, k: int, seed: int = 0):
 
     g = rf.mutual_knn_graph(clustered(b, n, d, seed=seed), k)
     return g.edges, g.lengths.detach(), g.offsets
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -44,6 +43,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import cpu_model  # noqa: E402
 
 # The batch structure of ImageNet-1K runs (one image per class per batch) on a 10-class data set.
 IMAGENET_BATCH = dict(batch_classes=10, ipc_per_batch=1)
@@ -114,15 +115,7 @@ def unpack(archive: Path) -> Path:
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0).replace(" ", "-").lower()
-    name = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu-{'-'.join(name.lower().split()[:3])}-{os.cpu_count()}core"
+    return f"cpu-{'-'.join(cpu_model().lower().split()[:3])}-{os.cpu_count()}core"
 
 
 def _slug(name: str) -> str:

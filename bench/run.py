@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from common import cpu_model  # noqa: E402
 
 MODULES = ["knn", "persistence", "pimage", "pta", "retrieval", "recover"]
 
@@ -98,24 +99,13 @@ def stamp(device: str) -> dict:
         triton_v = None
     import reta_fast
 
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else _cpu_model()
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_model()
     return {
         "device": device, "device_name": name, "cpus": os.cpu_count(), "torch": torch.__version__,
         "triton": triton_v, "numpy": numpy.__version__, "python": platform.python_version(),
         "reta_fast": reta_fast.__version__, "native": reta_fast.has_native(), "git": sha,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _fmt_cfg(cfg: dict) -> str:

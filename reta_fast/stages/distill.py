@@ -17,10 +17,14 @@ reta           teacher-ranked real patches     ``blocks``  DRC retrieval      on
 are RDED's: one square crop per real image (the pool), ranked within the class by the teacher's
 cross-entropy (lowest first); item ``(c, i)`` starts from the ``i``-th best patch of class ``c``.
 
-Every item ``(c, i)`` is a pure function of the run parameters and the seed: a batch's augmentation
-seed derives from its index, and the PTA bank of a batch is seeded with the *initial* images of the
-class's other items (never with images other batches produced), so a resumed run, a run split with
-``ipc_start/ipc_end``, and a torchrun-sharded run write the same images as one uninterrupted run.
+Recovery runs by *unit* (:mod:`reta_fast.stages.shards`): one batch, or, when PTA aligns each class's
+synthetic set (``pta_set="complete"``, the default for ``reta``), all batches of a class group recovered in
+lockstep, so that a class's point set is its current images (docs/method.md §2.1, §4.1).
+
+Every item ``(c, i)`` is a pure function of the run parameters and the seed: a batch's augmentation seed
+derives from its index, a unit starts from the initial images alone and carries no state to the next, so a
+resumed run, a run split with ``ipc_start/ipc_end`` (which recovers every unit it needs whole and writes
+its slice) and a torchrun-sharded run (ranks take units) write the same images as one uninterrupted run.
 """
 from __future__ import annotations
 
@@ -186,69 +190,45 @@ def build_pool(data, teacher, cfg: DistillConfig, device="cpu", pool_dir=None, p
                            dataset_name=data.name, progress=progress)
 
 
-def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None, progress: bool = True, rank: int = 0, world_size: int = 1, on_item: Optional[Callable] = None,
+def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None, progress: bool = True,
+            rank: int = 0, world_size: int = 1, on_item: Optional[Callable] = None,
             teacher_specs: Optional[Sequence[str]] = None) -> dict:
     """Produce the items ``(c, i)``, ``c`` over all classes and ``i`` in ``[cfg.ipc_start, cfg.end)``,
     that are not on disk yet, as PNGs under ``out/images`` (each written atomically).
 
-    ``teachers``: list of :class:`reta_fast.teachers.Teacher` (round-robin over batches, FADRM+); the
-    first one builds the pool and serves DRC's retrieval. ``rank``/``world_size`` shard the batches
+    ``teachers``: list of :class:`reta_fast.models.Teacher` (round-robin over batches, FADRM+); the
+    first one builds the pool and serves DRC's retrieval. ``rank``/``world_size`` shard the units
     (torchrun). ``on_item(c, i)`` is called after each image is written. Returns the stage info.
     """
     cfg.validate()
     cfg = replace(cfg, lr=cfg.lr_for(data.size))  # the run manifest records the lr actually used
-    if not teachers:
-        raise ValueError("distill needs at least one teacher")
     out = Path(out)
-    for t in teachers:
-        if list(t.classes) != list(data.classes) or t.size != data.size:
-            raise ValueError(f"teacher {t.name} was made for other classes or another image size than {data.name}")
-    manifest = dict(format=RUN_FORMAT, method=cfg.method, config=cfg.identity(),
-                    data=dict(name=data.name, fingerprint=data.fingerprint, size=data.size, classes=len(data.classes),
-                              mean=list(data.mean), std=list(data.std)),
-                    teachers=[dict(name=t.name, fingerprint=teacher_fingerprint(t.model)) for t in teachers],
-                    teacher_specs=list(teacher_specs) if teacher_specs else [str(t.path) for t in teachers if t.path],
-                    versions=versions())
-    out.mkdir(parents=True, exist_ok=True)
-    check_run(out, manifest)
-    write_json(out / "classes.json", dict(classes=list(data.classes),
-                                          folders=[f"new{c:03d}" for c in range(len(data.classes))]))
-    C, S = len(data.classes), data.size
-    if cfg.uses_recover and cfg.block_resolutions(S)[-1] != S:
-        raise ValueError(f"the last block's resolution must be the data's size {S} (the images are written at it), "
-                         f"got resolutions {cfg.block_resolutions(S)}")
-    now = time.time()
-    for stale in (out / "images").glob("new*/.*.tmp"):  # left by a killed run; a live writer's are seconds old
-        try:
-            if now - stale.stat().st_mtime > 120:
-                stale.unlink()
-        except OSError:
-            pass
+    _start_run(data, teachers, out, cfg, teacher_specs)
+    C = len(data.classes)
     info = dict(method=cfg.method, ipc=cfg.ipc, ipc_start=cfg.ipc_start, ipc_end=cfg.end, written=0, skipped=0)
-    ipcs = list(range(cfg.ipc_start, cfg.end))
-    todo_all = [(c, i) for i in ipcs for c in range(C) if not item_path(out, c, i).exists()]
-    if not todo_all:
-        logger.info(f"[distill] all {C * len(ipcs)} items of ipc [{cfg.ipc_start}, {cfg.end}) already exist in {out}")
-        info["skipped"] = len(shard_items(cfg, C, rank, world_size))  # this rank's share: ranks' counts add up
+    mine = shard_items(cfg, C, rank, world_size)  # this rank's items of the slice: a fixed order
+    todo = {it for it in mine if not item_path(out, *it).exists()}
+    if not todo:
+        logger.info(f"[distill] all {len(mine)} items of this process in ipc [{cfg.ipc_start}, {cfg.end}) already "
+                    f"exist in {out}")
+        info["skipped"] = len(mine)  # this rank's share: ranks' counts add up
         return info
     for t in teachers:
         t.model.to(device).eval()
 
-    all_items = [(c, i) for i in ipcs for c in range(C)]  # fixed order: shards never depend on what exists
-    todo_set = set(todo_all)
-    if cfg.method == "random-real":
-        mine = [it for it in shard_items(cfg, C, rank, world_size) if it in todo_set]
-        classes = sorted({c for c, _ in mine})
-        imgs = random_real_images(data, cfg.ipc, cfg.seed, classes, cfg.ipc_start, cfg.end)
-        for c, i in mine:
-            save_png(item_path(out, c, i), imgs[(c, i)].permute(1, 2, 0).numpy())
-            info["written"] += 1
-            if on_item:
-                on_item(c, i)
-        info["skipped"] = len(shard_items(cfg, C, rank, world_size)) - len(mine)
-        return info
+    def write(c: int, i: int, image_u8) -> None:
+        save_png(item_path(out, c, i), image_u8)
+        info["written"] += 1
+        if on_item:
+            on_item(c, i)
 
-    pool = None
+    if cfg.method == "random-real":
+        images = random_real_images(data, cfg.ipc, cfg.seed, sorted({c for c, _ in todo}), cfg.ipc_start, cfg.end)
+        for c, i in (it for it in mine if it in todo):
+            write(c, i, images[(c, i)].permute(1, 2, 0).numpy())
+        info["skipped"] = len(mine) - len(todo)
+        return info
+    pool = ranking = None
     if cfg.uses_pool:
         pool = build_pool(data, teachers[0], cfg, device, pool_dir, progress)
         counts = np.bincount(np.asarray(pool.labels), minlength=C)
@@ -260,50 +240,96 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
 
     def init_image(c: int, i: int) -> torch.Tensor:
         if cfg.method == "sre2l":
-            return _noise(c, i, S, cfg.seed)
+            return _noise(c, i, data.size, cfg.seed)
         return pool.images([int(ranking[c][i])])[0]
 
     if cfg.method == "rded":
-        mine = [it for it in shard_items(cfg, C, rank, world_size) if it in todo_set]
-        for c, i in mine:
-            save_png(item_path(out, c, i), to_uint8(init_image(c, i), data.mean, data.std))
-            info["written"] += 1
-            if on_item:
-                on_item(c, i)
-        info["skipped"] = len(shard_items(cfg, C, rank, world_size)) - len(mine)
+        for c, i in (it for it in mine if it in todo):
+            write(c, i, to_uint8(init_image(c, i), data.mean, data.std))
+        info["skipped"] = len(mine) - len(todo)
         return info
+    return _recover_units(data, teachers, out, cfg, device, pool, ranking, init_image, todo, write, info, rank,
+                          world_size, progress)
 
-    # recover methods ------------------------------------------------------------------------
-    k = cfg.k()
-    m_pts = cfg.pta_points
-    if cfg.pta_on and m_pts <= k:
-        logger.warning(f"[distill] warning: PTA needs more than k={k} points per class but IPC {cfg.ipc} gives {m_pts}: "
-            f"the topology term stays 0 (use a larger IPC or --topo-k < {m_pts})")
-    bc, ipb, groups, units = shard_units(cfg, C, rank, world_size)
-    n_micro = len(units[0].starts) if units else 1  # batches per unit (lockstep: calls per round)
-    crits = []
+
+def _start_run(data, teachers, out: Path, cfg: DistillConfig, teacher_specs) -> None:
+    """Check the teachers, claim (or resume) the output folder with the run's manifest, write the class
+    mapping, and remove temporaries a killed run left."""
+    if not teachers:
+        raise ValueError("distill needs at least one teacher")
+    for t in teachers:
+        if list(t.classes) != list(data.classes) or t.size != data.size:
+            raise ValueError(f"teacher {t.name} was made for other classes or another image size than {data.name}")
+    S = data.size
+    if cfg.uses_recover and cfg.block_resolutions(S)[-1] != S:
+        raise ValueError(f"the last block's resolution must be the data's size {S} (the images are written at it), "
+                         f"got resolutions {cfg.block_resolutions(S)}")
+    manifest = dict(format=RUN_FORMAT, method=cfg.method, config=cfg.identity(),
+                    data=dict(name=data.name, fingerprint=data.fingerprint, size=S, classes=len(data.classes),
+                              mean=list(data.mean), std=list(data.std)),
+                    teachers=[dict(name=t.name, fingerprint=teacher_fingerprint(t.model)) for t in teachers],
+                    teacher_specs=list(teacher_specs) if teacher_specs else [str(t.path) for t in teachers if t.path],
+                    versions=versions())
+    out.mkdir(parents=True, exist_ok=True)
+    check_run(out, manifest)
+    write_json(out / "classes.json", dict(classes=list(data.classes),
+                                          folders=[f"new{c:03d}" for c in range(len(data.classes))]))
+    now = time.time()
+    for stale in (out / "images").glob("new*/.*.tmp"):  # left by a killed run; a live writer's are seconds old
+        try:
+            if now - stale.stat().st_mtime > 120:
+                stale.unlink()
+        except OSError:
+            pass
+
+
+def _criteria(teachers, pool, cfg: DistillConfig, batches_per_unit: int, device) -> List[RETALoss]:
+    """One loss per teacher: CE + BN, and PTA against ``m`` real pool features per class when it is on."""
+    out = []
     for t in teachers:
         kw = dict(r_bn=cfg.r_bn, first_bn_weight=cfg.first_bn_weight)
         if cfg.pta_on:
-            # every class of the pool has >= ipc patches (checked above), and PTA uses m <= ipc points
-            real = _real_points(t.model, pool, m_pts, cfg.seed, device)
-            crits.append(RETALoss(t.model, lam_topo=cfg.lam_topo, real_feats=real, k=k,
-                                  topo_refresh=cfg.topo_refresh * (n_micro if cfg.lockstep else 1),
-                                  overlap=cfg.topo_overlap, **kw))
+            # every class of the pool has >= ipc patches (checked), and PTA uses m <= ipc points
+            real = _real_points(t.model, pool, cfg.pta_points, cfg.seed, device)
+            out.append(RETALoss(t.model, lam_topo=cfg.lam_topo, real_feats=real, k=cfg.k(),
+                                topo_refresh=cfg.topo_refresh * (batches_per_unit if cfg.lockstep else 1),
+                                overlap=cfg.topo_overlap, **kw))
         else:
-            crits.append(RETALoss(t.model, lam_topo=0.0, **kw))
-    jitter = cfg.jitter if cfg.jitter is not None else (4 if S <= 64 else 32)
-    info.update(batch_classes=bc, ipc_per_batch=ipb, batches_per_unit=n_micro)
-    retriever = None
-    if cfg.method == "reta" and cfg.drc and cfg.partition:
-        labels_p = torch.tensor(np.asarray(pool.labels))  # a copy: pool arrays are read-only memory maps
-        share = torch.empty(len(labels_p), dtype=torch.int64)
-        for c in range(C):
-            r = torch.as_tensor(ranking[c], dtype=torch.int64)
-            share[r] = torch.arange(r.numel()) % cfg.ipc
-        retriever = PartitionedRetriever(pool, (labels_p * cfg.ipc + share).to(device), cfg.lam, device)
+            out.append(RETALoss(t.model, lam_topo=0.0, **kw))
+    return out
+
+
+def _partitioned_retriever(pool, ranking, cfg: DistillConfig, C: int, device) -> PartitionedRetriever:
+    """Item ``(c, i)`` searches the class-``c`` patches whose RDED rank ``r`` has ``r % ipc == i``."""
+    labels = torch.tensor(np.asarray(pool.labels))  # a copy: pool arrays are read-only memory maps
+    share = torch.empty(len(labels), dtype=torch.int64)
+    for c in range(C):
+        ranked = torch.as_tensor(ranking[c], dtype=torch.int64)
+        share[ranked] = torch.arange(ranked.numel()) % cfg.ipc
+    return PartitionedRetriever(pool, (labels * cfg.ipc + share).to(device), cfg.lam, device)
+
+
+def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, ranking, init_image, todo, write, info,
+                   rank: int, world_size: int, progress: bool) -> dict:
+    """The recover methods: every unit of this rank with an item still to write is recovered whole (its
+    images depend on the unit alone) and its missing items of the slice are written."""
+    C, S = len(data.classes), data.size
+    k, m = cfg.k(), cfg.pta_points
+    if cfg.pta_on and m <= k:
+        logger.warning(f"[distill] warning: PTA needs more than k={k} points per class but IPC {cfg.ipc} gives {m}: "
+                       f"the topology term stays 0 (use a larger IPC or --topo-k < {m})")
+    classes_per_batch, items_per_batch, groups, units = shard_units(cfg, C, rank, world_size)
+    batches_per_unit = len(units[0].starts) if units else 1  # lockstep: calls per round
+    criteria = _criteria(teachers, pool, cfg, batches_per_unit, device)
+    info.update(batch_classes=classes_per_batch, ipc_per_batch=items_per_batch, batches_per_unit=batches_per_unit)
+    drc = cfg.method == "reta" and cfg.drc
+    retriever = _partitioned_retriever(pool, ranking, cfg, C, device) if drc and cfg.partition else None
+    recover_cfg = dict(iterations=cfg.iterations, resolutions=cfg.block_resolutions(S), lr=cfg.lr_for(S),
+                       jitter=cfg.jitter if cfg.jitter is not None else (4 if S <= 64 else 32), alpha=cfg.alpha,
+                       drc=drc, lam=cfg.lam, mean=data.mean, std=data.std, amp=cfg.amp,
+                       channels_last=cfg.channels_last, compile=cfg.compile)
+    in_slice = {(c, i) for i in range(cfg.ipc_start, cfg.end) for c in range(C)}
     parts_log: List[dict] = []
-    in_slice = set(all_items)
     diag = _Diagnostics(teachers[0].model, pool, cfg, device)
     bar = None
     if progress:
@@ -312,60 +338,52 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
         bar = tqdm(total=len(units), desc=f"distill {cfg.method}", unit="unit" if cfg.lockstep else "batch")
     try:
         for unit in units:
-            batches = unit_items(cfg, unit, ipb, groups)
+            batches = unit_items(cfg, unit, items_per_batch, groups)
             items = [it for b in batches for it in b]
-            # the whole unit, whatever slice this process makes: a unit's images depend on the unit only
-            todo = [x for x in items if x in todo_set and not item_path(out, *x).exists()]
-            if not todo:
-                info["skipped"] += sum(x in in_slice for x in items)
+            if not any(it in todo and not item_path(out, *it).exists() for it in items):
+                info["skipped"] += sum(it in in_slice for it in items)
                 if bar is not None:
                     bar.update(1)
                 continue
-            bis = [(s // ipb) * len(groups) + unit.group for s in unit.starts]  # global batch indices
-            # the teacher: per batch (FADRM+ round robin); a lockstep unit keeps one teacher, so that
-            # its PTA bank holds features of one network
-            crit = crits[(unit.group if cfg.lockstep else bis[0]) % len(crits)]
+            batch_index = [(s // items_per_batch) * len(groups) + unit.group for s in unit.starts]  # global
+            # the teacher: per batch (FADRM+ round robin); a lockstep unit keeps one teacher, so that its PTA
+            # bank holds features of one network
+            crit = criteria[(unit.group if cfg.lockstep else batch_index[0]) % len(criteria)]
             # a lockstep unit's initial images stay on the host: the device holds what is optimised
             x0 = torch.stack([init_image(c, i) for c, i in items])
             x0 = x0 if cfg.lockstep else x0.to(device)
-            y = torch.tensor([c for c, _ in items], device=device)
-            ids = torch.tensor([c * cfg.ipc + i for c, i in items], device=device)
+            y = torch.tensor([c for c, _ in items]).to(device)
+            ids = torch.tensor([c * cfg.ipc + i for c, i in items]).to(device)
             crit.reset()  # no state from earlier units (bank, PTA grids, pairings)
             if cfg.pta_on:
-                # the class group's synthetic set, at its initial state: the unit itself in lockstep,
-                # the batch plus the initial images of the class's other items otherwise
-                group_items = items if cfg.lockstep else [(c, j) for c in groups[unit.group] for j in range(cfg.ipc)]
+                # the class group's synthetic set at its initial state: the unit itself in lockstep, the batch
+                # and the initial images of the class's other items otherwise
+                members = items if cfg.lockstep else [(c, j) for c in groups[unit.group] for j in range(cfg.ipc)]
                 with torch.no_grad():
-                    fb = torch.cat([teacher_features(crit.teacher, torch.stack(
-                        [init_image(c, j) for c, j in group_items[a:a + 256]]).to(device))[1]
-                        for a in range(0, len(group_items), 256)])
-                crit.seed_bank(fb.float(), torch.tensor([c for c, _ in group_items], device=device),
-                               torch.tensor([c * cfg.ipc + j for c, j in group_items], device=device))
-            rc = RecoverConfig(iterations=cfg.iterations, resolutions=cfg.block_resolutions(S), lr=cfg.lr_for(S),
-                               jitter=jitter,
-                               alpha=cfg.alpha, drc=cfg.method == "reta" and cfg.drc, lam=cfg.lam, mean=data.mean,
-                               std=data.std, amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile)
+                    feats = torch.cat([teacher_features(crit.teacher, torch.stack(
+                        [init_image(c, j) for c, j in members[a:a + 256]]).to(device))[1]
+                        for a in range(0, len(members), 256)])
+                crit.seed_bank(feats.float(), torch.tensor([c for c, _ in members]).to(device),
+                               torch.tensor([c * cfg.ipc + j for c, j in members]).to(device))
+            rc = RecoverConfig(**recover_cfg)
             sizes = [len(b) for b in batches]
             micro = [list(range(sum(sizes[:n]), sum(sizes[:n + 1]))) for n in range(len(batches))]
-            seeds = [cfg.seed * 1_000_003 + bi for bi in bis]
-            anchors = (torch.tensor([int(ranking[c][i]) for c, i in items]) if rc.drc else None)
-            x = recover(crit, x0, y, ids if cfg.pta_on else None, pool=pool if rc.drc else None, config=rc,
-                        seed=seeds[0], seeds=seeds, micro_batches=micro, retrieval_teacher=teachers[0].model,
-                        retriever=retriever, device=device, anchor_ids=anchors, diagnose=cfg.compile is None)
+            anchors = torch.tensor([int(ranking[c][i]) for c, i in items]) if drc else None
+            x = recover(crit, x0, y, ids if cfg.pta_on else None, pool=pool if drc else None, config=rc,
+                        seeds=[cfg.seed * 1_000_003 + b for b in batch_index], micro_batches=micro,
+                        retrieval_teacher=teachers[0].model, retriever=retriever, device=device, anchor_ids=anchors,
+                        diagnose=cfg.compile is None)
             diag.unit(rc.history, items, x0, x)
             last = [h for h in rc.history if "ce" in h][-max(1, cfg.iterations // 10) * len(batches):]
             parts = {key: float(np.mean([h[key] for h in last])) for key in ("ce", "bn", "topo")}
             if not all(math.isfinite(v) for v in parts.values()):
-                raise FloatingPointError(f"the recover loss is not finite ({parts}) at batch {bis[0]}: a broken "
-                                         f"teacher or too large lr={cfg.lr}; nothing was written for this unit")
-            parts_log.append(dict(batch=bis[0], batches=len(bis), **parts))
+                raise FloatingPointError(f"the recover loss is not finite ({parts}) at batch {batch_index[0]}: a "
+                                         f"broken teacher or too large lr={cfg.lr}; nothing was written for this unit")
+            parts_log.append(dict(batch=batch_index[0], batches=len(batch_index), **parts))
             for n, (c, i) in enumerate(items):
-                if (c, i) in todo_set and not item_path(out, c, i).exists():
-                    save_png(item_path(out, c, i), to_uint8(x[n], data.mean, data.std))
-                    info["written"] += 1
-                    if on_item:
-                        on_item(c, i)
-                elif cfg.ipc_start <= i < cfg.end:
+                if (c, i) in todo and not item_path(out, c, i).exists():
+                    write(c, i, to_uint8(x[n], data.mean, data.std))
+                elif (c, i) in in_slice:
                     info["skipped"] += 1
             if bar is not None:
                 bar.update(1)
@@ -373,7 +391,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     finally:
         if bar is not None:
             bar.close()
-        for crit in crits:
+        for crit in criteria:
             crit.close()
     info["diagnostics"] = diag.summary()
     if parts_log:

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
-import sys
 import time
 from dataclasses import dataclass
 
@@ -38,6 +36,7 @@ from ..data.sets import SizedImages
 from ..models.features import teacher_features
 from ..recover.loop import RecoverConfig, recover
 from ..recover.loss import RETALoss
+from .records import peak_memory
 
 __all__ = ["Estimate", "estimate", "calibrate"]
 
@@ -101,13 +100,6 @@ def estimate(num_classes: int, ipc: int, classes_per_batch: int, items_per_batch
                     units, per_unit, state)
 
 
-def _peak(device) -> tuple:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return rss, "process_peak_rss"
-
-
 def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int = 64, gpus: int = 1) -> Estimate:
     """Measure one batch's recover step (``steps`` timed steps after one warm-up step) and the pool's
     per-image cost, then apply :func:`estimate` to the whole job described by ``cfg``."""
@@ -125,7 +117,7 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
     ids = torch.arange(n_img, device=device)
     kw = dict(r_bn=cfg.r_bn, first_bn_weight=cfg.first_bn_weight)
     if cfg.method in ("random-real", "rded"):
-        steps_per_batch, sec_step, peak, kind = 0, 0.0, *_peak(device)
+        steps_per_batch, sec_step, peak, kind = 0, 0.0, *peak_memory(device)
     else:
         if cfg.pta_on:
             with torch.no_grad():
@@ -154,7 +146,7 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
             sec_step = (time.perf_counter() - t0) / steps
         finally:
             crit.close()
-        peak, kind = _peak(device)
+        peak, kind = peak_memory(device)
         steps_per_batch = cfg.iterations
     # pool: decode + resize a sample of real images, plus a teacher forward per image
     pool_images = 0

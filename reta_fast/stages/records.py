@@ -17,7 +17,7 @@ import torch
 from .._version import __version__
 from ..fileio import write_json
 
-__all__ = ["Stage", "write_stage_record", "versions"]
+__all__ = ["Stage", "write_stage_record", "versions", "peak_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +41,7 @@ class Stage:
 
     def __exit__(self, exc_type, exc, tb):
         seconds = time.perf_counter() - self.t0
-        if self.device.type == "cuda":
-            peak, kind = torch.cuda.max_memory_allocated(self.device), "cuda_max_allocated"
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-            kind = "process_peak_rss"
+        peak, kind = peak_memory(self.device)
         rec = dict(stage=self.name, seconds=round(seconds, 3), peak_bytes=int(peak), peak_kind=kind,
                    ok=exc_type is None, **self.info)
         if self.out is not None and exc_type is None:
@@ -54,6 +50,15 @@ class Stage:
         if exc_type is None:
             (logger.debug if self.quiet else logger.info)(f"[{self.name}] done in {seconds:.1f} s, peak memory {peak / 2**20:.0f} MiB ({kind})")
         return False
+
+
+def peak_memory(device) -> tuple:
+    """``(bytes, kind)``: CUDA's max allocated since the last reset, or the process's peak RSS so far."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024), \
+        "process_peak_rss"
 
 
 def write_stage_record(out, name: str, rec: dict) -> dict:

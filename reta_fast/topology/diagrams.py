@@ -18,9 +18,9 @@ import torch
 from .._validate import check_points, check_positive_int
 from .knn import KNNGraph, edge_lengths, edge_weights, mutual_knn_edges
 from .pairs import PersistencePairs, persistence_pairs
+from .segments import segment_ids
 
-__all__ = ["PersistenceDiagrams", "persistence_diagrams", "diagrams_from_pairs", "paired_lengths", "cap_edges_of",
-           "segment_ids"]
+__all__ = ["PersistenceDiagrams", "persistence_diagrams", "diagrams_from_pairs", "paired_lengths", "cap_edges_of"]
 
 
 class PersistenceDiagrams(NamedTuple):
@@ -44,11 +44,6 @@ class PersistenceDiagrams(NamedTuple):
     h1_offsets: torch.Tensor
     graph: KNNGraph
     pairs: PersistencePairs
-
-
-def segment_ids(offsets: torch.Tensor, device) -> torch.Tensor:
-    """``[offsets[-1]]``: the segment of each row of segments with host ``offsets`` ``[B + 1]``."""
-    return torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.cpu().diff()).to(device)
 
 
 def _with_essential(points, offsets, extra, extra_offsets):

@@ -25,6 +25,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._validate import check_k, check_points
+from .segments import segment_ids
 
 __all__ = ["KNNGraph", "mutual_knn_graph", "knn_ref", "mutual_knn_ref", "knn", "knn_unchecked", "edge_lengths",
            "edge_weights", "mutual_knn_edges", "rerank_certified"]
@@ -292,8 +293,7 @@ def edge_lengths(points: torch.Tensor, edges: torch.Tensor, offsets: torch.Tenso
     """
     B, N, D = points.shape
     if graph_ids is None:
-        counts = (offsets[1:] - offsets[:-1]).to(edges.device)
-        graph_ids = torch.repeat_interleave(torch.arange(B, device=edges.device), counts, output_size=edges.shape[0])
+        graph_ids = segment_ids(offsets, edges.device)
     base = graph_ids * N
     flat = points.reshape(B * N, D)
     return _EdgeLength.apply(flat, edges[:, 0] + base, edges[:, 1] + base)
@@ -343,8 +343,7 @@ def edge_weights(points: torch.Tensor, edges: torch.Tensor, offsets: torch.Tenso
     difference vectors in row chunks. Differentiable, exact lengths come from :func:`edge_lengths`.
     """
     B, N, D = points.shape
-    counts = (offsets[1:] - offsets[:-1]).to(edges.device)
-    gid = torch.repeat_interleave(torch.arange(B, device=edges.device), counts, output_size=edges.shape[0])
+    gid = segment_ids(offsets, edges.device)
     i, j = edges[:, 0], edges[:, 1]
     x = points.detach()
     x = x if x.dtype == torch.float64 else x.float()  # fp16/bf16 would overflow or blur |x|^2

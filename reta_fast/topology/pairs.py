@@ -29,6 +29,7 @@ import torch
 from .. import _ext
 from .._validate import check_positive_int
 from .h0_device import h0_forest_mask
+from .segments import segment_ids
 
 __all__ = ["PersistencePairs", "persistence_pairs", "persistence_pairs_ref"]
 
@@ -121,8 +122,7 @@ def _check_edges(e, w, offsets_t, nodes) -> None:
     if not e.numel():
         return
     dev = e.device
-    B = offsets_t.numel() - 1
-    gid = torch.repeat_interleave(torch.arange(B), offsets_t.diff()).to(dev)
+    gid = segment_ids(offsets_t, dev)
     hi = nodes.to(dev)[gid]
     bad = (e < 0).any(1) | (e[:, 0] >= hi) | (e[:, 1] >= hi)
     loops = e[:, 0] == e[:, 1]
@@ -307,7 +307,7 @@ def h0_pairs_device(edges: torch.Tensor, weights: torch.Tensor, num_nodes, offse
     dev = weights.device
     e, w, offsets_t, nodes = _check_graph_input(edges, weights, num_nodes, offsets, per_edge=True, to_host=False)
     B, E = offsets_t.numel() - 1, e.shape[0]
-    gid = torch.repeat_interleave(torch.arange(B), offsets_t.diff()).to(dev)
+    gid = segment_ids(offsets_t, dev)
     node_off = torch.cat([torch.zeros(1, dtype=torch.int64), nodes.cumsum(0)]).to(dev)
     u, v = e[:, 0] + node_off[gid], e[:, 1] + node_off[gid]
     rank = torch.empty(E, dtype=torch.int64, device=dev)

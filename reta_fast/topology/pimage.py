@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .segments import segment_ids
+
 __all__ = ["persistence_image", "persistence_image_ref", "batched_images", "gaussian_factors"]
 
 
@@ -84,7 +86,7 @@ def persistence_image(
                          f"got {offsets.tolist()[:8]}")
     B = offsets.numel() - 1
     counts = offsets.diff()
-    gid = torch.repeat_interleave(torch.arange(B), counts)
+    gid = segment_ids(offsets)
     pos = torch.arange(diagram.shape[0]) - offsets[:-1][gid]
     width = int(counts.max()) if B else 0
     return batched_images(diagram, gid.to(diagram.device), pos.to(diagram.device), B, width, resolution, pers_range,

@@ -192,6 +192,7 @@ def main(argv=None) -> int:
             per_seed, diag = {}, {}
             for dseed in args.distill_seeds:
                 out = work / f"{_slug(name)}-ipc{ipc}-seed{dseed}"
+                data.val = test_split  # the run's identity is the data set's own, whatever split scores it
                 cfg = P.DistillConfig(ipc=ipc, iterations=sc["iterations"], seed=dseed, **VARIANTS[name])
                 pool_dir = work / _pool_name(cfg)
                 with P.Stage(out, "distill", args.device) as st:

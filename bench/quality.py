@@ -143,7 +143,11 @@ def main(argv=None) -> int:
     from reta_fast.stages.squeeze import squeeze
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True, help="ImageFolder root with train/ and test/ (or val/), or its .tar.gz")
+    ap.add_argument("--data", required=True, help="ImageFolder root with train/ and test/ (or val/), its .tar.gz, or "
+                                                  "digits (the embedded scikit-learn digits)")
+    ap.add_argument("--size", type=int, default=None, help="working image size (default: the data set's)")
+    ap.add_argument("--pool-per-class", type=int, default=None,
+                    help="patch pool per class (default 300; smaller leaves training images for --split val)")
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     ap.add_argument("--ipcs", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
@@ -163,13 +167,16 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; choose from {list(VARIANTS)}")
     src = Path(args.data)
-    if not src.exists():
+    if args.data == "digits":  # the embedded data set: its stratified test split scores it
+        root = "digits"
+    elif not src.exists():
         print(f"quality: data {src} not found; nothing to do", file=sys.stderr)
         return 2
-    root = unpack(src) if src.is_file() else src
+    else:
+        root = unpack(src) if src.is_file() else src
     sc = SCALES[args.scale]
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    data = load_data(str(root))
+    data = load_data(str(root), size=args.size)
     print(data.describe(), flush=True)
     work = Path(args.work) / f"{args.scale}-{data.fingerprint}"
     work.mkdir(parents=True, exist_ok=True)
@@ -193,7 +200,8 @@ def main(argv=None) -> int:
             for dseed in args.distill_seeds:
                 out = work / f"{_slug(name)}-ipc{ipc}-seed{dseed}"
                 data.val = test_split  # the run's identity is the data set's own, whatever split scores it
-                cfg = P.DistillConfig(ipc=ipc, iterations=sc["iterations"], seed=dseed, **VARIANTS[name])
+                over = dict(VARIANTS[name], **({"pool_per_class": args.pool_per_class} if args.pool_per_class else {}))
+                cfg = P.DistillConfig(ipc=ipc, iterations=sc["iterations"], seed=dseed, **over)
                 pool_dir = work / _pool_name(cfg)
                 with P.Stage(out, "distill", args.device) as st:
                     st.info.update(P.distill(data, [teacher], out, cfg, device=args.device, pool_dir=pool_dir,
@@ -239,7 +247,7 @@ def main(argv=None) -> int:
         sha = "unknown"
     import reta_fast
 
-    meta = dict(data=str(src.name), classes=len(data.classes), train=len(data.train), test=len(test_split),
+    meta = dict(data=str(src.name) + (f" at {data.size} px" if args.size else ""), classes=len(data.classes), train=len(data.train), test=len(test_split),
                 split=args.split, val_per_class=args.val_per_class if args.split == "val" else None,
                 scale=args.scale, settings=dict(sc, eval={str(k): v for k, v in sc["eval"].items()}),
                 teacher=dict(arch=sc["arch"], top1=teacher.accuracy, seconds=teacher_s), seeds=args.seeds,

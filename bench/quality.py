@@ -72,6 +72,11 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     "reta k 9 imagenet-batch": dict(method="reta", topo_k=9, **IMAGENET_BATCH),
     "reta k 25": dict(method="reta", topo_k=25),
     "reta k 49": dict(method="reta", topo_k=49),
+    # DRC: what the retrieval should weigh and when it should replace the anchor
+    "reta lam 0": dict(method="reta", lam=0.0),
+    "reta drc-margin 0.1": dict(method="reta", drc_margin=0.1),
+    "reta drc-margin 0.2": dict(method="reta", drc_margin=0.2),
+    "reta lam_topo 2": dict(method="reta", lam_topo=2.0),
 }
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]
 

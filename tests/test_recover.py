@@ -217,3 +217,35 @@ def test_the_initial_image_bank_of_the_earlier_design_fails_that_check():
     cfg = rf.RecoverConfig(iterations=3, resolutions=(8,), drc=False, lr=0.05, jitter=1)
     rf.recover(crit, x0[:C], y[:C], ids[:C], config=cfg)  # micro-batch 0 only
     assert all(bool((rec["written"][rec["rows"][~rec["live"]]] == -1).all()) for rec in log)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.3, 0.99])
+def test_do_no_harm_keeps_the_anchor_unless_the_retrieved_patch_is_clearly_better(tmp_path, margin):
+    """drc_margin: the retrieved patch replaces the image's own anchor only where its score is lower by more
+    than the margin; the injection diagnostics record how often the anchor came back."""
+    t = teacher(classes=3)
+    pool = rf.PatchPool.build(TinySet(per_class=(5, 4, 6)), t, tmp_path / "p", per_class=4, size=8,
+                              resolutions=(8,), progress=False)
+    crit = rf.RETALoss(t, lam_topo=0.0)
+    anchors = torch.tensor([1, 5, 10])  # one pool patch of each image's class
+    x0 = pool.images(anchors)
+    y = torch.tensor([int(pool.labels[i]) for i in anchors])
+    cfg = rf.RecoverConfig(iterations=2, resolutions=(8, 8), lr=1e-12, alpha=0.0, jitter=0, drc_margin=margin)
+    out = rf.recover(crit, x0, y, pool=pool, config=cfg, anchor_ids=anchors)
+    injected = next(h["retrieved"] for h in cfg.history if "retrieved" in h)
+    plain = rf.RecoverConfig(iterations=2, resolutions=(8, 8), lr=1e-12, alpha=0.0, jitter=0)
+    rf.recover(crit, x0, y, pool=pool, config=plain, anchor_ids=anchors)
+    best = next(h["retrieved"] for h in plain.history if "retrieved" in h)
+    feats, _, cx = pool.retrieval_tensors(8)
+    q = torch.nn.functional.normalize(rf.models.teacher_features(t, x0)[1], dim=1)
+    score = lambda i: float(0.9 * (q[n] - feats[i]).pow(2).sum() + 0.1 * cx[i])  # noqa: E731
+    for n in range(3):
+        better = score(best[n]) < (1 - margin) * score(int(anchors[n]))
+        assert injected[n] == (best[n] if better else int(anchors[n]))
+    assert_close(out, pool.images(injected), atol=1e-5, what="injected patch")
+    drc = next(h["drc"] for h in cfg.history if "drc" in h)
+    assert drc["own_anchor"] == pytest.approx(sum(i == int(a) for i, a in zip(injected, anchors)) / 3)
+    if margin == 0.99:
+        assert injected == anchors.tolist()
+    with pytest.raises(ValueError, match="anchor_ids"):
+        rf.recover(crit, x0, y, pool=pool, config=rf.RecoverConfig(iterations=2, resolutions=(8, 8), drc_margin=0.5))

@@ -35,6 +35,9 @@ class RecoverConfig:
         alpha: weight of the synthetic image in the residual connection (0.5).
         drc: choose the injected patch by retrieval (RETA) rather than the static anchor (FADRM).
         lam: retrieval's complexity weight (0.1).
+        drc_margin: "do no harm" [ours]: keep an image's own anchor unless the retrieved patch scores at
+            least this fraction lower (``J(o*) < (1 - margin) J(anchor)``); 0 (default): always take the
+            retrieved patch, as the paper. Needs the anchors' pool indices (``recover(anchor_ids=...)``).
         mean, std: the normalisation of the images (pixels are clamped to the normalised [0, 1]).
         amp: ``"bf16"``: the teacher's forward under ``torch.autocast`` in bfloat16 (the loss terms,
             the pixels and Adam stay fp32); ``None``: fp32. (fp16 is not offered: pixel gradients
@@ -57,6 +60,7 @@ class RecoverConfig:
     alpha: float = 0.5
     drc: bool = True
     lam: float = 0.1
+    drc_margin: float = 0.0
     mean: Sequence[float] = (0.485, 0.456, 0.406)
     std: Sequence[float] = (0.229, 0.224, 0.225)
     amp: Optional[str] = None
@@ -72,6 +76,8 @@ class RecoverConfig:
             raise ValueError(f"resolutions must be a non-empty list of sizes >= 4, got {self.resolutions!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if not 0.0 <= self.drc_margin < 1.0:
+            raise ValueError(f"drc_margin must be in [0, 1), got {self.drc_margin!r}")
         if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale!r}")
         if self.lr <= 0 or self.jitter < 0:
@@ -246,6 +252,11 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
                         q = F.normalize(f.float(), dim=1)
                         idx = (retriever(q, ys[j], idss[j], nxt) if retriever is not None
                                else retrieve(q, ys[j], pool, lam=cfg.lam, resolution=nxt))
+                        if cfg.drc_margin > 0:
+                            if anchor_ids is None:
+                                raise ValueError("config.drc_margin needs the anchors' pool indices (anchor_ids)")
+                            idx = _keep_anchor_unless_better(q, idx, anchor_ids[micro[j].to(anchor_ids.device)].to(
+                                idx.device), pool, nxt, cfg.lam, cfg.drc_margin, dev)
                         patch = pool.images(idx.cpu(), device=dev)
                         cfg.history.append(dict(step=step, block=b, retrieved=idx.cpu().tolist(),
                                                 **({"micro": j} if M > 1 else {})))
@@ -287,3 +298,17 @@ def _drc_stats(q: torch.Tensor, idx: torch.Tensor, anchor: torch.Tensor, y: torc
     return dict(own_anchor=float((idx == anchor).float().mean()), fit_retrieved=float(fit(idx)),
                 fit_anchor=float(fit(anchor)), complexity_retrieved=float(cx[idx.to(dev)].mean()),
                 complexity_anchor=float(cx[anchor.to(dev)].mean()), distinct_per_class=float(sum(spread) / len(spread)))
+
+
+@torch.no_grad()
+def _keep_anchor_unless_better(q, idx, anchor, pool, res: int, lam: float, margin: float, dev) -> torch.Tensor:
+    """DRC's "do no harm" rule: the retrieved patch replaces the image's own anchor only where its score is
+    lower by more than ``margin`` of the anchor's (the score of docs/method.md §3, in float64)."""
+    feats, _, cx = pool.retrieval_tensors(res, device=dev)
+
+    def score(i):
+        i = i.to(dev)
+        return (1 - lam) * (q.double() - feats[i].double()).pow(2).sum(1) + lam * cx[i].double()
+
+    better = score(idx) < (1.0 - margin) * score(anchor)
+    return torch.where(better, idx, anchor.to(idx.device))

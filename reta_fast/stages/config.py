@@ -25,7 +25,9 @@ def _opt(default, help: str, **cli):
     value), ``group``, ``cli=False`` (not on the command line)."""
     return field(default=default, metadata=dict(help=help, **cli)) if not isinstance(default, (list, dict)) else \
         field(default_factory=lambda: default, metadata=dict(help=help, **cli))
-ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None, topo_overlap=False)
+# Settings left out of a run's identity while at their default, so that folders written before they existed
+# still resume: the recover engine's options, and settings added later.
+ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None, topo_overlap=False, drc_margin=0.0)
 
 
 @dataclass
@@ -89,6 +91,8 @@ class DistillConfig:
     jitter: Optional[int] = _opt(None, "roll jitter in pixels (default: 4 up to 64 px, 32 above)")
     alpha: float = _opt(0.5, "residual weight of the synthetic image")
     lam: float = _opt(0.1, "DRC complexity weight lambda")
+    drc_margin: float = _opt(0.0, "DRC 'do no harm': keep the image's own anchor unless the retrieved patch scores "
+                             "this fraction lower (0: always take the retrieved patch, as the paper)")
     r_bn: float = _opt(0.01, "BN-statistic matching weight (--no-bn: 0)", negation=("no-bn", 0.0))
     first_bn_weight: float = _opt(10.0, "weight of the first BN layer's term")
     lam_topo: float = _opt(0.5, "PTA weight lambda_topo")
@@ -129,6 +133,8 @@ class DistillConfig:
                              f"ipc_end={self.ipc_end}, ipc={self.ipc}")
         if self.uses_recover and self.iterations < self.n_blocks:
             raise ValueError(f"iterations ({self.iterations}) must be >= the number of blocks ({self.n_blocks})")
+        if not (isinstance(self.drc_margin, (int, float)) and 0.0 <= self.drc_margin < 1.0):
+            raise ValueError(f"drc_margin must be a number in [0, 1), got {self.drc_margin!r}")
         for name in ("lr", "alpha", "lam", "r_bn", "first_bn_weight", "lam_topo"):
             v = getattr(self, name)
             if v is None and name == "lr":

@@ -326,7 +326,7 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
     retriever = _partitioned_retriever(pool, ranking, cfg, C, device) if drc and cfg.partition else None
     recover_cfg = dict(iterations=cfg.iterations, resolutions=cfg.block_resolutions(S), lr=cfg.lr_for(S),
                        jitter=cfg.jitter if cfg.jitter is not None else (4 if S <= 64 else 32), alpha=cfg.alpha,
-                       drc=drc, lam=cfg.lam, mean=data.mean, std=data.std, amp=cfg.amp,
+                       drc=drc, lam=cfg.lam, drc_margin=cfg.drc_margin, mean=data.mean, std=data.std, amp=cfg.amp,
                        channels_last=cfg.channels_last, compile=cfg.compile)
     in_slice = {(c, i) for i in range(cfg.ipc_start, cfg.end) for c in range(C)}
     parts_log: List[dict] = []

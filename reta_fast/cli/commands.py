@@ -17,10 +17,11 @@ from ..stages.config import DistillConfig, EvalConfig
 from ..stages.distill import build_pool, distill
 from ..stages.evaluate import evaluate
 from ..stages.plan import calibrate
-from ..stages.records import Stage, write_stage_record
+from ..stages.records import Stage
 from ..stages.relabel import relabel_stage
 from ..stages.report import write_report
 from ..stages.squeeze import default_teacher_path, resolve_teachers, squeeze
+from ..stages.ranks import join_process_group, merge_rank_records, rank_world, write_rank_record
 from .flags import config_from
 
 logger = logging.getLogger("reta_fast")
@@ -62,7 +63,7 @@ def _teachers(args, data):
         return _recorded_teachers(args, data, run_json, kw)
     if args.teacher or default_teacher_path(data, arch or default_arch(data), args.seed).is_file():
         return resolve_teachers(args.teacher, data, **kw)
-    if _rank()[1] > 1:
+    if rank_world()[1] > 1:
         raise ValueError("under torchrun every rank needs the same teacher: run `reta squeeze` (or pass --teacher) "
                          "before launching the ranks")
     with Stage(None, "squeeze", args.device) as st:
@@ -93,11 +94,6 @@ def _keep_squeeze_record(args):
     if rec is not None:
         write_json(Path(args.out) / "stages" / "squeeze.json", rec)
         args.squeeze_record = None
-
-
-def _rank():
-
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _distill_config(args) -> DistillConfig:
@@ -133,25 +129,7 @@ def _no_bn_check(args, teachers):
 
 
 def _process_group(args) -> bool:
-    """Under torchrun (MASTER_ADDR set) join the process group (NCCL on CUDA, gloo on the CPU) so that
-    rank 0 can build the pool before the others start and merge the stage records at the end. A rank
-    started alone with only RANK/WORLD_SIZE set (a restart) works without one."""
-
-    import torch.distributed as dist
-
-    if _rank()[1] == 1 or not dist.is_available() or "MASTER_ADDR" not in os.environ:
-        return False
-    if not dist.is_initialized():
-        import datetime
-
-        if str(args.device).startswith("cuda"):
-            torch.cuda.set_device(torch.device(args.device))
-        # Ranks wait for rank 0 while it builds the pool, relabels (--labels stored) or writes the report:
-        # hours at ImageNet scale, far beyond the default 10-30 min collective timeout.
-        timeout = float(os.environ.get("RETA_FAST_DIST_TIMEOUT", 12 * 3600))
-        dist.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout))
-    return True
+    return join_process_group(args.device)
 
 
 def cmd_distill(args, data=None, teachers=None) -> int:
@@ -160,7 +138,7 @@ def cmd_distill(args, data=None, teachers=None) -> int:
     _no_bn_check(args, teachers)
     cfg = _distill_config(args)
     cfg.validate()
-    rank, world = _rank()
+    rank, world = rank_world()
     out = Path(args.out)
     group = _process_group(args)
     if group:
@@ -175,16 +153,11 @@ def cmd_distill(args, data=None, teachers=None) -> int:
                                teacher_specs=[str(t.path) if t.path else t.name for t in teachers]))
     _keep_squeeze_record(args)
     if world > 1:
-        write_json(out / "stages" / f"distill-rank{rank}.json", st.record)
+        write_rank_record(out, "distill", rank, st.record)
     if group:
         dist.barrier()
-        if rank == 0:  # one record for the whole distillation: wall time of the slowest rank, summed counts
-            recs = [read_json(out / "stages" / f"distill-rank{r}.json", "stage record") for r in range(world)]
-            merged = dict(recs[0], seconds=max(r["seconds"] for r in recs), ranks=world,
-                          peak_bytes=max(r["peak_bytes"] for r in recs),
-                          written=sum(r.get("written", 0) for r in recs), skipped=sum(r.get("skipped", 0) for r in recs))
-            merged.pop("stage", None)
-            write_stage_record(out, "distill", dict(stage="distill", **merged))
+        if rank == 0:
+            merge_rank_records(out, "distill", world)
     i = st.info
     logger.info(f"[distill] {i['written']} images written, {i['skipped']} already there -> {out / 'images'}")
     return 0
@@ -202,7 +175,7 @@ def cmd_relabel(args, data=None, teachers=None) -> int:
 def cmd_evaluate(args, data=None, teachers=None) -> int:
     data = data or _data(args)
     teachers = teachers or _teachers(args, data)
-    rank, world = _rank()
+    rank, world = rank_world()
     if world > 1 and not _process_group(args):
         raise ValueError("`reta evaluate` with WORLD_SIZE > 1 trains each student with DDP and needs torchrun's "
                          "process group (MASTER_ADDR); run it with torchrun, or in one process")
@@ -229,7 +202,7 @@ def cmd_run(args) -> int:
     data = _data(args)
     teachers = _teachers(args, data)
     cmd_distill(args, data, teachers)
-    rank, world = _rank()
+    rank, world = rank_world()
     if world > 1 and not torch.distributed.is_initialized():
         logger.info("[run] ranks without a process group: run `reta evaluate` once every rank has finished")
         return 0

@@ -164,9 +164,18 @@ def main(argv=None) -> int:
     ap.add_argument("--results", help="where results.json/table.md go (default bench/results/quality-<scale>-<machine>)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--readme", help="also write the table into this file between <!-- quality:begin --> and "
+                                     "<!-- quality:end --> (test split) or the validation markers (--split val)")
+    ap.add_argument("--render-only", action="store_true", help="write table/README from results.json, run nothing")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of an existing results.json that this invocation does not recompute")
     args = ap.parse_args(argv)
+    if args.render_only:
+        results = Path(args.results) if args.results else ROOT / "bench" / "results" / f"quality-{args.scale}-{machine()}"
+        name = "results.json" if args.split == "test" else "validation.json"
+        saved = json.loads((results / name).read_text())
+        _publish(results, name, saved["meta"], saved["rows"], args.readme, args.split)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     unknown = set(args.methods) - set(VARIANTS)
     if unknown:
@@ -260,7 +269,7 @@ def main(argv=None) -> int:
                 reta_fast=reta_fast.__version__, git=sha, date=time.strftime("%Y-%m-%d"))
     results = Path(args.results) if args.results else ROOT / "bench" / "results" / f"quality-{args.scale}-{machine()}"
     results.mkdir(parents=True, exist_ok=True)
-    from reta_fast.fileio import atomic_write, write_json
+    from reta_fast.fileio import write_json
 
     name = "results.json" if args.split == "test" else "validation.json"
     if args.merge and (results / name).is_file():
@@ -271,11 +280,26 @@ def main(argv=None) -> int:
             order = {v: i for i, v in enumerate(VARIANTS)}
             rows.sort(key=lambda r: (order.get(r["name"], 99), r["ipc"]))
     write_json(results / name, dict(meta=meta, rows=rows))
+    _publish(results, name, meta, rows, args.readme, args.split)
+    return 0
+
+
+def _publish(results: Path, name: str, meta: dict, rows, readme, split: str) -> None:
+    from reta_fast.fileio import atomic_write
+
     table = render(meta, rows)
     atomic_write(results / name.replace(".json", ".md").replace("results.md", "table.md"),
                  lambda fh: fh.write(table.encode()))
     print(table)
-    return 0
+    if readme:
+        tag = "quality" if split == "test" else "validation"
+        path = Path(readme)
+        text = path.read_text()
+        a, b = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+        if a not in text or b not in text:
+            raise SystemExit(f"{path} has no {a} ... {b} markers")
+        head, rest = text.split(a, 1)
+        path.write_text(head + a + "\n" + table + b + rest.split(b, 1)[1])
 
 
 def render(meta: dict, rows) -> str:

@@ -17,14 +17,19 @@ from ..models.arch import build_arch, default_arch
 from ..models.teachers import Teacher, load_teacher, save_teacher
 from ..train.classifier import accuracy, train_classifier
 
-__all__ = ["squeeze", "resolve_teachers", "default_teacher_path"]
+__all__ = ["squeeze", "resolve_teachers", "default_teacher_path", "TEACHER_RECIPE"]
+
+#: bumped whenever the squeeze recipe (training code, defaults) changes what a default teacher is
+TEACHER_RECIPE = 2
 
 logger = logging.getLogger(__name__)
 
 
 def default_teacher_path(data, arch: str, seed: int) -> Path:
+    """The cached default teacher: keyed by data set, architecture, seed and ``TEACHER_RECIPE``, so a
+    teacher trained by another version's recipe is never taken for this one's."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(data.name).name if os.sep in data.name else data.name).strip("-")
-    return cache_dir() / "teachers" / f"{slug or 'data'}-{data.fingerprint}-{arch}-seed{seed}.pt"
+    return cache_dir() / "teachers" / f"{slug or 'data'}-{data.fingerprint}-{arch}-seed{seed}-r{TEACHER_RECIPE}.pt"
 
 
 def squeeze(data, arch: Optional[str] = None, epochs: Optional[int] = None, batch_size: Optional[int] = None,

@@ -77,6 +77,8 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     "reta drc-margin 0.1": dict(method="reta", drc_margin=0.1),
     "reta drc-margin 0.2": dict(method="reta", drc_margin=0.2),
     "reta lam_topo 2": dict(method="reta", lam_topo=2.0),
+    # PTA's views: real features through the same augmentation as the synthetic ones
+    "reta pta-real-augmented": dict(method="reta", pta_real_view="augmented"),
 }
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]
 

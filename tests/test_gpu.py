@@ -107,10 +107,12 @@ def test_overlapped_pta_lag_on_gpu():
     g = torch.Generator("cuda").manual_seed(0)
     real = torch.randn(4, 32, 64, device="cuda", generator=g)
     xs = [torch.randn(4, 32, 64, device="cuda", generator=g) for _ in range(4)]
-    over = rf.TopologyAlignmentLoss(k=6, overlap=True)
+    grid = dict(h0_range=(0.0, 1.6), h1_pers_range=(0.0, 0.5), h1_birth_range=(0.0, 1.6))  # fixed: the
+    # union grid would grow with every earlier call of `over` but only with x_{t-1} in `ref`
+    over = rf.TopologyAlignmentLoss(k=6, overlap=True, **grid)
     got = [over(x, real) for x in xs]
     for t in range(1, 4):
-        ref = rf.TopologyAlignmentLoss(k=6, refresh_every=1000)
+        ref = rf.TopologyAlignmentLoss(k=6, refresh_every=1000, **grid)
         ref(xs[t - 1], real)
         assert_close(got[t], ref(xs[t], real), atol=1e-5, rtol=1e-4, what=f"overlapped loss at call {t}")
 

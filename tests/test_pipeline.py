@@ -823,3 +823,15 @@ def test_overlapped_pta_is_deterministic_and_recorded(data, teacher, tmp_path, m
     assert len(launched) == n  # not without the option
     assert json.loads((a / "run.json").read_text())["config"]["topo_overlap"] is True
     assert "topo_overlap" not in json.loads((sync / "run.json").read_text())["config"]
+
+
+def test_pta_real_view_augmented_changes_only_the_real_side(data, teacher, tmp_path):
+    clean = run(data, teacher, tmp_path / "clean", method="reta", ipc_per_batch=3)
+    aug = run(data, teacher, tmp_path / "aug", method="reta", ipc_per_batch=3, pta_real_view="augmented")
+    assert clean["written"] == aug["written"] == 30
+    a, b = png_bytes(tmp_path / "clean"), png_bytes(tmp_path / "aug")
+    assert a.keys() == b.keys() and any(a[k] != b[k] for k in a)
+    assert json.loads((tmp_path / "aug" / "run.json").read_text())["config"]["pta_real_view"] == "augmented"
+    assert "pta_real_view" not in json.loads((tmp_path / "clean" / "run.json").read_text())["config"]
+    with pytest.raises(ValueError, match="pta_real_view"):
+        P.DistillConfig(pta_real_view="blurred").validate()

@@ -27,7 +27,8 @@ def _opt(default, help: str, **cli):
         field(default_factory=lambda: default, metadata=dict(help=help, **cli))
 # Settings left out of a run's identity while at their default, so that folders written before they existed
 # still resume: the recover engine's options, and settings added later.
-ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None, topo_overlap=False, drc_margin=0.0)
+ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None, topo_overlap=False, drc_margin=0.0,
+                       pta_real_view="clean")
 
 
 @dataclass
@@ -100,6 +101,9 @@ class DistillConfig:
     points_per_class: Optional[int] = _opt(None, "PTA points per class on each side (default: IPC)")
     pta_set: str = _opt("complete", "PTA's synthetic point set: the class's current images (complete, a class "
                         "group's batches in lockstep) or the batch plus initial images (initial)", choices=PTA_SETS)
+    pta_real_view: str = _opt("clean", "PTA's real features from the pool patches as they are (clean) or through "
+                              "the recover step's augmentation once (augmented, like the synthetic features)",
+                              choices=("clean", "augmented"))
     topo_refresh: int = _opt(1, "recompute PTA's graphs and pairings every T steps, re-gather lengths in between")
     pool_per_class: int = _opt(300, "patch pool images per class")
     pool_candidates: int = _opt(1, "RDED best-of-N crops per image")
@@ -147,6 +151,8 @@ class DistillConfig:
         if self.topo_k is not None and (isinstance(self.topo_k, bool) or not isinstance(self.topo_k, int)
                                         or self.topo_k < 1):
             raise ValueError(f"topo_k must be an integer >= 1, got {self.topo_k!r}")
+        if self.pta_real_view not in ("clean", "augmented"):
+            raise ValueError(f"pta_real_view must be 'clean' or 'augmented', got {self.pta_real_view!r}")
         if self.pta_set not in PTA_SETS:
             raise ValueError(f"pta_set must be one of {', '.join(PTA_SETS)}, got {self.pta_set!r}")
 

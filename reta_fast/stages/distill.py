@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ..data.sets import random_real_images
 from ..fileio import cache_dir, save_png, write_json
 from ..models.features import teacher_features, teacher_fingerprint
-from ..recover.loop import RecoverConfig, recover
+from ..recover.loop import RecoverConfig, augment, recover
 from ..recover.loss import RETALoss
 from ..retrieval.pool import PatchPool
 from ..retrieval.search import retrieve
@@ -162,8 +162,10 @@ def _pool_path(data, teacher, cfg: DistillConfig, pool_dir) -> Path:
     return cache_dir() / "pools" / f"pool-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _real_points(teacher, pool, m: int, seed: int, device) -> torch.Tensor:
-    """``[C, m, D]`` penultimate features of ``teacher`` on m seeded pool patches per class (PTA's real side)."""
+def _real_points(teacher, pool, m: int, seed: int, device, view=None) -> torch.Tensor:
+    """``[C, m, D]`` penultimate features of ``teacher`` on m seeded pool patches per class (PTA's real side).
+    ``view``: None for the patches as they are, or ``(jitter, crop_scale)`` to take each patch through the
+    recover step's augmentation once (its own seeded crop, flip and roll), like the synthetic features."""
     labels = torch.tensor(np.asarray(pool.labels))
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -173,8 +175,12 @@ def _real_points(teacher, pool, m: int, seed: int, device) -> torch.Tensor:
             raise ValueError(f"class {pool.classes[c]!r} has {idx.numel()} pool patches, fewer than the {m} PTA points "
                              f"per class: lower --points-per-class")
         pick = idx[torch.randperm(idx.numel(), generator=g)[:m]]
+        images = pool.images(pick, device=device)
+        if view is not None:
+            jitter, scale = view
+            images = torch.cat([augment(im[None], pool.size, jitter, scale, g) for im in images])
         with torch.no_grad():
-            rows.append(teacher_features(teacher, pool.images(pick, device=device))[1].float())
+            rows.append(teacher_features(teacher, images)[1].float())
     return torch.stack(rows)
 
 
@@ -283,6 +289,10 @@ def _start_run(data, teachers, out: Path, cfg: DistillConfig, teacher_specs) -> 
             pass
 
 
+def _jitter(cfg: DistillConfig, size: int) -> int:
+    return cfg.jitter if cfg.jitter is not None else (4 if size <= 64 else 32)
+
+
 def _criteria(teachers, pool, cfg: DistillConfig, batches_per_unit: int, device) -> List[RETALoss]:
     """One loss per teacher: CE + BN, and PTA against ``m`` real pool features per class when it is on."""
     out = []
@@ -290,7 +300,8 @@ def _criteria(teachers, pool, cfg: DistillConfig, batches_per_unit: int, device)
         kw = dict(r_bn=cfg.r_bn, first_bn_weight=cfg.first_bn_weight)
         if cfg.pta_on:
             # every class of the pool has >= ipc patches (checked), and PTA uses m <= ipc points
-            real = _real_points(t.model, pool, cfg.pta_points, cfg.seed, device)
+            view = None if cfg.pta_real_view == "clean" else (_jitter(cfg, pool.size), (0.08, 1.0))
+            real = _real_points(t.model, pool, cfg.pta_points, cfg.seed, device, view)
             out.append(RETALoss(t.model, lam_topo=cfg.lam_topo, real_feats=real, k=cfg.k(),
                                 topo_refresh=cfg.topo_refresh * (batches_per_unit if cfg.lockstep else 1),
                                 overlap=cfg.topo_overlap, **kw))
@@ -325,7 +336,7 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
     drc = cfg.method == "reta" and cfg.drc
     retriever = _partitioned_retriever(pool, ranking, cfg, C, device) if drc and cfg.partition else None
     recover_cfg = dict(iterations=cfg.iterations, resolutions=cfg.block_resolutions(S), lr=cfg.lr_for(S),
-                       jitter=cfg.jitter if cfg.jitter is not None else (4 if S <= 64 else 32), alpha=cfg.alpha,
+                       jitter=_jitter(cfg, S), alpha=cfg.alpha,
                        drc=drc, lam=cfg.lam, drc_margin=cfg.drc_margin, mean=data.mean, std=data.std, amp=cfg.amp,
                        channels_last=cfg.channels_last, compile=cfg.compile)
     in_slice = {(c, i) for i in range(cfg.ipc_start, cfg.end) for c in range(C)}

@@ -666,6 +666,13 @@ def test_cost_model_arithmetic():
     with pytest.raises(ValueError):
         estimate(10, 0, 10, 1, 1, 0.1, 1, 0.1, 1)
     assert "distill wall time on 8 device(s)" in e.table()
+    # PTA on each class's whole set: a class group's 50 batches are one unit (ImageNet-1K, IPC 50, 224 px)
+    lock = estimate(1000, 50, 100, 1, 1000, 0.01, 300_000, 0.002, 2 << 30, "cuda_max_allocated", gpus=8,
+                    lockstep=True, image_bytes=3 * 224 * 224 * 4)
+    assert lock.units == 10 and lock.batches_per_unit == 50
+    assert lock.distill_seconds == pytest.approx(2 * 50 * 1000 * 0.01)  # ceil(10 units / 8 devices) = 2
+    assert lock.unit_state_bytes == 4 * 3 * 224 * 224 * 4 * 100 * 49  # 11.8 GB beside one batch's step
+    assert lock.peak_bytes == (2 << 30) + lock.unit_state_bytes and "lockstep units" in lock.table()
 
 
 def test_reta_plan_calibrates(data, teacher, capsys, monkeypatch):

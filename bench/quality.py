@@ -125,6 +125,28 @@ def machine() -> str:
     return f"cpu-{'-'.join(cpu_model().lower().split()[:3])}-{os.cpu_count()}core"
 
 
+class Grayscale:
+    """A data set's items in grayscale (ITU-R 601 luma, replicated to 3 channels); labels and classes kept."""
+
+    def __init__(self, dataset):
+        from reta_fast.data import dataset_targets
+
+        self.dataset = dataset
+        self.targets = dataset_targets(dataset)
+        self.classes = getattr(dataset, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        from reta_fast.data import to_image_tensor
+
+        img, label = self.dataset[i]
+        x = to_image_tensor(img)
+        y = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).clamp(0, 1)
+        return y.expand(3, -1, -1).contiguous(), label
+
+
 def _slug(name: str) -> str:
     return name.replace(" --", "-").replace(" ", "")
 
@@ -153,6 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="ImageFolder root with train/ and test/ (or val/), its .tar.gz, or "
                                                   "digits (the embedded scikit-learn digits)")
     ap.add_argument("--size", type=int, default=None, help="working image size (default: the data set's)")
+    ap.add_argument("--grayscale", action="store_true", help="the data set's images in grayscale (3 equal channels)")
     ap.add_argument("--pool-per-class", type=int, default=None,
                     help="patch pool per class (default 300; smaller leaves training images for --split val)")
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
@@ -193,6 +216,9 @@ def main(argv=None) -> int:
     sc = SCALES[args.scale]
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     data = load_data(str(root), size=args.size)
+    if args.grayscale:  # the same images without colour: low-texture, one-channel data (replicated 3x)
+        data.train, data.val = Grayscale(data.train), Grayscale(data.val)
+        data.name += "-gray"
     print(data.describe(), flush=True)
     work = Path(args.work) / f"{args.scale}-{data.fingerprint}"
     work.mkdir(parents=True, exist_ok=True)
@@ -263,7 +289,8 @@ def main(argv=None) -> int:
         sha = "unknown"
     import reta_fast
 
-    meta = dict(data=str(src.name) + (f" at {data.size} px" if args.size else ""), classes=len(data.classes), train=len(data.train), test=len(test_split),
+    meta = dict(data=str(src.name) + (" in grayscale" if args.grayscale else "") + (f" at {data.size} px" if args.size
+                                                                                     else ""), classes=len(data.classes), train=len(data.train), test=len(test_split),
                 split=args.split, val_per_class=args.val_per_class if args.split == "val" else None,
                 scale=args.scale, settings=dict(sc, eval={str(k): v for k, v in sc["eval"].items()}),
                 teacher=dict(arch=sc["arch"], top1=teacher.accuracy, seconds=teacher_s), seeds=args.seeds,

@@ -63,6 +63,9 @@ def atomic_dir(path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # as mkdir would make it (mkdtemp's is private to the owner)
     try:
         yield tmp
         for f in tmp.rglob("*"):  # durable before the rename publishes the folder

@@ -209,13 +209,13 @@ class DeviceDouble(TorchDispatchMode):
 
 
 class Event:
-    """Stands in for ``torch.cuda.Event`` on the stand-in device: ``record()`` does nothing (the double's
-    copies complete at once), ``synchronize()`` is counted as a host synchronisation of its thread."""
+    """Stands in for a CUDA event recorded on the stand-in device's stream: ``record()`` does nothing (the
+    double's copies complete at once), ``synchronize()`` is counted as a host synchronisation of its thread."""
 
     def __init__(self, mode: DeviceDouble):
         self.mode = mode
 
-    def record(self) -> None:
+    def record(self, stream=None) -> None:
         pass
 
     def synchronize(self) -> None:

@@ -23,7 +23,7 @@ OVERLAP = dict(syncs=0, d2h=1, h2d=1)  # overlapped: both transfers non-blocking
 def dd(monkeypatch):
     with DeviceDouble() as mode:
         # the stand-in copies like CUDA: non-blocking, completed by an event (whose wait is counted)
-        monkeypatch.setitem(boundary.ASYNC_COPY_EVENTS, DEVICE.type, lambda: Event(mode))
+        monkeypatch.setitem(boundary.ASYNC_COPY_EVENTS, DEVICE.type, lambda device: Event(mode))
         yield mode
 
 
@@ -92,7 +92,7 @@ def test_pta_on_the_device_keeps_its_budget_and_the_hosts_answer(dd, engine, bud
         lh.backward()
         assert_close(values(loss), lh, atol=1e-6, rtol=1e-5, what=f"loss at step {step}")
         assert_close(values(s.grad), sh.grad, atol=1e-6, rtol=1e-5, what=f"gradient at step {step}")
-    assert dd.counts("workers")["d2h"] == 0  # the worker never touches device tensors
+    # (a worker touching a device tensor would raise: the double's dispatch is the entering thread's)
 
 
 def test_a_non_finite_input_raises_at_the_next_refresh_without_a_per_step_check(dd):

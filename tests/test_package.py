@@ -24,7 +24,7 @@ def test_native_extension_is_loaded():
     assert rf.has_native()
     from reta_fast import _C
 
-    assert "C++17" in _C.build_info or "c++17" in _C.build_info.lower() or _C.build_info
+    assert "std=c++17" in _C.build_info.lower(), _C.build_info
 
 
 def test_no_extension_env_forces_reference_path_with_a_warning():
@@ -92,3 +92,29 @@ def test_nothing_points_at_files_outside_the_repository():
                     bad.append(f"{f.relative_to(ROOT)}: {needle}")
     assert not bad, bad
     assert "§4" in (ROOT / "docs" / "method.md").read_text()
+
+
+def test_deprecated_pipeline_alias_still_takes_the_old_log_callable():
+    import logging
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from reta_fast import pipeline
+    from reta_fast import stages
+
+    def fake_stage(a, b=1):  # a stage that logs the way the real ones do
+        logging.getLogger("reta_fast.stages.fake").info("[fake] %d", a + b)
+        return a + b
+
+    seen = []
+    wrapped = pipeline._accepts_log(fake_stage)
+    with pytest.warns(DeprecationWarning, match="log="):
+        assert wrapped(2, b=3, log=seen.append) == 5
+    assert seen == ["[fake] 5"]
+    assert wrapped(1) == 2 and seen == ["[fake] 5"]  # no callable: nothing forwarded, nothing left attached
+    assert not [h for h in logging.getLogger("reta_fast").handlers if isinstance(h, pipeline._ToCallable)]
+    with pytest.raises(TypeError, match="log must be a callable"):
+        wrapped(1, log="print")
+    for name in ("build_pool", "distill", "evaluate", "relabel_stage"):
+        assert getattr(pipeline, name).__wrapped__ is getattr(stages, name)

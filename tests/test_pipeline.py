@@ -193,6 +193,10 @@ def test_other_configuration_is_refused_and_nothing_is_touched(data, teacher, tm
         run(data, teacher, out, method="reta")
     with pytest.raises(P.RunMismatch, match="iterations"):
         run(data, teacher, out, method="rded", iterations=5)
+    manifest = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps(dict(manifest, format=1)))  # a folder of an earlier reta_fast
+    with pytest.raises(P.RunMismatch, match="run format 1"):
+        run(data, teacher, out, method="rded")
     assert png_bytes(out) == before
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -696,6 +700,16 @@ def test_reta_plan_calibrates(data, teacher, capsys, monkeypatch):
     eng = calibrate(data, teacher, P.DistillConfig(**{**TINY, "method": "reta", "amp": "bf16", "channels_last": True,
                                                        "topo_overlap": True}), steps=2)
     assert eng.seconds_per_step > 0 and seen == [("bf16", True, True)] * 2
+    # PTA is timed on each class's whole set, refreshed as often as the job refreshes it: a lockstep unit of
+    # 3 batches (one item of each class each) makes 3 calls per round and refreshes once per round
+    crits = []
+    monkeypatch.setattr(R, "recover", lambda crit, *a, config, **k: (crits.append(crit), real_recover(
+        crit, *a, config=config, **k))[1])
+    cfg = P.DistillConfig(**{**TINY, "method": "reta", "ipc_per_batch": 1})
+    assert cfg.lockstep and cfg.pta_active
+    calibrate(data, teacher, cfg, steps=2)
+    C = len(data.classes)
+    assert len(crits[0].bank) == C * cfg.ipc and crits[0].topo.refresh_every == 3 * cfg.topo_refresh
 
 
 def test_recover_lr_default_depends_on_the_image_size_and_is_recorded(data, teacher, tmp_path):
@@ -842,3 +856,13 @@ def test_pta_real_view_augmented_changes_only_the_real_side(data, teacher, tmp_p
     assert "pta_real_view" not in json.loads((tmp_path / "clean" / "run.json").read_text())["config"]
     with pytest.raises(ValueError, match="pta_real_view"):
         P.DistillConfig(pta_real_view="blurred").validate()
+
+
+def test_every_reta_ablation_runs_with_the_partitioned_retrieval(data, teacher, tmp_path):
+    """DRC's partition needs the item ids whether or not PTA is on (a --no-pta run once lost them)."""
+    for name, kw in (("nopta", dict(pta=False)), ("nodrc", dict(drc=False)), ("initial", dict(pta_set="initial")),
+                     ("margin", dict(drc_margin=0.2))):
+        info = run(data, teacher, tmp_path / name, method="reta", ipc_per_batch=1, **kw)
+        assert info["written"] == 30, name
+        drc = info["diagnostics"]["drc"]
+        assert (not drc) == (name == "nodrc")

@@ -182,3 +182,26 @@ def test_under_autocast_only_the_teacher_runs_in_bf16():
         loss, parts = crit.terms(x, torch.arange(4).repeat(2), torch.arange(8))
     assert seen == [(False, torch.float32)]  # PTA's k-NN and images in fp32
     assert loss.dtype == parts.dtype == torch.float32 and parts[2] > 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_micro_batches_of_one_set_share_its_pairings_on_the_same_points(overlap):
+    """The micro-batches of a class group see each class's points in one order, so pairings refreshed on one
+    call and reused on the next micro-batch's call index the same images: with unchanged images every call
+    gives the loss a fresh pairing would (a regression: each call once put its own images first)."""
+    t = teacher()
+    g = torch.Generator().manual_seed(3)
+    real = F.normalize(torch.randn(4, 8, 8, generator=g), dim=-1)
+    x = torch.randn(4 * 8, 3, 8, 8, generator=g)
+    y = torch.arange(4).repeat(8)  # micro-batch j holds images (c, 2j) and (c, 2j + 1) of every class
+    ids = torch.arange(4).repeat(8) * 8 + torch.arange(8).repeat_interleave(4)
+    micro = [torch.arange(8 * j, 8 * (j + 1)) for j in range(4)]
+    grid = dict(h0_range=(0.0, 2.0), h1_pers_range=(0.0, 1.0), h1_birth_range=(0.0, 2.0))
+    values = {}
+    for refresh in (1, 4):
+        crit = rf.RETALoss(t, real_feats=real, k=3, topo_refresh=refresh, overlap=overlap and refresh > 1, **grid)
+        with torch.no_grad():
+            crit.seed_bank(rf.models.teacher_features(t, x)[1], y, ids)
+        values[refresh] = [float(crit.terms(x[m], y[m], ids[m])[1][2]) for _ in range(2) for m in micro]
+    assert values[1][0] > 0 and len(set(round(v, 6) for v in values[1])) == 1
+    assert values[4] == pytest.approx(values[1], rel=1e-5, abs=1e-7)

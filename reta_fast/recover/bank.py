@@ -46,8 +46,9 @@ class FeatureBank:
     def tick(self) -> None:
         self.step += 1
 
-    def register(self, ids: Sequence[int], classes: Sequence[int], dim: int, device) -> None:
-        """Give every new id a (zero) row; an id keeps its class (re-registering it with another raises)."""
+    def register(self, ids: Sequence[int], classes: Sequence[int], dim: int, device) -> bool:
+        """Give every new id a (zero) row; an id keeps its class (re-registering it with another raises).
+        Returns whether any id was new."""
         new = []
         for i, c in zip(ids, classes):
             i, c = int(i), int(c)
@@ -61,7 +62,7 @@ class FeatureBank:
             self.cls.append(c)
             new.append(i)
         if not new:
-            return
+            return False
         rows = torch.zeros((len(new), dim), dtype=torch.float32, device=device)
         marks = torch.full((len(new),), -1, dtype=torch.int64, device=device)
         if self.feats is None:
@@ -71,6 +72,7 @@ class FeatureBank:
                 raise ValueError(f"features of dimension {dim} for a bank of dimension {self.feats.shape[1]}")
             self.feats = torch.cat([self.feats, rows.to(self.feats.device)])
             self.written = torch.cat([self.written, marks.to(self.written.device)])
+        return True
 
     def members(self, c: int) -> List[int]:
         """Rows of class ``c`` in registration order."""

@@ -257,20 +257,28 @@ class RETALoss(nn.Module):
             return _Layout(classes, m, None, tensor([live[c][:m] for c in classes]), None, None, None, None)
         if len(set(ids)) != len(ids):
             raise ValueError("ids must be distinct within a batch (one id per image)")
-        self.bank.register(ids, ys, feats.shape[1], dev)
+        if self.bank.register(ids, ys, feats.shape[1], dev):
+            self._layouts.clear()  # cached layouts list the members as they were: rebuild them
         slot = self.bank.slot
-        sets = {}
-        for c in classes:  # the class's images in this batch first, then its other registered images
-            own = {ids[r] for r in live[c]}
-            sets[c] = [slot[ids[r]] for r in live[c]] + [r for r in self.bank.members(c) if self.bank.ids[r] not in own]
+        # Every call sees a class's points in one canonical order, its members' registration order: the
+        # pairings a refresh computes on one call's points are gathered on the next call's (another
+        # micro-batch of the same set) and must index the same images. A call's images take their own
+        # places in that order, with gradient.
+        sets = {c: self.bank.members(c) for c in classes}
         m = min(min(len(sets[c]), n) for c in classes)
         rows, live_flat, live_src, mask = [], [], [], []
         for g, c in enumerate(classes):
-            rows.append(sets[c][:m])
-            k_live = min(len(live[c]), m)
-            live_flat += [g * m + p for p in range(k_live)]
-            live_src += live[c][:k_live]
-            mask.append([p < k_live for p in range(m)])
+            members = sets[c][:m]  # with m below the set's size: the same first m images for every call
+            place = {row: p for p, row in enumerate(members)}
+            flags = [False] * m
+            for r in live[c]:
+                p = place.get(slot[ids[r]])
+                if p is not None:
+                    live_flat.append(g * m + p)
+                    live_src.append(r)
+                    flags[p] = True
+            rows.append(members)
+            mask.append(flags)
         return _Layout(classes, m, tensor(rows), None, tensor(live_flat), tensor(live_src),
                        torch.tensor(mask, dtype=torch.bool).to(dev), tensor([slot[i] for i in ids]))
 

@@ -194,9 +194,14 @@ class DistillConfig:
         return self.lr if self.lr is not None else (0.25 if size > 64 else 0.05)
 
     @property
+    def pta_active(self) -> bool:
+        """PTA on and with more points per class than ``k`` (otherwise its term is 0: IPC 1, ...)."""
+        return self.pta_on and self.pta_points > self.k()
+
+    @property
     def lockstep(self) -> bool:
         """Whether a class group's batches are recovered together (PTA on the complete synthetic set)."""
-        return self.pta_on and self.pta_set == "complete"
+        return self.pta_active and self.pta_set == "complete"
 
     @property
     def pta_points(self) -> int:

@@ -176,9 +176,10 @@ def _real_points(teacher, pool, m: int, seed: int, device, view=None) -> torch.T
                              f"per class: lower --points-per-class")
         pick = idx[torch.randperm(idx.numel(), generator=g)[:m]]
         images = pool.images(pick, device=device)
-        if view is not None:
+        if view is not None:  # its own generator: the view changes, the patches drawn do not
             jitter, scale = view
-            images = torch.cat([augment(im[None], pool.size, jitter, scale, g) for im in images])
+            ga = torch.Generator().manual_seed(seed * 7919 + c + 1)
+            images = torch.cat([augment(im[None], pool.size, jitter, scale, ga) for im in images])
         with torch.no_grad():
             rows.append(teacher_features(teacher, images)[1].float())
     return torch.stack(rows)
@@ -298,7 +299,7 @@ def _criteria(teachers, pool, cfg: DistillConfig, batches_per_unit: int, device)
     out = []
     for t in teachers:
         kw = dict(r_bn=cfg.r_bn, first_bn_weight=cfg.first_bn_weight)
-        if cfg.pta_on:
+        if cfg.pta_active:
             # every class of the pool has >= ipc patches (checked), and PTA uses m <= ipc points
             view = None if cfg.pta_real_view == "clean" else (_jitter(cfg, pool.size), (0.08, 1.0))
             real = _real_points(t.model, pool, cfg.pta_points, cfg.seed, device, view)
@@ -366,7 +367,7 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
             y = torch.tensor([c for c, _ in items]).to(device)
             ids = torch.tensor([c * cfg.ipc + i for c, i in items]).to(device)
             crit.reset()  # no state from earlier units (bank, PTA grids, pairings)
-            if cfg.pta_on:
+            if cfg.pta_active:
                 # the class group's synthetic set at its initial state: the unit itself in lockstep, the batch
                 # and the initial images of the class's other items otherwise
                 members = items if cfg.lockstep else [(c, j) for c in groups[unit.group] for j in range(cfg.ipc)]
@@ -380,7 +381,7 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
             sizes = [len(b) for b in batches]
             micro = [list(range(sum(sizes[:n]), sum(sizes[:n + 1]))) for n in range(len(batches))]
             anchors = torch.tensor([int(ranking[c][i]) for c, i in items]) if drc else None
-            x = recover(crit, x0, y, ids if cfg.pta_on else None, pool=pool if drc else None, config=rc,
+            x = recover(crit, x0, y, ids, pool=pool if drc else None, config=rc,
                         seeds=[cfg.seed * 1_000_003 + b for b in batch_index], micro_batches=micro,
                         retrieval_teacher=teachers[0].model, retriever=retriever, device=device, anchor_ids=anchors,
                         diagnose=cfg.compile is None)
@@ -407,7 +408,7 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
     info["diagnostics"] = diag.summary()
     if parts_log:
         info["loss_parts"] = {key: float(np.mean([p[key] for p in parts_log])) for key in ("ce", "bn", "topo")}
-    info["topo_k"] = k if cfg.pta_on else None
+    info["topo_k"] = k if cfg.pta_active else None
     return info
 
 

@@ -27,7 +27,10 @@ from ..fileio import read_json, write_json
 __all__ = ["RUN_FORMAT", "OUTPUT_NAMES", "RunMismatch", "item_path", "load_distilled", "check_run", "to_uint8"]
 
 
-RUN_FORMAT = 1
+#: the version of what a run's images are a function of, beyond its settings; bumped when the same settings
+#: give other images (a folder of another format is refused, not resumed). 2: a class's PTA point set is in
+#: a fixed order (registration order), so several batches per class group pair the same points as one.
+RUN_FORMAT = 2
 
 
 #: what a reta output folder may hold (anything else means it is somebody else's folder)
@@ -97,6 +100,10 @@ def check_run(out: Path, manifest: dict) -> None:
     path = out / "run.json"
     if path.exists():
         old = read_json(path, "run manifest")
+        if old.get("format", 1) != manifest["format"]:
+            raise RunMismatch(f"{str(out)!r} holds a run written by another reta_fast (run format "
+                              f"{old.get('format', 1)}; this version writes format {manifest['format']}, whose images "
+                              f"differ for the same settings): refusing to mix them. Use another --out.")
         diffs = [k for k in ("method", "config", "data", "teachers")
                  if json.loads(json.dumps(old.get(k))) != json.loads(json.dumps(manifest[k]))]
         if diffs:

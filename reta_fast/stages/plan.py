@@ -119,13 +119,20 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
     if cfg.method in ("random-real", "rded"):
         steps_per_batch, sec_step, peak, kind = 0, 0.0, *peak_memory(device)
     else:
-        if cfg.pta_on:
+        if cfg.pta_active:
             with torch.no_grad():
                 d = teacher_features(model, x[:2])[1].shape[1]
             m = cfg.pta_points
             real = torch.nn.functional.normalize(torch.randn(C, m, d, generator=g), dim=-1).to(device)
-            crit = RETALoss(model, lam_topo=cfg.lam_topo, real_feats=real, k=cfg.k(), topo_refresh=cfg.topo_refresh,
-                            overlap=cfg.topo_overlap, **kw)
+            # as in the job: a lockstep round makes one call per batch of the unit and refreshes once
+            per_unit = math.ceil(cfg.ipc / ipb) if cfg.lockstep else 1
+            crit = RETALoss(model, lam_topo=cfg.lam_topo, real_feats=real, k=cfg.k(),
+                            topo_refresh=cfg.topo_refresh * per_unit, overlap=cfg.topo_overlap, **kw)
+            # ... and PTA runs on each class's whole set (ipc points), the batch's images among them
+            n_cls = min(bc, C)
+            set_ids = torch.arange(n_cls * cfg.ipc)
+            crit.seed_bank(torch.nn.functional.normalize(torch.randn(len(set_ids), d, generator=g), dim=-1).to(device),
+                           (set_ids % n_cls).to(device), set_ids.to(device))
         else:
             crit = RETALoss(model, lam_topo=0.0, **kw)
         if torch.device(device).type == "cuda":
@@ -135,12 +142,12 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
             engine = dict(amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile)  # the job's engine
             warm = 3 if cfg.compile else 1  # compilation, and CUDA-graph recording after it
             rc = RecoverConfig(iterations=warm, resolutions=[res], drc=False, mean=data.mean, std=data.std, **engine)
-            recover(crit, x, y, ids if cfg.pta_on else None, config=rc)  # warm-up (allocations, kernels)
+            recover(crit, x, y, ids if cfg.pta_active else None, config=rc)  # warm-up (allocations, kernels)
             rc = RecoverConfig(iterations=steps, resolutions=[res], drc=False, mean=data.mean, std=data.std, **engine)
             if torch.device(device).type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            recover(crit, x, y, ids if cfg.pta_on else None, config=rc)
+            recover(crit, x, y, ids if cfg.pta_active else None, config=rc)
             if torch.device(device).type == "cuda":
                 torch.cuda.synchronize(device)
             sec_step = (time.perf_counter() - t0) / steps

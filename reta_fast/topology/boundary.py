@@ -17,9 +17,11 @@ A refresh of the pairings of ``B`` point sets ``[B, N, D]`` on an accelerator is
    difference vectors, differentiable), the diagrams gathered from them. Steps that reuse a plan run only
    this step: no transfer, no synchronisation.
 
-The edges, their order and the filtration weights are those of :func:`reta_fast.mutual_knn_graph` and
-:func:`reta_fast.topology.knn.edge_weights`, so the pairings equal :func:`reta_fast.persistence_pairs`'s on
-that graph, and the diagrams equal :func:`reta_fast.persistence_diagrams`'s.
+The edges and their order are those of :func:`reta_fast.mutual_knn_graph`, and the filtration weights are
+computed as :func:`reta_fast.topology.knn.edge_weights` computes them (by a Gram matrix or by difference
+vectors, chosen here by the set's shape): up to rounding of the weights, whose near-ties may pair
+differently, the pairings are :func:`reta_fast.persistence_pairs`'s on that graph and the diagrams
+:func:`reta_fast.persistence_diagrams`'s.
 """
 from __future__ import annotations
 
@@ -40,9 +42,18 @@ __all__ = ["device_graph", "start_host_copy", "host_plan", "upload", "plan_diagr
 # edge_weights': its measured break-even, B N^2 <= 128 E, with E ~ N k / 3 mutual edges per set).
 GRAM_PER_NEIGHBOUR = 40
 
+def _cuda_event(device: torch.device):
+    """An event recorded on ``device``'s current stream (where a copy of a tensor on it was just queued),
+    whichever device is current."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
 #: Device types whose device-to-host copies are issued non-blocking and completed by an event that the host
-#: thread waits on (``type -> event factory``); other accelerators copy blocking. (CUDA also covers ROCm.)
-ASYNC_COPY_EVENTS: Dict[str, Callable[[], object]] = {"cuda": lambda: torch.cuda.Event()}
+#: thread waits on (``type -> factory(device)`` of a recorded event); other accelerators copy blocking.
+#: (CUDA also covers ROCm.)
+ASYNC_COPY_EVENTS: Dict[str, Callable[[torch.device], object]] = {"cuda": _cuda_event}
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,9 +154,8 @@ def start_host_copy(t: torch.Tensor):
     make_event = ASYNC_COPY_EVENTS.get(t.device.type)
     if make_event is None:
         return t.to("cpu"), None  # host synchronisation: a blocking copy on this device type
-    host = t.to("cpu", non_blocking=True)  # pinned destination: the copy runs in stream order
-    event = make_event()
-    event.record()
+    host = t.to("cpu", non_blocking=True)  # pinned destination: the copy runs in the device's stream order
+    event = make_event(t.device)
     return host, event.synchronize
 
 

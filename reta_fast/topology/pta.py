@@ -234,6 +234,7 @@ class TopologyAlignmentLoss(nn.Module):
             h0, h1 = plan_diagrams(x, plan)
             if self.grid["h0"] is None or self.grid["h1p"] is None or self.grid["h1b"] is None:
                 self._set_grid(h0, h1)
+            self._grow(plan.extent)  # a later real side may reach beyond the grid the first one set
             return h0, h1, plan
 
     def _grow(self, extent) -> None:

@@ -118,3 +118,28 @@ def test_deprecated_pipeline_alias_still_takes_the_old_log_callable():
         wrapped(1, log="print")
     for name in ("build_pool", "distill", "evaluate", "relabel_stage"):
         assert getattr(pipeline, name).__wrapped__ is getattr(stages, name)
+
+
+def test_cli_flags_come_from_the_settings_dataclasses():
+    """Every setting's flag, default and help text come from its dataclass field: parsing no flags gives the
+    dataclass defaults, every field is on the command line unless marked otherwise, and flags reach fields."""
+    import argparse
+    from dataclasses import fields
+
+    from reta_fast.cli.flags import add_config_flags, config_from
+    from reta_fast.stages import DistillConfig, EvalConfig
+
+    for cls, prefix in ((DistillConfig, ""), (EvalConfig, "eval_")):
+        p = argparse.ArgumentParser()
+        add_config_flags(p, cls, cls.__name__, prefix=prefix)
+        args = p.parse_args([])
+        assert config_from(cls, args, prefix) == cls()
+        for f in fields(cls):
+            md = dict(f.metadata)
+            assert md.get("help"), f"{cls.__name__}.{f.name} has no help text"
+            if md.get("cli") is not False and md.get("group") != "common":
+                assert hasattr(args, prefix + f.name), f"{cls.__name__}.{f.name} has no flag"
+    p = argparse.ArgumentParser()
+    add_config_flags(p, DistillConfig, "distill")
+    cfg = config_from(DistillConfig, p.parse_args(["--drc-margin", "0.1", "--no-bn", "--topo-k", "3", "--no-pta"]))
+    assert (cfg.drc_margin, cfg.r_bn, cfg.topo_k, cfg.pta) == (0.1, 0.0, 3, False)

@@ -65,6 +65,9 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     "reta --no-drc imagenet-batch": dict(method="reta", drc=False, **IMAGENET_BATCH),
     "reta --no-pta imagenet-batch": dict(method="reta", pta=False, **IMAGENET_BATCH),
     "reta pta-initial imagenet-batch": dict(method="reta", pta_set="initial", **IMAGENET_BATCH),
+    # PTA's weight with one image per class per batch: CE and BN are batch means, so an image's share of
+    # them grows with 1 / batch size while its share of PTA (a per-class sum) does not
+    "reta lam_topo 5 imagenet-batch": dict(method="reta", lam_topo=5.0, **IMAGENET_BATCH),
     # PTA's graph: k of the mutual k-NN graph (the default is min(10, IPC // 2); IPC - 1 is the complete graph)
     "reta k 2": dict(method="reta", topo_k=2),
     "reta k 9": dict(method="reta", topo_k=9),

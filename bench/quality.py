@@ -295,6 +295,7 @@ def main(argv=None) -> int:
     meta = dict(data=str(src.name) + (" in grayscale" if args.grayscale else "") + (f" at {data.size} px" if args.size
                                                                                      else ""), classes=len(data.classes), train=len(data.train), test=len(test_split),
                 split=args.split, val_per_class=args.val_per_class if args.split == "val" else None,
+                val_images=len(data.val) if args.split == "val" and rows else None,
                 scale=args.scale, settings=dict(sc, eval={str(k): v for k, v in sc["eval"].items()}),
                 teacher=dict(arch=sc["arch"], top1=teacher.accuracy, seconds=teacher_s), seeds=args.seeds,
                 distill_seeds=args.distill_seeds, machine=machine(), device=args.device, torch=torch.__version__,
@@ -334,13 +335,19 @@ def _publish(results: Path, name: str, meta: dict, rows, readme, split: str) -> 
         path.write_text(head + a + "\n" + table + b + rest.split(b, 1)[1])
 
 
+def _val_size(meta: dict) -> str:
+    n, per = meta.get("val_images"), meta.get("val_per_class")
+    n = "" if n is None else f"{n:,} "
+    return f"{n}training images outside the patch pool, up to {per} per class"
+
+
 def render(meta: dict, rows) -> str:
     ipcs = sorted({r["ipc"] for r in rows})
     names = list(dict.fromkeys(r["name"] for r in rows))
     by = {(r["name"], r["ipc"]): r for r in rows}
     s = meta["settings"]
     split = ("test split" if meta.get("split", "test") == "test" else
-             f"validation split ({meta.get('val_per_class')} training images per class outside the patch pool)")
+             f"validation split ({_val_size(meta)})")
     L = [f"Distilled-set quality on {meta['data']} ({meta['classes']} classes, {meta['train']} train / {meta['test']} "
          f"test images), scale `{meta['scale']}`: teacher and student {s['arch']}, teacher {s['teacher_epochs']} epochs "
          f"(top-1 {meta['teacher']['top1']:.2f}% = full-data accuracy of this architecture), {s['iterations']} "

@@ -68,6 +68,9 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     # PTA's weight with one image per class per batch: CE and BN are batch means, so an image's share of
     # them grows with 1 / batch size while its share of PTA (a per-class sum) does not
     "reta lam_topo 5 imagenet-batch": dict(method="reta", lam_topo=5.0, **IMAGENET_BATCH),
+    # the converse: with a class's images together, a tenth of PTA's weight (what one-image-per-class
+    # batches of 10 images give it)
+    "reta lam_topo 0.05": dict(method="reta", lam_topo=0.05),
     # PTA's graph: k of the mutual k-NN graph (the default is min(10, IPC // 2); IPC - 1 is the complete graph)
     "reta k 2": dict(method="reta", topo_k=2),
     "reta k 9": dict(method="reta", topo_k=9),

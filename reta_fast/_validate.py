@@ -1,12 +1,14 @@
 """Argument checks shared by the public API: each error names the argument and the problem."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
 import torch
 
-__all__ = ["check_points", "check_k", "check_finite", "check_positive_int", "check_labels"]
+__all__ = ["check_points", "check_k", "check_finite", "check_positive_int", "check_labels", "check_int_setting",
+           "check_number_setting", "check_choice"]
 
 
 def check_points(points, name: str = "points", finite: bool = True) -> torch.Tensor:
@@ -47,6 +49,29 @@ def check_positive_int(value, name: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_int_setting(value, name: str, minimum: int = 1) -> None:
+    """A settings field (config dataclasses, command line): an integer >= ``minimum`` (ValueError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_number_setting(value, name: str, low: float = 0.0, high: Optional[float] = None,
+                         high_open: bool = False) -> None:
+    """A settings field: a finite number in ``[low, high]`` (``[low, high)`` with ``high_open``)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        rng = f">= {low}" if high is None else f"in [{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number {rng}, got {value!r}")
+
+
+def check_choice(value, name: str, choices) -> None:
+    """A settings field that takes one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 def check_k(k) -> int:

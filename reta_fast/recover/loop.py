@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._validate import check_int_setting, check_number_setting
 from ..data.tensors import channel_stats
 from ..models.features import teacher_features
 from ..retrieval.inject import residual_inject
@@ -69,19 +70,16 @@ class RecoverConfig:
     history: List[dict] = field(default_factory=list, repr=False)
 
     def validate(self) -> None:
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < len(self.resolutions):
-            raise ValueError(f"iterations must be an int >= the number of blocks ({len(self.resolutions)}), "
-                             f"got {self.iterations!r}")
         if not self.resolutions or min(self.resolutions) < 4:
             raise ValueError(f"resolutions must be a non-empty list of sizes >= 4, got {self.resolutions!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
-        if not 0.0 <= self.drc_margin < 1.0:
-            raise ValueError(f"drc_margin must be in [0, 1), got {self.drc_margin!r}")
+        check_int_setting(self.iterations, "iterations (at least one step per block)", len(self.resolutions))
+        check_number_setting(self.alpha, "alpha", 0.0, 1.0)
+        check_number_setting(self.drc_margin, "drc_margin", 0.0, 1.0, high_open=True)
+        check_number_setting(self.jitter, "jitter")
         if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale!r}")
-        if self.lr <= 0 or self.jitter < 0:
-            raise ValueError("lr must be > 0 and jitter >= 0")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
         check_engine(self.amp, self.compile)
 
 

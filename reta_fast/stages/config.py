@@ -2,19 +2,20 @@
 defaults (the CLI's flags are built from these fields)."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence
 
+from .._validate import check_choice, check_int_setting, check_number_setting
 from ..recover.loop import COMPILE_MODES, check_engine
 
-__all__ = ["METHODS", "PTA_SETS", "DistillConfig", "EvalConfig", "ENGINE_DEFAULTS"]
+__all__ = ["METHODS", "PTA_SETS", "PTA_REAL_VIEWS", "DistillConfig", "EvalConfig", "ENGINE_DEFAULTS"]
 
 
 METHODS = ("random-real", "rded", "sre2l", "fadrm", "reta")
 
 
 PTA_SETS = ("complete", "initial")
+PTA_REAL_VIEWS = ("clean", "augmented")
 
 
 def _opt(default, help: str, **cli):
@@ -103,7 +104,7 @@ class DistillConfig:
                         "group's batches in lockstep) or the batch plus initial images (initial)", choices=PTA_SETS)
     pta_real_view: str = _opt("clean", "PTA's real features from the pool patches as they are (clean) or through "
                               "the recover step's augmentation once (augmented, like the synthetic features)",
-                              choices=("clean", "augmented"))
+                              choices=PTA_REAL_VIEWS)
     topo_refresh: int = _opt(1, "recompute PTA's graphs and pairings every T steps, re-gather lengths in between")
     pool_per_class: int = _opt(300, "patch pool images per class")
     pool_candidates: int = _opt(1, "RDED best-of-N crops per image")
@@ -120,41 +121,32 @@ class DistillConfig:
                               "step later", group="engine")
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        check_choice(self.method, "method", METHODS)
         if self.method != "reta" and (not self.drc or not self.pta):
             raise ValueError(f"--no-drc / --no-pta are ablations of reta, not of {self.method}")
         for name in ("ipc", "iterations", "blocks", "batch_classes", "ipc_per_batch", "points_per_class",
                      "pool_per_class", "pool_candidates", "topo_refresh"):
             v = getattr(self, name)
-            if v is None and name in ("batch_classes", "ipc_per_batch", "points_per_class"):
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            if not (v is None and name in ("batch_classes", "ipc_per_batch", "points_per_class")):
+                check_int_setting(v, name)
         end = self.ipc if self.ipc_end is None else self.ipc_end
         if not (0 <= self.ipc_start < end <= self.ipc):
             raise ValueError(f"need 0 <= ipc_start < ipc_end <= ipc, got ipc_start={self.ipc_start}, "
                              f"ipc_end={self.ipc_end}, ipc={self.ipc}")
         if self.uses_recover and self.iterations < self.n_blocks:
             raise ValueError(f"iterations ({self.iterations}) must be >= the number of blocks ({self.n_blocks})")
-        if not (isinstance(self.drc_margin, (int, float)) and 0.0 <= self.drc_margin < 1.0):
-            raise ValueError(f"drc_margin must be a number in [0, 1), got {self.drc_margin!r}")
+        check_number_setting(self.drc_margin, "drc_margin", 0.0, 1.0, high_open=True)
         for name in ("lr", "alpha", "lam", "r_bn", "first_bn_weight", "lam_topo"):
             v = getattr(self, name)
-            if v is None and name == "lr":
-                continue
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+            if not (v is None and name == "lr"):
+                check_number_setting(v, name)
         if self.resolutions is not None and (not self.resolutions or any(
                 isinstance(r, bool) or not isinstance(r, int) or r < 8 for r in self.resolutions)):
             raise ValueError(f"resolutions must be a non-empty list of integers >= 8, got {self.resolutions!r}")
-        if self.topo_k is not None and (isinstance(self.topo_k, bool) or not isinstance(self.topo_k, int)
-                                        or self.topo_k < 1):
-            raise ValueError(f"topo_k must be an integer >= 1, got {self.topo_k!r}")
-        if self.pta_real_view not in ("clean", "augmented"):
-            raise ValueError(f"pta_real_view must be 'clean' or 'augmented', got {self.pta_real_view!r}")
-        if self.pta_set not in PTA_SETS:
-            raise ValueError(f"pta_set must be one of {', '.join(PTA_SETS)}, got {self.pta_set!r}")
+        if self.topo_k is not None:
+            check_int_setting(self.topo_k, "topo_k")
+        check_choice(self.pta_real_view, "pta_real_view", PTA_REAL_VIEWS)
+        check_choice(self.pta_set, "pta_set", PTA_SETS)
 
         check_engine(self.amp, self.compile)
 
@@ -242,12 +234,9 @@ class EvalConfig:
     baseline: bool = _opt(True, "skip the random-real baseline", negation=("no-baseline", False))
 
     def validate(self) -> None:
-        if self.labels not in ("online", "stored"):
-            raise ValueError(f"labels must be 'online' or 'stored', got {self.labels!r}")
+        check_choice(self.labels, "labels", ("online", "stored"))
         for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            check_int_setting(getattr(self, name), name)
         if not (self.lr > 0 and self.temperature > 0):
             raise ValueError("lr and temperature must be > 0")
         if not self.seeds:

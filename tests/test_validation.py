@@ -3,6 +3,8 @@ import pytest
 import torch
 
 import reta_fast as rf
+from reta_fast.recover.loop import RecoverConfig
+from reta_fast.stages.config import DistillConfig, EvalConfig
 
 BACKENDS = ["reference"] + (["native"] if rf.has_native() else [])
 
@@ -100,3 +102,27 @@ def test_edge_length_double_backward_raises_instead_of_lying():
     (grad,) = torch.autograd.grad(g.lengths.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("cls, kw, match", [
+    ("distill", dict(method="retta"), r"method must be one of .*'reta', got 'retta'"),
+    ("distill", dict(ipc=0), "ipc must be an integer >= 1, got 0"),
+    ("distill", dict(iterations=2.5), "iterations must be an integer >= 1"),
+    ("distill", dict(topo_k=True), "topo_k must be an integer >= 1, got True"),
+    ("distill", dict(lam=float("nan")), "lam must be a finite number >= 0"),
+    ("distill", dict(lam_topo=-0.5), "lam_topo must be a finite number >= 0"),
+    ("distill", dict(drc_margin=1.0), r"drc_margin must be a finite number in \[0.0, 1.0\), got 1.0"),
+    ("distill", dict(pta_real_view="blurred"), "pta_real_view must be one of 'clean', 'augmented'"),
+    ("distill", dict(pta_set="all"), "pta_set must be one of 'complete', 'initial'"),
+    ("eval", dict(labels="soft"), "labels must be one of 'online', 'stored'"),
+    ("eval", dict(batch_size=0), "batch_size must be an integer >= 1"),
+    ("recover", dict(alpha=1.5), r"alpha must be a finite number in \[0.0, 1.0\]"),
+    ("recover", dict(iterations=1, resolutions=(8, 16)), r"iterations \(at least one step per block\) must be an "
+                                                          "integer >= 2"),
+    ("recover", dict(jitter=-1), "jitter must be a finite number >= 0"),
+])
+def test_every_settings_field_is_checked_by_name(cls, kw, match):
+    make = dict(distill=DistillConfig, eval=EvalConfig, recover=RecoverConfig)[cls]
+    make().validate()  # the defaults pass
+    with pytest.raises(ValueError, match=match):
+        make(**kw).validate()

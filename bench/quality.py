@@ -60,14 +60,17 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     # PTA's point set as reta_fast built it before: the batch's images plus fixed features of the class's
     # other *initial* images (no lockstep)
     "reta pta-initial": dict(method="reta", pta_set="initial"),
+    # With 10-image batches PTA weighs lam_topo * 100 / 10 by default (DistillConfig.topo_ref_batch): CE and
+    # BN are batch means, so an image's share of them grows with 1 / batch size while its share of PTA (a
+    # per-class sum) does not. The same images as --lam-topo 5 --no-topo-batch-scale.
     "fadrm imagenet-batch": dict(method="fadrm", **IMAGENET_BATCH),
     "reta imagenet-batch": dict(method="reta", **IMAGENET_BATCH),
     "reta --no-drc imagenet-batch": dict(method="reta", drc=False, **IMAGENET_BATCH),
     "reta --no-pta imagenet-batch": dict(method="reta", pta=False, **IMAGENET_BATCH),
-    "reta pta-initial imagenet-batch": dict(method="reta", pta_set="initial", **IMAGENET_BATCH),
-    # PTA's weight with one image per class per batch: CE and BN are batch means, so an image's share of
-    # them grows with 1 / batch size while its share of PTA (a per-class sum) does not
-    "reta lam_topo 5 imagenet-batch": dict(method="reta", lam_topo=5.0, **IMAGENET_BATCH),
+    # PTA at lam_topo whatever the batch size (reta_fast 0.1.0 with class-complete PTA)
+    "reta pta-unscaled imagenet-batch": dict(method="reta", topo_ref_batch=0, **IMAGENET_BATCH),
+    # reta_fast's PTA before class-complete point sets and the batch scaling
+    "reta pta-initial imagenet-batch": dict(method="reta", pta_set="initial", topo_ref_batch=0, **IMAGENET_BATCH),
     # the converse: with a class's images together, a tenth of PTA's weight (what one-image-per-class
     # batches of 10 images give it)
     "reta lam_topo 0.05": dict(method="reta", lam_topo=0.05),

@@ -804,6 +804,24 @@ def test_recover_engine_choices_are_part_of_the_run_identity(data, teacher, tmp_
     assert (ns.amp, ns.channels_last, ns.compile, ns.topo_refresh) == ("bf16", True, "default", 5)
 
 
+def test_pta_weight_follows_the_batch_size_and_is_in_the_identity_only_where_it_acts(data, teacher, tmp_path):
+    # TINY: 10 classes x 3 items = 30-image batches, so PTA weighs lam_topo * 100 / 30
+    auto = tmp_path / "auto"
+    run(data, teacher, auto, method="reta")
+    assert json.loads((auto / "run.json").read_text())["config"]["topo_ref_batch"] == 100
+    by_hand = tmp_path / "by-hand"
+    run(data, teacher, by_hand, method="reta", topo_ref_batch=0, lam_topo=0.5 * (100 / 30))
+    assert png_bytes(auto) == png_bytes(by_hand)  # the scaling is exactly a larger lam_topo, nothing else
+    plain = tmp_path / "plain"
+    run(data, teacher, plain, method="reta", topo_ref_batch=0)  # lam_topo at every batch size: 0.1.0's images
+    assert "topo_ref_batch" not in json.loads((plain / "run.json").read_text())["config"]
+    assert png_bytes(plain) != png_bytes(auto)
+    with pytest.raises(P.RunMismatch, match="topo_ref_batch"):  # a folder from before the option: not mixed
+        run(data, teacher, plain, method="reta")
+    ns = cli.build_parser().parse_args(["distill", "--data", "digits", "--out", "o", "--no-topo-batch-scale"])
+    assert ns.topo_ref_batch == 0
+
+
 @pytest.mark.slow
 def test_torchrun_evaluate_trains_each_student_with_ddp(data, teacher, tmp_path):
     import subprocess

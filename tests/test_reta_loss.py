@@ -75,6 +75,28 @@ def test_pta_joins_once_a_class_has_enough_images_and_gives_gradients():
     assert not torch.allclose(x0.grad, x.grad)
 
 
+def test_pta_weight_scales_with_the_batch_size_as_a_larger_lam_topo():
+    t = teacher()
+    real = F.normalize(torch.randn(4, 6, 8), dim=-1)
+    crit = rf.RETALoss(t, real_feats=real, k=2)  # lam_topo 0.5 at batches of 100 images
+    assert crit.topo_weight(100) == 0.5 and crit.topo_weight(10) == 5.0 and crit.topo_weight(200) == 0.25
+    assert rf.RETALoss(t, real_feats=real, k=2, topo_ref_batch=None).topo_weight(10) == 0.5
+    by_hand = rf.RETALoss(t, real_feats=real, k=2, lam_topo=0.5 * (100 / 12), topo_ref_batch=None)
+    x = torch.randn(12, 3, 8, 8)
+    y = torch.arange(4).repeat_interleave(3)
+    grads = []
+    for c in (crit, by_hand):
+        xi = x.clone().requires_grad_()
+        loss, parts = c(xi, y)
+        loss.backward()
+        assert parts["topo"] > 0
+        assert float(c.last_terms["topo"].detach()) == pytest.approx(c.topo_weight(12) * parts["topo"], rel=1e-6)
+        grads.append((loss.detach(), xi.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    with pytest.raises(ValueError, match="topo_ref_batch must be an integer >= 1, got 0"):
+        rf.RETALoss(t, real_feats=real, k=2, topo_ref_batch=0)
+
+
 def test_autocast_and_grad_scaler_on_cpu():
     t = teacher()
     crit = rf.RETALoss(t, lam_topo=0.0)

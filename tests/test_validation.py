@@ -111,6 +111,7 @@ def test_edge_length_double_backward_raises_instead_of_lying():
     ("distill", dict(topo_k=True), "topo_k must be an integer >= 1, got True"),
     ("distill", dict(lam=float("nan")), "lam must be a finite number >= 0"),
     ("distill", dict(lam_topo=-0.5), "lam_topo must be a finite number >= 0"),
+    ("distill", dict(topo_ref_batch=-1), "topo_ref_batch must be an integer >= 0, got -1"),
     ("distill", dict(drc_margin=1.0), r"drc_margin must be a finite number in \[0.0, 1.0\), got 1.0"),
     ("distill", dict(pta_real_view="blurred"), "pta_real_view must be one of 'clean', 'augmented'"),
     ("distill", dict(pta_set="all"), "pta_set must be one of 'complete', 'initial'"),
@@ -126,3 +127,21 @@ def test_every_settings_field_is_checked_by_name(cls, kw, match):
     make().validate()  # the defaults pass
     with pytest.raises(ValueError, match=match):
         make(**kw).validate()
+
+
+def test_topo_ref_batch_is_in_the_identity_only_where_it_moves_a_batch_weight():
+    def ident(C, **kw):
+        return DistillConfig(**kw).identity(C)
+
+    assert DistillConfig(ipc=10).batch_sizes(10) == [100]  # CIFAR-10: 10 classes x 10 items
+    assert DistillConfig(ipc=50).batch_sizes(1000) == [100]  # ImageNet-1K: 100 classes x 1 item
+    assert DistillConfig(ipc=10).batch_sizes(150) == [50, 100]  # a last class group of 50
+    assert DistillConfig(ipc=10, batch_classes=10, ipc_per_batch=4).batch_sizes(10) == [20, 40]
+    assert "topo_ref_batch" not in ident(10, ipc=10)  # runs of 100-image batches keep their identity
+    assert "topo_ref_batch" not in ident(1000, ipc=50)
+    assert ident(10, ipc=10, batch_classes=10, ipc_per_batch=1)["topo_ref_batch"] == 100
+    assert ident(150, ipc=10)["topo_ref_batch"] == 100
+    assert "topo_ref_batch" not in ident(10, ipc=10, batch_classes=10, ipc_per_batch=1, topo_ref_batch=0)
+    assert "topo_ref_batch" not in ident(10, ipc=10, batch_classes=10, ipc_per_batch=1, pta=False)
+    assert "topo_ref_batch" not in ident(10, method="fadrm", ipc=10, batch_classes=10, ipc_per_batch=1)
+    assert ident(10, ipc=10, topo_ref_batch=50)["topo_ref_batch"] == 50

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validate import check_int_setting
 from ..topology.pta import TopologyAlignmentLoss
 from .bank import FeatureBank
 
@@ -66,7 +67,13 @@ class RETALoss(nn.Module):
         r_bn: weight of the BN term (docs/method.md: 0.01); 0 disables it (and allows a teacher without
             BatchNorm layers).
         first_bn_weight: ``s_1`` (docs/method.md: 10).
-        lam_topo: weight of the PTA term (docs/method.md: 0.5); 0 disables it.
+        lam_topo: weight of the PTA term at a batch of ``topo_ref_batch`` images (docs/method.md: 0.5);
+            0 disables it.
+        topo_ref_batch: the batch size ``lam_topo`` is meant for [ours, docs/method.md §4.7: the paper's
+            100-image batches]. CE and BN are batch means, so an image's share of them is ``1/B``, while its
+            share of ``L_topo`` (a sum over classes) does not depend on ``B``; a call with ``B`` images
+            weights PTA by ``lam_topo * topo_ref_batch / B`` to keep the balance. ``None``: ``lam_topo`` at
+            every batch size (what reta_fast 0.1.0 did).
         real_feats: ``[C, n, D]`` real penultimate features per class (e.g. from a
             :class:`reta_fast.PatchPool`: :meth:`from_pool`), required when ``lam_topo > 0``; ``n``
             bounds the points per class.
@@ -83,11 +90,14 @@ class RETALoss(nn.Module):
 
     def __init__(self, teacher: nn.Module, r_bn: float = 0.01, first_bn_weight: float = 10.0,
                  lam_topo: float = 0.5, real_feats: Optional[torch.Tensor] = None, k: int = 10,
-                 topo_refresh: int = 1, **topo_kwargs):
+                 topo_refresh: int = 1, topo_ref_batch: Optional[int] = 100, **topo_kwargs):
         super().__init__()
         for name, v in (("r_bn", r_bn), ("first_bn_weight", first_bn_weight), ("lam_topo", lam_topo)):
             if not (isinstance(v, (int, float)) and v >= 0):
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if topo_ref_batch is not None:
+            check_int_setting(topo_ref_batch, "topo_ref_batch")
+        self.topo_ref_batch = topo_ref_batch
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -308,6 +318,13 @@ class RETALoss(nn.Module):
             self.bank.tick()
         return out
 
+    def topo_weight(self, batch_size: int) -> float:
+        """PTA's weight for a call with ``batch_size`` images: ``lam_topo * topo_ref_batch / batch_size``
+        (exactly ``lam_topo`` at the reference size or without one)."""
+        if self.topo_ref_batch is None or batch_size == self.topo_ref_batch:
+            return self.lam_topo
+        return self.lam_topo * (self.topo_ref_batch / batch_size)
+
     def terms(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None
               ) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` without its host synchronisation: ``(loss, parts)`` with ``parts`` a
@@ -330,9 +347,10 @@ class RETALoss(nn.Module):
             ce = F.cross_entropy(logits.float(), y)
             bn = torch.stack([b.float() for b in self._bn_terms]).sum() if self._bn_terms else ce.new_zeros(())
             topo = self._topo_term(lay) if self.topo is not None else ce.new_zeros(())
-            loss = ce + self.r_bn * bn + self.lam_topo * topo
+            lam_topo = self.topo_weight(x.shape[0])
+            loss = ce + self.r_bn * bn + lam_topo * topo
         # the weighted terms, graphs attached, until the next call (the recover loop's gradient diagnostics)
-        self.last_terms = dict(ce=ce, bn=self.r_bn * bn, topo=self.lam_topo * topo)
+        self.last_terms = dict(ce=ce, bn=self.r_bn * bn, topo=lam_topo * topo)
         return loss, torch.stack([ce.detach(), bn.detach(), topo.detach().float()])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None

@@ -58,6 +58,11 @@ class DistillConfig:
             RETA alike, bench/results/quality-*/tuning.md).
         jitter (None: 4 px up to 64 px data, 32 above), alpha, lam: see :class:`RecoverConfig`.
         r_bn, first_bn_weight, lam_topo: see :class:`RETALoss`.
+        topo_ref_batch: :class:`RETALoss`'s ``topo_ref_batch`` (0: None, no scaling) [ours,
+            docs/method.md §4.7]: with the default batches of 100 images PTA's weight is ``lam_topo``; with
+            ImageNet's batch structure on a 10-class set (10 images a batch) it is ``10 * lam_topo``. Part of
+            the run identity only where it changes a batch's weight, so runs of 100-image batches written
+            before the option existed still resume.
         topo_k: mutual k-NN parameter of PTA (None: :meth:`k`'s rule [ours]: ``min(10, m // 2)`` for ``m``
             points per class, so the graph is a mutual k-NN graph and not the complete graph at IPC 10).
         points_per_class: points per class on each side of PTA, ``m`` (None: the class's whole synthetic
@@ -97,7 +102,11 @@ class DistillConfig:
                              "this fraction lower (0: always take the retrieved patch, as the paper)")
     r_bn: float = _opt(0.01, "BN-statistic matching weight (--no-bn: 0)", negation=("no-bn", 0.0))
     first_bn_weight: float = _opt(10.0, "weight of the first BN layer's term")
-    lam_topo: float = _opt(0.5, "PTA weight lambda_topo")
+    lam_topo: float = _opt(0.5, "PTA weight lambda_topo (at batches of --topo-ref-batch images)")
+    topo_ref_batch: int = _opt(100, "the batch size lambda_topo is meant for: a batch of B images weights PTA by "
+                               "lambda_topo * this / B, keeping its balance with the batch-mean CE and BN terms "
+                               "(--no-topo-batch-scale: lambda_topo at every batch size)",
+                               negation=("no-topo-batch-scale", 0))
     topo_k: Optional[int] = _opt(None, "PTA's mutual k-NN k (default: min(10, points per class // 2))")
     points_per_class: Optional[int] = _opt(None, "PTA points per class on each side (default: IPC)")
     pta_set: str = _opt("complete", "PTA's synthetic point set: the class's current images (complete, a class "
@@ -145,6 +154,7 @@ class DistillConfig:
             raise ValueError(f"resolutions must be a non-empty list of integers >= 8, got {self.resolutions!r}")
         if self.topo_k is not None:
             check_int_setting(self.topo_k, "topo_k")
+        check_int_setting(self.topo_ref_batch, "topo_ref_batch", minimum=0)
         check_choice(self.pta_real_view, "pta_real_view", PTA_REAL_VIEWS)
         check_choice(self.pta_set, "pta_set", PTA_SETS)
 
@@ -204,11 +214,26 @@ class DistillConfig:
         """PTA's mutual k-NN parameter: ``topo_k``, or ``min(10, m // 2)`` (at least 1)."""
         return self.topo_k if self.topo_k is not None else max(1, min(10, self.pta_points // 2))
 
-    def identity(self) -> dict:
-        """The parameters that decide the images (all but the ipc slice): a folder written with one
-        identity is refused for another."""
+    def batch_sizes(self, num_classes: int) -> List[int]:
+        """Every batch size a recover run over ``num_classes`` classes has (the last class group and the
+        last items of a class may make smaller batches)."""
+        bc, ipb = self.batch_shape(num_classes)
+        groups = {bc} | ({num_classes % bc} - {0})
+        items = {min(ipb, self.ipc)} | ({self.ipc % ipb} - {0})
+        return sorted(g * n for g in groups for n in items)
+
+    def topo_scaled(self, num_classes: int) -> bool:
+        """Whether ``topo_ref_batch`` moves PTA's weight away from ``lam_topo`` for some batch of the run."""
+        return (self.uses_recover and self.pta_active and self.topo_ref_batch > 0
+                and any(b != self.topo_ref_batch for b in self.batch_sizes(num_classes)))
+
+    def identity(self, num_classes: int) -> dict:
+        """The parameters that decide the images (all but the ipc slice) of a run over ``num_classes``
+        classes: a folder written with one identity is refused for another."""
         d = asdict(self)
         d.pop("ipc_start"), d.pop("ipc_end")
+        if not self.topo_scaled(num_classes):
+            d.pop("topo_ref_batch")  # the weight is lam_topo everywhere: the images of runs made before it
         for name, default in ENGINE_DEFAULTS.items():
             if d[name] == default:
                 d.pop(name)

@@ -271,7 +271,7 @@ def _start_run(data, teachers, out: Path, cfg: DistillConfig, teacher_specs) -> 
     if cfg.uses_recover and cfg.block_resolutions(S)[-1] != S:
         raise ValueError(f"the last block's resolution must be the data's size {S} (the images are written at it), "
                          f"got resolutions {cfg.block_resolutions(S)}")
-    manifest = dict(format=RUN_FORMAT, method=cfg.method, config=cfg.identity(),
+    manifest = dict(format=RUN_FORMAT, method=cfg.method, config=cfg.identity(len(data.classes)),
                     data=dict(name=data.name, fingerprint=data.fingerprint, size=S, classes=len(data.classes),
                               mean=list(data.mean), std=list(data.std)),
                     teachers=[dict(name=t.name, fingerprint=teacher_fingerprint(t.model)) for t in teachers],
@@ -305,7 +305,7 @@ def _criteria(teachers, pool, cfg: DistillConfig, batches_per_unit: int, device)
             real = _real_points(t.model, pool, cfg.pta_points, cfg.seed, device, view)
             out.append(RETALoss(t.model, lam_topo=cfg.lam_topo, real_feats=real, k=cfg.k(),
                                 topo_refresh=cfg.topo_refresh * (batches_per_unit if cfg.lockstep else 1),
-                                overlap=cfg.topo_overlap, **kw))
+                                overlap=cfg.topo_overlap, topo_ref_batch=cfg.topo_ref_batch or None, **kw))
         else:
             out.append(RETALoss(t.model, lam_topo=0.0, **kw))
     return out

@@ -127,7 +127,8 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
             # as in the job: a lockstep round makes one call per batch of the unit and refreshes once
             per_unit = math.ceil(cfg.ipc / ipb) if cfg.lockstep else 1
             crit = RETALoss(model, lam_topo=cfg.lam_topo, real_feats=real, k=cfg.k(),
-                            topo_refresh=cfg.topo_refresh * per_unit, overlap=cfg.topo_overlap, **kw)
+                            topo_refresh=cfg.topo_refresh * per_unit, overlap=cfg.topo_overlap,
+                            topo_ref_batch=cfg.topo_ref_batch or None, **kw)
             # ... and PTA runs on each class's whole set (ipc points), the batch's images among them
             n_cls = min(bc, C)
             set_ids = torch.arange(n_cls * cfg.ipc)

@@ -201,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--readme", help="also write the table into this file between <!-- quality:begin --> and "
                                      "<!-- quality:end --> (test split) or the validation markers (--split val)")
     ap.add_argument("--render-only", action="store_true", help="write table/README from results.json, run nothing")
+    ap.add_argument("--distill-only", action="store_true",
+                    help="distil (or resume) every set and stop: no evaluation, no table (e.g. to compare images)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of an existing results.json that this invocation does not recompute")
     args = ap.parse_args(argv)
@@ -260,6 +262,9 @@ def main(argv=None) -> int:
                 first = out / "stages" / "distill-first.json"
                 if st.info.get("written"):
                     shutil.copyfile(out / "stages" / "distill.json", first)
+                if args.distill_only:
+                    print(f"== {name} IPC {ipc} seed {dseed}: distilled into {out}", flush=True)
+                    continue
                 dinfo = json.loads((first if first.is_file() else out / "stages" / "distill.json").read_text())
                 if args.split == "val":
                     from reta_fast.retrieval import PatchPool
@@ -280,6 +285,8 @@ def main(argv=None) -> int:
                 diag[dseed] = dinfo.get("diagnostics")
                 print(f"== {name} IPC {ipc} seed {dseed} ({args.split}): {res['distilled']['mean']:.2f} ± "
                       f"{res['distilled']['std']:.2f}", flush=True)
+            if args.distill_only:
+                continue
             means = [v["top1"]["mean"] for v in per_seed.values()]
             rows.append(dict(name=name, ipc=ipc, split=args.split,
                              top1=dict(mean=float(np.mean(means)), std=float(np.std(means)), runs=means),
@@ -291,6 +298,8 @@ def main(argv=None) -> int:
             r = rows[-1]["top1"]
             print(f"== {name} IPC {ipc} ({args.split}, {len(means)} distillation seeds): {r['mean']:.2f} ± "
                   f"{r['std']:.2f}", flush=True)
+    if args.distill_only:
+        return 0
     try:
         sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True).stdout.strip()

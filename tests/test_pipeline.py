@@ -545,8 +545,13 @@ def test_quality_experiment_runs_and_resumes(tmp_path):
            "--work", str(tmp_path / "w"),
            "--results", str(tmp_path / "res"), "--device", "cpu"]
     env = dict(os.environ, RETA_FAST_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run(cmd + ["--distill-only"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[evaluate]" not in r.stdout and not (tmp_path / "res").exists()  # sets only: nothing scored
+    assert len(list((tmp_path / "w").rglob("reta-ipc2-seed0/images/*/*.png"))) == 2 * 3  # IPC 2 x 3 classes
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("already exist") == 3  # the sets distilled above are resumed, not made again
     res = json.loads((tmp_path / "res" / "results.json").read_text())
     assert [(x["name"], x["ipc"]) for x in res["rows"]] == [("random-real", 2), ("fadrm", 2), ("reta", 2)]
     assert all(len(x["top1"]["runs"]) == 1 and len(x["seeds"]["0"]["top1"]["runs"]) == 2 for x in res["rows"])

@@ -344,6 +344,7 @@ def test_cli_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert png_bytes(out) == before
     rec = json.loads((out / "stages" / "distill.json").read_text())  # both calls kept, not the last only
     assert [c["written"] for c in rec["calls"]] == [100, 0] and rec["written_total"] == 100
+    assert all(c["threads"] == torch.get_num_threads() for c in rec["calls"])  # CPU: what bitwise repeats need
     assert rec["seconds_total"] >= rec["calls"][0]["seconds"] and "2 calls" in (out / "report.md").read_text()
     assert main(["demo", "--out", str(out), "--quiet", "--iterations", "41"]) == 2
     assert "other settings" in capsys.readouterr().err

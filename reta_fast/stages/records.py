@@ -44,6 +44,8 @@ class Stage:
         peak, kind = peak_memory(self.device)
         rec = dict(stage=self.name, seconds=round(seconds, 3), peak_bytes=int(peak), peak_kind=kind,
                    ok=exc_type is None, **self.info)
+        if self.device.type == "cpu":  # CPU results are bitwise reproducible at a fixed thread count only
+            rec.setdefault("threads", torch.get_num_threads())
         if self.out is not None and exc_type is None:
             rec = write_stage_record(self.out, self.name, rec)
         self.record = rec
@@ -74,7 +76,7 @@ def write_stage_record(out, name: str, rec: dict) -> dict:
 
 
 def _call_summary(rec: dict) -> dict:
-    keep = ("seconds", "peak_bytes", "written", "skipped", "ipc_start", "ipc_end", "ranks")
+    keep = ("seconds", "peak_bytes", "written", "skipped", "ipc_start", "ipc_end", "ranks", "threads")
     return dict({k: rec[k] for k in keep if k in rec}, at=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 

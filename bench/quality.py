@@ -256,9 +256,15 @@ def main(argv=None) -> int:
                 over = dict(VARIANTS[name], **({"pool_per_class": args.pool_per_class} if args.pool_per_class else {}))
                 cfg = P.DistillConfig(ipc=ipc, iterations=sc["iterations"], seed=dseed, **over)
                 pool_dir = work / _pool_name(cfg)
-                with P.Stage(out, "distill", args.device) as st:
-                    st.info.update(P.distill(data, [teacher], out, cfg, device=args.device, pool_dir=pool_dir,
-                                             progress=False, teacher_specs=[str(tpath)]))
+                try:
+                    with P.Stage(out, "distill", args.device) as st:
+                        st.info.update(P.distill(data, [teacher], out, cfg, device=args.device, pool_dir=pool_dir,
+                                                 progress=False, teacher_specs=[str(tpath)]))
+                except P.RunMismatch as exc:  # a set of this name made by an earlier variant or reta_fast
+                    print(f"quality: {name} IPC {ipc} seed {dseed}: {exc}\nThe variant's settings changed since "
+                          f"that set was made; move {out} away (its evaluations go with it) or use another "
+                          f"--work.", file=sys.stderr)
+                    return 2
                 first = out / "stages" / "distill-first.json"
                 if st.info.get("written"):
                     shutil.copyfile(out / "stages" / "distill.json", first)

@@ -561,6 +561,12 @@ def test_quality_experiment_runs_and_resumes(tmp_path):
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)  # resumes: reuses everything
     assert r2.returncode == 0 and "[evaluate]" not in r2.stdout
     assert json.loads((tmp_path / "res" / "results.json").read_text())["rows"] == res["rows"]
+    run_json = next((tmp_path / "w").rglob("reta-ipc2-seed0/run.json"))
+    made = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps(dict(made, config=dict(made["config"], lam_topo=2.0))))  # an earlier variant
+    r3 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r3.returncode == 2 and "reta IPC 2 seed 0" in r3.stderr and "move " in r3.stderr
+    assert "Traceback" not in r3.stderr
 
 
 @pytest.mark.slow

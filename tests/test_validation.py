@@ -137,6 +137,8 @@ def test_topo_ref_batch_is_in_the_identity_only_where_it_moves_a_batch_weight():
     assert DistillConfig(ipc=50).batch_sizes(1000) == [100]  # ImageNet-1K: 100 classes x 1 item
     assert DistillConfig(ipc=10).batch_sizes(150) == [50, 100]  # a last class group of 50
     assert DistillConfig(ipc=10, batch_classes=10, ipc_per_batch=4).batch_sizes(10) == [20, 40]
+    assert DistillConfig(ipc=10, batch_classes=20, ipc_per_batch=10).batch_sizes(10) == [100]  # bc > C
+    assert DistillConfig(ipc=3, ipc_per_batch=5).batch_sizes(10) == [30]  # ipc_per_batch > ipc
     assert "topo_ref_batch" not in ident(10, ipc=10)  # runs of 100-image batches keep their identity
     assert "topo_ref_batch" not in ident(1000, ipc=50)
     assert ident(10, ipc=10, batch_classes=10, ipc_per_batch=1)["topo_ref_batch"] == 100

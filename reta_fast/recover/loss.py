@@ -1,6 +1,9 @@
 """RETALoss: the recover objective of docs/method.md §2, as a drop-in module.
 
-``L = CE(T(x), y) + r_bn * sum_l s_l (||mu_l(x) - mu_l^BN||_2 + ||var_l(x) - var_l^BN||_2) + lam_topo * L_topo``
+``L = CE(T(x), y) + r_bn * sum_l s_l (||mu_l(x) - mu_l^BN||_2 + ||var_l(x) - var_l^BN||_2) + lam_topo * (100 / B) * L_topo``
+
+for a batch of ``B`` images (``topo_ref_batch = 100``: the paper's ``lam_topo`` goes with 100-image batches;
+docs/method.md §4.7).
 
 * BN-statistic matching (SRe2L): batch statistics of every BatchNorm2d input over (N, H, W), biased
   variance, unsquared L2 norms, ``s_1 = first_bn_weight`` for the first BN layer and 1 elsewhere.

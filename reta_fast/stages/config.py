@@ -217,10 +217,10 @@ class DistillConfig:
     def batch_sizes(self, num_classes: int) -> List[int]:
         """Every batch size a recover run over ``num_classes`` classes has (the last class group and the
         last items of a class may make smaller batches)."""
-        bc, ipb = self.batch_shape(num_classes)
-        groups = {bc} | ({num_classes % bc} - {0})
-        items = {min(ipb, self.ipc)} | ({self.ipc % ipb} - {0})
-        return sorted(g * n for g in groups for n in items)
+        bc, ipb = self.batch_shape(num_classes)  # as stages.shards cuts them
+        groups = {min(bc, num_classes - a) for a in range(0, num_classes, bc)}
+        items = {min(ipb, self.ipc - s) for s in range(0, self.ipc, ipb)}
+        return sorted({g * n for g in groups for n in items})
 
     def topo_scaled(self, num_classes: int) -> bool:
         """Whether ``topo_ref_batch`` moves PTA's weight away from ``lam_topo`` for some batch of the run."""

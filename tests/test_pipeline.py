@@ -698,11 +698,13 @@ def test_reta_plan_calibrates(data, teacher, capsys, monkeypatch):
                  "--calibration-steps", "2", "--gpus", "2", "--quiet", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "recover batches | 2 of 100 images, 100 steps each" in text and "2 device(s)" in text
+    assert "| PTA weight | 0.5 in 100-image batches (lambda_topo 0.5 scaled by the batch size) |" in text
     from reta_fast.stages.plan import calibrate
 
     est = calibrate(data, teacher, P.DistillConfig(**{**TINY, "method": "reta"}), steps=2)
     assert est.seconds_per_step > 0 and est.pool_images == 80 and est.seconds_per_pool_image > 0
     assert est.peak_bytes > 0
+    assert est.pta_weights == ((30, 0.5 * (100 / 30)),)  # TINY: 10 classes x 3 items a batch
     # the job's engine is what gets timed
     import reta_fast.stages.plan as R  # the module that calls recover()
 

@@ -31,7 +31,7 @@ from .._validate import check_int_setting
 from ..topology.pta import TopologyAlignmentLoss
 from .bank import FeatureBank
 
-__all__ = ["RETALoss"]
+__all__ = ["RETALoss", "topo_weight"]
 
 # Batch layouts kept (one per micro-batch of a lockstep unit; ImageNet IPC 50 with one image per class per
 # batch needs 50).
@@ -59,6 +59,14 @@ class _Layout:
     live_mask: Optional[torch.Tensor]  # [G, m] bool (diagnostics)
     write_rows: Optional[torch.Tensor]  # [B] bank rows of the batch's images
     real: Optional[torch.Tensor] = None  # [G, m, D] the real side, one tensor per layout (pairings reuse it)
+
+
+def topo_weight(lam_topo: float, ref_batch: Optional[int], batch_size: int) -> float:
+    """PTA's weight in a batch of ``batch_size`` images: ``lam_topo * ref_batch / batch_size``, exactly
+    ``lam_topo`` at the reference size or without one (``ref_batch=None``) [ours, docs/method.md §4.7]."""
+    if ref_batch is None or batch_size == ref_batch:
+        return float(lam_topo)
+    return float(lam_topo) * (ref_batch / batch_size)
 
 
 class RETALoss(nn.Module):
@@ -322,11 +330,8 @@ class RETALoss(nn.Module):
         return out
 
     def topo_weight(self, batch_size: int) -> float:
-        """PTA's weight for a call with ``batch_size`` images: ``lam_topo * topo_ref_batch / batch_size``
-        (exactly ``lam_topo`` at the reference size or without one)."""
-        if self.topo_ref_batch is None or batch_size == self.topo_ref_batch:
-            return self.lam_topo
-        return self.lam_topo * (self.topo_ref_batch / batch_size)
+        """PTA's weight for a call with ``batch_size`` images (:func:`topo_weight`)."""
+        return topo_weight(self.lam_topo, self.topo_ref_batch, batch_size)
 
     def terms(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None
               ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ from ..data.folder import dataset_targets
 from ..data.sets import SizedImages
 from ..models.features import teacher_features
 from ..recover.loop import RecoverConfig, recover
-from ..recover.loss import RETALoss
+from ..recover.loss import RETALoss, topo_weight
 from .records import peak_memory
 
 __all__ = ["Estimate", "estimate", "calibrate"]
@@ -61,6 +61,8 @@ class Estimate:
     units: int = 0
     batches_per_unit: int = 1
     unit_state_bytes: int = 0
+    lam_topo: float = 0.0  # PTA's weight at the reference batch size, and per batch size of the run
+    pta_weights: tuple = ()  # ((batch images, weight), ...)
 
     def table(self) -> str:
         def hms(s: float) -> str:
@@ -72,6 +74,8 @@ class Estimate:
             f"| recover batches | {self.batches} of {self.batch_images} images, {self.steps_per_batch} steps each |",
             *([f"| lockstep units | {self.units} of {self.batches_per_unit} batches (PTA on each class's whole set); "
                f"{self.unit_state_bytes / 2**30:.2f} GiB of unit state per device |"] if self.batches_per_unit > 1 else []),
+            *([f"| PTA weight | " + ", ".join(f"{w:g} in {b}-image batches" for b, w in self.pta_weights)
+               + f" (lambda_topo {self.lam_topo:g} scaled by the batch size) |"] if self.pta_weights else []),
             f"| recover step | {1e3 * self.seconds_per_step:.1f} ms |",
             f"| distill wall time on {self.gpus} device(s) | {hms(self.distill_seconds)} |",
             f"| patch pool ({self.pool_images} images, once) | {hms(self.pool_seconds)} |",
@@ -181,4 +185,8 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
                    lockstep=cfg.lockstep, image_bytes=3 * res * res * 4)
     if steps_per_batch == 0:
         est.steps_per_batch, est.distill_seconds = 0, 0.0
+    if cfg.pta_active:
+        est.lam_topo = cfg.lam_topo
+        est.pta_weights = tuple((b, topo_weight(cfg.lam_topo, cfg.topo_ref_batch or None, b))
+                                for b in cfg.batch_sizes(C))
     return est

@@ -74,7 +74,7 @@ class Estimate:
             f"| recover batches | {self.batches} of {self.batch_images} images, {self.steps_per_batch} steps each |",
             *([f"| lockstep units | {self.units} of {self.batches_per_unit} batches (PTA on each class's whole set); "
                f"{self.unit_state_bytes / 2**30:.2f} GiB of unit state per device |"] if self.batches_per_unit > 1 else []),
-            *([f"| PTA weight | " + ", ".join(f"{w:g} in {b}-image batches" for b, w in self.pta_weights)
+            *(["| PTA weight | " + ", ".join(f"{w:g} in {b}-image batches" for b, w in self.pta_weights)
                + f" (lambda_topo {self.lam_topo:g} scaled by the batch size) |"] if self.pta_weights else []),
             f"| recover step | {1e3 * self.seconds_per_step:.1f} ms |",
             f"| distill wall time on {self.gpus} device(s) | {hms(self.distill_seconds)} |",

@@ -818,6 +818,22 @@ def test_recover_engine_choices_are_part_of_the_run_identity(data, teacher, tmp_
     assert (ns.amp, ns.channels_last, ns.compile, ns.topo_refresh) == ("bf16", True, "default", 5)
 
 
+def test_resuming_with_another_cpu_thread_count_is_flagged(data, teacher, tmp_path, caplog):
+    out = tmp_path / "t"
+    run(data, teacher, out, method="fadrm", ipc_end=1)
+    (out / "stages").mkdir(exist_ok=True)
+    other = torch.get_num_threads() + 1  # the first call's record, as P.Stage writes it, from another machine
+    (out / "stages" / "distill.json").write_text(json.dumps(dict(calls=[dict(written=10, threads=other)])))
+    with caplog.at_level("WARNING", logger="reta_fast"):
+        run(data, teacher, out, method="fadrm")
+    assert f"made with [{other}] CPU thread(s), this call uses {torch.get_num_threads()}" in caplog.text
+    caplog.clear()
+    (out / "stages" / "distill.json").write_text(json.dumps(dict(calls=[dict(written=10, threads=other)])))
+    with caplog.at_level("WARNING", logger="reta_fast"):
+        run(data, teacher, out, method="fadrm")  # nothing left to make: nothing to warn about
+    assert "thread" not in caplog.text
+
+
 def test_pta_weight_follows_the_batch_size_and_is_in_the_identity_only_where_it_acts(data, teacher, tmp_path):
     # TINY: 10 classes x 3 items = 30-image batches, so PTA weighs lam_topo * 100 / 30
     auto = tmp_path / "auto"

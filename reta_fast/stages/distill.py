@@ -28,8 +28,9 @@ its slice) and a torchrun-sharded run (ranks take units) write the same images a
 """
 from __future__ import annotations
 
-import logging
 import hashlib
+import json
+import logging
 import math
 import time
 from dataclasses import replace
@@ -220,6 +221,8 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
                     f"exist in {out}")
         info["skipped"] = len(mine)  # this rank's share: ranks' counts add up
         return info
+    if cfg.uses_recover and len(todo) < len(mine):
+        _warn_on_thread_change(out, device)
     for t in teachers:
         t.model.to(device).eval()
 
@@ -257,6 +260,23 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
         return info
     return _recover_units(data, teachers, out, cfg, device, pool, ranking, init_image, todo, write, info, rank,
                           world_size, progress)
+
+
+def _warn_on_thread_change(out: Path, device) -> None:
+    """A CPU run resumed with another thread count adds images that differ (at rounding level, amplified by
+    the recover steps) from what an uninterrupted run would have made: valid, but not the same set. Say so."""
+    if torch.device(device).type != "cpu":
+        return
+    try:
+        calls = json.loads((out / "stages" / "distill.json").read_text()).get("calls", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    before = sorted({c["threads"] for c in calls if isinstance(c, dict) and c.get("written") and "threads" in c})
+    now = torch.get_num_threads()
+    if before and before != [now]:
+        logger.warning(f"[distill] warning: {out}'s images so far were made with {before} CPU thread(s), this call "
+                       f"uses {now}: the images it adds will not be byte-identical to an uninterrupted run's (set "
+                       f"OMP_NUM_THREADS={before[0]} to match)")
 
 
 def _start_run(data, teachers, out: Path, cfg: DistillConfig, teacher_specs) -> None:

@@ -52,9 +52,12 @@ def check_positive_int(value, name: str, minimum: int = 1) -> int:
 
 
 def check_int_setting(value, name: str, minimum: int = 1) -> None:
-    """A settings field (config dataclasses, command line): an integer >= ``minimum`` (ValueError otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    """A settings field (config dataclasses, command line): :func:`check_positive_int`'s rule, always a
+    ValueError that repeats the value (a settings file or flag is data, not a call with a wrong type)."""
+    try:
+        check_positive_int(value, name, minimum)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
 
 
 def check_number_setting(value, name: str, low: float = 0.0, high: Optional[float] = None,

@@ -222,6 +222,11 @@ class DistillConfig:
         items = {min(ipb, self.ipc - s) for s in range(0, self.ipc, ipb)}
         return sorted({g * n for g in groups for n in items})
 
+    @property
+    def loss_ref_batch(self) -> Optional[int]:
+        """:class:`RETALoss`'s ``topo_ref_batch`` (None: no scaling)."""
+        return self.topo_ref_batch or None
+
     def topo_scaled(self, num_classes: int) -> bool:
         """Whether ``topo_ref_batch`` moves PTA's weight away from ``lam_topo`` for some batch of the run."""
         return (self.uses_recover and self.pta_active and self.topo_ref_batch > 0

@@ -132,7 +132,7 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
             per_unit = math.ceil(cfg.ipc / ipb) if cfg.lockstep else 1
             crit = RETALoss(model, lam_topo=cfg.lam_topo, real_feats=real, k=cfg.k(),
                             topo_refresh=cfg.topo_refresh * per_unit, overlap=cfg.topo_overlap,
-                            topo_ref_batch=cfg.topo_ref_batch or None, **kw)
+                            topo_ref_batch=cfg.loss_ref_batch, **kw)
             # ... and PTA runs on each class's whole set (ipc points), the batch's images among them
             n_cls = min(bc, C)
             set_ids = torch.arange(n_cls * cfg.ipc)
@@ -187,6 +187,6 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
         est.steps_per_batch, est.distill_seconds = 0, 0.0
     if cfg.pta_active:
         est.lam_topo = cfg.lam_topo
-        est.pta_weights = tuple((b, topo_weight(cfg.lam_topo, cfg.topo_ref_batch or None, b))
+        est.pta_weights = tuple((b, topo_weight(cfg.lam_topo, cfg.loss_ref_batch, b))
                                 for b in cfg.batch_sizes(C))
     return est

@@ -86,6 +86,12 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     "reta drc-margin 0.1": dict(method="reta", drc_margin=0.1),
     "reta drc-margin 0.2": dict(method="reta", drc_margin=0.2),
     "reta lam_topo 2": dict(method="reta", lam_topo=2.0),
+    # DRC's choice at IPC 50: the default 300-patch pool leaves each image 6 candidates of its share (30 at
+    # IPC 10). A 1500-patch pool gives it 30 at IPC 50 (and FADRM a larger pool to pick its anchors from).
+    # --split val draws its images outside the pool, so these rows score on another 3,000 images than the
+    # 300-patch rows: compare them with each other, seed by seed.
+    "fadrm pool 1500": dict(method="fadrm", pool_per_class=1500),
+    "reta pool 1500": dict(method="reta", pool_per_class=1500),
     # PTA's views: real features through the same augmentation as the synthetic ones
     "reta pta-real-augmented": dict(method="reta", pta_real_view="augmented"),
 }

@@ -79,6 +79,7 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     "reta k 9": dict(method="reta", topo_k=9),
     "reta k 2 imagenet-batch": dict(method="reta", topo_k=2, **IMAGENET_BATCH),
     "reta k 9 imagenet-batch": dict(method="reta", topo_k=9, **IMAGENET_BATCH),
+    "reta k 5": dict(method="reta", topo_k=5),
     "reta k 25": dict(method="reta", topo_k=25),
     "reta k 49": dict(method="reta", topo_k=49),
     # DRC: what the retrieval should weigh and when it should replace the anchor

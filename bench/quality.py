@@ -93,6 +93,9 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     # 300-patch rows: compare them with each other, seed by seed.
     "fadrm pool 1500": dict(method="fadrm", pool_per_class=1500),
     "reta pool 1500": dict(method="reta", pool_per_class=1500),
+    # Recovery length: at the cpu scale a block has 75 steps; do DRC and PTA need more to act (IPC 50)?
+    "fadrm 600 steps": dict(method="fadrm", iterations=600),
+    "reta 600 steps": dict(method="reta", iterations=600),
     # PTA's views: real features through the same augmentation as the synthetic ones
     "reta pta-real-augmented": dict(method="reta", pta_real_view="augmented"),
 }
@@ -261,7 +264,7 @@ def main(argv=None) -> int:
                 out = work / f"{_slug(name)}-ipc{ipc}-seed{dseed}"
                 data.val = test_split  # the run's identity is the data set's own, whatever split scores it
                 over = dict(VARIANTS[name], **({"pool_per_class": args.pool_per_class} if args.pool_per_class else {}))
-                cfg = P.DistillConfig(ipc=ipc, iterations=sc["iterations"], seed=dseed, **over)
+                cfg = P.DistillConfig(**{"ipc": ipc, "iterations": sc["iterations"], "seed": dseed, **over})
                 pool_dir = work / _pool_name(cfg)
                 try:
                     with P.Stage(out, "distill", args.device) as st:

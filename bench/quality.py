@@ -93,6 +93,8 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     # 300-patch rows: compare them with each other, seed by seed.
     "fadrm pool 1500": dict(method="fadrm", pool_per_class=1500),
     "reta pool 1500": dict(method="reta", pool_per_class=1500),
+    # DRC's search: the whole class pool (the paper's argmin) instead of the image's share of it
+    "reta --no-partition": dict(method="reta", partition=False),
     # Recovery length: at the cpu scale a block has 75 steps; do DRC and PTA need more to act (IPC 50)?
     "fadrm 600 steps": dict(method="fadrm", iterations=600),
     "reta 600 steps": dict(method="reta", iterations=600),

@@ -23,7 +23,8 @@ Scales (stated in the table):
 ``--data`` is an ImageFolder root with ``train/`` and ``test/`` (or ``val/``), or the ``.tar.gz`` of one
 (unpacked once into ``$RETA_FAST_CACHE/data``, never into the repository). Work folders go to ``--work``
 (default ``bench/out/quality``, git-ignored); a re-run resumes: finished sets and evaluations are reused
-when their settings match. ``--merge`` keeps the rows of an existing results.json it does not recompute.
+when their settings match (a set's scores are kept per split and student seeds, so ``--seeds 0 1 2 3 4 5 6 7 8
+9`` adds a better-resolved score without discarding the default one). ``--merge`` keeps the rows of an existing results.json it does not recompute.
 """
 from __future__ import annotations
 
@@ -290,7 +291,9 @@ def main(argv=None) -> int:
                     data.val = validation_split(data, PatchPool.load(pool_dir), args.val_per_class)
                 else:
                     data.val = test_split
-                evfile = out / f"eval-{args.split}.json"
+                # one file per split and student seeds, so a run with more student seeds keeps the default's
+                evfile = out / (f"eval-{args.split}.json" if list(ecfg.seeds) == [0, 1, 2] else
+                                f"eval-{args.split}-seeds{'_'.join(map(str, ecfg.seeds))}.json")
                 want = json.loads(json.dumps(dict(asdict(ecfg), crop_scale=list(ecfg.crop_scale),
                                                   seeds=list(ecfg.seeds), flip=data.flip)))
                 res = json.loads(evfile.read_text()) if evfile.is_file() else None

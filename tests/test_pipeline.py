@@ -561,6 +561,13 @@ def test_quality_experiment_runs_and_resumes(tmp_path):
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)  # resumes: reuses everything
     assert r2.returncode == 0 and "[evaluate]" not in r2.stdout
     assert json.loads((tmp_path / "res" / "results.json").read_text())["rows"] == res["rows"]
+    i = cmd.index("--seeds")  # other student seeds are scored anew, in their own file: both sets of scores kept
+    r4 = subprocess.run(cmd[:i + 2] + cmd[i + 3:] + ["--results", str(tmp_path / "res1")], capture_output=True,
+                        text=True, env=env, timeout=600)
+    assert r4.returncode == 0 and "[evaluate]" in r4.stdout, r4.stderr[-2000:]
+    assert (next((tmp_path / "w").rglob("reta-ipc2-seed0")) / "eval-test-seeds0.json").is_file()
+    r5 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r5.returncode == 0 and "[evaluate]" not in r5.stdout
     run_json = next((tmp_path / "w").rglob("reta-ipc2-seed0/run.json"))
     made = json.loads(run_json.read_text())
     run_json.write_text(json.dumps(dict(made, config=dict(made["config"], lam_topo=2.0))))  # an earlier variant

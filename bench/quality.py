@@ -23,8 +23,9 @@ Scales (stated in the table):
 ``--data`` is an ImageFolder root with ``train/`` and ``test/`` (or ``val/``), or the ``.tar.gz`` of one
 (unpacked once into ``$RETA_FAST_CACHE/data``, never into the repository). Work folders go to ``--work``
 (default ``bench/out/quality``, git-ignored); a re-run resumes: finished sets and evaluations are reused
-when their settings match (a set's scores are kept per split and student seeds, so ``--seeds 0 1 2 3 4 5 6 7 8
-9`` adds a better-resolved score without discarding the default one). ``--merge`` keeps the rows of an existing results.json it does not recompute.
+when their settings match (a set's scores are kept per split and student seeds, so ``--seeds 0 1 … 9`` adds
+a better-resolved score without discarding the default one). ``--merge`` keeps the rows of an existing
+results.json it does not recompute.
 """
 from __future__ import annotations
 
@@ -102,6 +103,7 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     # PTA's views: real features through the same augmentation as the synthetic ones
     "reta pta-real-augmented": dict(method="reta", pta_real_view="augmented"),
 }
+STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]
 
 SCALES = {
@@ -204,7 +206,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ipcs", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     ap.add_argument("--distill-seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
+    ap.add_argument("--seeds", type=int, nargs="+", default=STUDENT_SEEDS, help="student seeds")
     ap.add_argument("--split", choices=["test", "val"], default="test")
     ap.add_argument("--val-per-class", type=int, default=300)
     ap.add_argument("--work", default=str(ROOT / "bench" / "out" / "quality"))
@@ -292,7 +294,7 @@ def main(argv=None) -> int:
                 else:
                     data.val = test_split
                 # one file per split and student seeds, so a run with more student seeds keeps the default's
-                evfile = out / (f"eval-{args.split}.json" if list(ecfg.seeds) == [0, 1, 2] else
+                evfile = out / (f"eval-{args.split}.json" if list(ecfg.seeds) == STUDENT_SEEDS else
                                 f"eval-{args.split}-seeds{'_'.join(map(str, ecfg.seeds))}.json")
                 want = json.loads(json.dumps(dict(asdict(ecfg), crop_scale=list(ecfg.crop_scale),
                                                   seeds=list(ecfg.seeds), flip=data.flip)))

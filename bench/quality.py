@@ -102,6 +102,10 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     "reta 600 steps": dict(method="reta", iterations=600),
     # PTA's views: real features through the same augmentation as the synthetic ones
     "reta pta-real-augmented": dict(method="reta", pta_real_view="augmented"),
+    # The residual weight alpha (0.5, the paper's): a lower alpha injects more of the real patch, so the
+    # patch DRC picks weighs more in the final image (FADRM's anchor too: compare the pair)
+    "fadrm alpha 0.3": dict(method="fadrm", alpha=0.3),
+    "reta alpha 0.3": dict(method="reta", alpha=0.3),
 }
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]

@@ -106,6 +106,8 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     # patch DRC picks weighs more in the final image (FADRM's anchor too: compare the pair)
     "fadrm alpha 0.3": dict(method="fadrm", alpha=0.3),
     "reta alpha 0.3": dict(method="reta", alpha=0.3),
+    # PTA's schedule: only in the last two of the four blocks (the set's topology once its images have formed)
+    "reta pta-from-block 2": dict(method="reta", pta_from_block=2),
 }
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]

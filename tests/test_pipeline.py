@@ -913,6 +913,18 @@ def test_pta_real_view_augmented_changes_only_the_real_side(data, teacher, tmp_p
         P.DistillConfig(pta_real_view="blurred").validate()
 
 
+def test_pta_schedule_changes_the_images_and_is_recorded_only_when_set(data, teacher, tmp_path):
+    every = run(data, teacher, tmp_path / "every", method="reta", ipc_per_batch=3)
+    late = run(data, teacher, tmp_path / "late", method="reta", ipc_per_batch=3, pta_from_block=1)
+    assert every["written"] == late["written"] == 30
+    a, b = png_bytes(tmp_path / "every"), png_bytes(tmp_path / "late")
+    assert a.keys() == b.keys() and any(a[k] != b[k] for k in a)
+    assert json.loads((tmp_path / "late" / "run.json").read_text())["config"]["pta_from_block"] == 1
+    assert "pta_from_block" not in json.loads((tmp_path / "every" / "run.json").read_text())["config"]
+    with pytest.raises(ValueError, match=r"pta_from_block must name one of the 4 recover blocks \(0 to 3\), got 4"):
+        P.DistillConfig(pta_from_block=4).validate()
+
+
 def test_every_reta_ablation_runs_with_the_partitioned_retrieval(data, teacher, tmp_path):
     """DRC's partition needs the item ids whether or not PTA is on (a --no-pta run once lost them)."""
     for name, kw in (("nopta", dict(pta=False)), ("nodrc", dict(drc=False)), ("initial", dict(pta_set="initial")),

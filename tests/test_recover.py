@@ -249,3 +249,37 @@ def test_do_no_harm_keeps_the_anchor_unless_the_retrieved_patch_is_clearly_bette
         assert injected == anchors.tolist()
     with pytest.raises(ValueError, match="anchor_ids"):
         rf.recover(crit, x0, y, pool=pool, config=rf.RecoverConfig(iterations=2, resolutions=(8, 8), drc_margin=0.5))
+
+
+class _WeightRecorder:
+    """A criterion with a ``lam_topo`` weight that records the weight each call sees."""
+
+    def __init__(self, fail_at=None):
+        self.lam_topo, self.seen, self.fail_at = 0.5, [], fail_at
+
+    def __call__(self, x, y, ids=None):
+        if len(self.seen) == self.fail_at:
+            raise RuntimeError("criterion failed")
+        self.seen.append(self.lam_topo)
+        return x.pow(2).mean(), dict(ce=0.0, bn=0.0, topo=0.0)
+
+
+def test_pta_schedule_weighs_pta_only_from_its_block_on_and_restores_the_weight():
+    x0 = normalised(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    y = torch.arange(2)
+    crit = _WeightRecorder()
+    rf.recover(crit, x0, y, config=rf.RecoverConfig(iterations=8, resolutions=(8,) * 4, drc=False, pta_from_block=2))
+    assert crit.seen == [0.0] * 4 + [0.5] * 4 and crit.lam_topo == 0.5
+    crit = _WeightRecorder()
+    rf.recover(crit, x0, y, config=rf.RecoverConfig(iterations=8, resolutions=(8,) * 4, drc=False))
+    assert crit.seen == [0.5] * 8  # the default: every block
+    crit = _WeightRecorder(fail_at=1)
+    with pytest.raises(RuntimeError, match="criterion failed"):
+        rf.recover(crit, x0, y, config=rf.RecoverConfig(iterations=8, resolutions=(8,) * 4, drc=False,
+                                                        pta_from_block=3))
+    assert crit.lam_topo == 0.5  # restored when the loop fails too
+    with pytest.raises(ValueError, match=r"pta_from_block must name one of the 4 blocks \(0 to 3\), got 4"):
+        rf.RecoverConfig(iterations=8, resolutions=(8,) * 4, pta_from_block=4).validate()
+    with pytest.raises(ValueError, match="pta_from_block needs a criterion with a lam_topo weight"):
+        rf.recover(lambda x, y, ids=None: (x.pow(2).mean(), dict(ce=0.0, bn=0.0, topo=0.0)), x0, y,
+                   config=rf.RecoverConfig(iterations=8, resolutions=(8,) * 4, drc=False, pta_from_block=1))

@@ -115,6 +115,7 @@ def test_edge_length_double_backward_raises_instead_of_lying():
     ("distill", dict(drc_margin=1.0), r"drc_margin must be a finite number in \[0.0, 1.0\), got 1.0"),
     ("distill", dict(pta_real_view="blurred"), "pta_real_view must be one of 'clean', 'augmented'"),
     ("distill", dict(pta_set="all"), "pta_set must be one of 'complete', 'initial'"),
+    ("distill", dict(pta_from_block=-1), "pta_from_block must be an integer >= 0, got -1"),
     ("eval", dict(labels="soft"), "labels must be one of 'online', 'stored'"),
     ("eval", dict(batch_size=0), "batch_size must be an integer >= 1"),
     ("recover", dict(alpha=1.5), r"alpha must be a finite number in \[0.0, 1.0\]"),

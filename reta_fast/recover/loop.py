@@ -39,6 +39,9 @@ class RecoverConfig:
         drc_margin: "do no harm" [ours]: keep an image's own anchor unless the retrieved patch scores at
             least this fraction lower (``J(o*) < (1 - margin) J(anchor)``); 0 (default): always take the
             retrieved patch, as the paper. Needs the anchors' pool indices (``recover(anchor_ids=...)``).
+        pta_from_block: PTA's schedule [ours]: the criterion's ``lam_topo`` acts from this block on and is 0
+            in the blocks before it (0, default: every block, as the paper). Needs a criterion with a
+            ``lam_topo`` attribute (:class:`reta_fast.RETALoss`), which is restored when the loop ends.
         mean, std: the normalisation of the images (pixels are clamped to the normalised [0, 1]).
         amp: ``"bf16"``: the teacher's forward under ``torch.autocast`` in bfloat16 (the loss terms,
             the pixels and Adam stay fp32); ``None``: fp32. (fp16 is not offered: pixel gradients
@@ -62,6 +65,7 @@ class RecoverConfig:
     drc: bool = True
     lam: float = 0.1
     drc_margin: float = 0.0
+    pta_from_block: int = 0
     mean: Sequence[float] = (0.485, 0.456, 0.406)
     std: Sequence[float] = (0.229, 0.224, 0.225)
     amp: Optional[str] = None
@@ -75,6 +79,10 @@ class RecoverConfig:
         check_int_setting(self.iterations, "iterations (at least one step per block)", len(self.resolutions))
         check_number_setting(self.alpha, "alpha", 0.0, 1.0)
         check_number_setting(self.drc_margin, "drc_margin", 0.0, 1.0, high_open=True)
+        check_int_setting(self.pta_from_block, "pta_from_block", minimum=0)
+        if self.pta_from_block >= len(self.resolutions):
+            raise ValueError(f"pta_from_block must name one of the {len(self.resolutions)} blocks (0 to "
+                             f"{len(self.resolutions) - 1}), got {self.pta_from_block}")
         check_number_setting(self.jitter, "jitter")
         if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale!r}")
@@ -203,10 +211,31 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
         if not hasattr(criterion, "compile_teacher"):
             raise ValueError("config.compile needs a criterion with a compile_teacher(mode) method (RETALoss)")
         criterion.compile_teacher(cfg.compile)
-    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if cfg.amp == "bf16" else contextlib.nullcontext
     lazy = hasattr(criterion, "terms") and on_step is None  # parts read once per block: no per-step host sync
+    lam_topo = getattr(criterion, "lam_topo", None)
+    if cfg.pta_from_block and lam_topo is None:
+        raise ValueError("config.pta_from_block needs a criterion with a lam_topo weight (RETALoss)")
+    try:
+        xs = _recover_blocks(criterion, xs, ys, idss, gens, micro, anchors, anchor_ids, pool, cfg, blocks, per_block,
+                             lo, hi, dev, fmt, lazy, lam_topo, on_step, retrieval_teacher, retriever, diagnose)
+    finally:
+        if cfg.pta_from_block:
+            criterion.lam_topo = lam_topo
+    out = torch.empty((B,) + tuple(xs[0].shape[1:]), dtype=xs[0].dtype, device=x_init.device)
+    for mb, x in zip(micro, xs):
+        out[mb.to(out.device)] = x.detach().to(out.device)
+    return out
+
+
+def _recover_blocks(criterion, xs, ys, idss, gens, micro, anchors, anchor_ids, pool, cfg, blocks, per_block, lo, hi,
+                    dev, fmt, lazy, lam_topo, on_step, retrieval_teacher, retriever, diagnose):
+    """:func:`recover`'s blocks: optimise, then inject between blocks; returns the micro-batches' images."""
+    M = len(xs)
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if cfg.amp == "bf16" else contextlib.nullcontext
     step = 0
     for b, res in enumerate(blocks):
+        if cfg.pta_from_block:
+            criterion.lam_topo = lam_topo if b >= cfg.pta_from_block else 0.0
         xs = [x.detach().requires_grad_(True) for x in xs]
         opts = [torch.optim.Adam([x], lr=cfg.lr, betas=tuple(cfg.betas)) for x in xs]  # re-created per block
         pending = []
@@ -265,10 +294,7 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
                     else:
                         patch = anchors[j]
                     xs[j] = residual_inject(xs[j].detach(), patch, cfg.alpha, size=nxt)
-    out = torch.empty((B,) + tuple(xs[0].shape[1:]), dtype=xs[0].dtype, device=x_init.device)
-    for mb, x in zip(micro, xs):
-        out[mb.to(out.device)] = x.detach().to(out.device)
-    return out
+    return xs
 
 
 def _term_grad_norms(terms: dict, x: torch.Tensor) -> dict:

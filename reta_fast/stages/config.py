@@ -29,7 +29,7 @@ def _opt(default, help: str, **cli):
 # Settings left out of a run's identity while at their default, so that folders written before they existed
 # still resume: the recover engine's options, and settings added later.
 ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None, topo_overlap=False, drc_margin=0.0,
-                       pta_real_view="clean")
+                       pta_real_view="clean", pta_from_block=0)
 
 
 @dataclass
@@ -72,6 +72,8 @@ class DistillConfig:
             at most one step old) or ``"initial"`` (the batch's images plus features of the class's other
             *initial* images, fixed for the whole batch: reta_fast's earlier behaviour, kept for the
             ablation). Only "complete" aligns the synthetic set whatever the batch structure.
+        pta_from_block: PTA's schedule [ours]: ``lam_topo`` acts from this recover block on (0: every
+            block); see :class:`RecoverConfig`.
         pool_per_class, pool_candidates: patch pool size per class and RDED's best-of-N crops.
         drc, pta: the RETA ablations (``reta`` only).
         seed: everything random derives from it.
@@ -114,6 +116,8 @@ class DistillConfig:
     pta_real_view: str = _opt("clean", "PTA's real features from the pool patches as they are (clean) or through "
                               "the recover step's augmentation once (augmented, like the synthetic features)",
                               choices=PTA_REAL_VIEWS)
+    pta_from_block: int = _opt(0, "PTA's schedule: its weight acts from this recover block on, 0 before it (0: every "
+                               "block, as the paper)")
     topo_refresh: int = _opt(1, "recompute PTA's graphs and pairings every T steps, re-gather lengths in between")
     pool_per_class: int = _opt(300, "patch pool images per class")
     pool_candidates: int = _opt(1, "RDED best-of-N crops per image")
@@ -157,6 +161,10 @@ class DistillConfig:
         check_int_setting(self.topo_ref_batch, "topo_ref_batch", minimum=0)
         check_choice(self.pta_real_view, "pta_real_view", PTA_REAL_VIEWS)
         check_choice(self.pta_set, "pta_set", PTA_SETS)
+        check_int_setting(self.pta_from_block, "pta_from_block", minimum=0)
+        if self.uses_recover and self.pta_from_block >= self.n_blocks:
+            raise ValueError(f"pta_from_block must name one of the {self.n_blocks} recover blocks (0 to "
+                             f"{self.n_blocks - 1}), got {self.pta_from_block}")
 
         check_engine(self.amp, self.compile)
 

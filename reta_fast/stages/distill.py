@@ -359,7 +359,8 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
     recover_cfg = dict(iterations=cfg.iterations, resolutions=cfg.block_resolutions(S), lr=cfg.lr_for(S),
                        jitter=_jitter(cfg, S), alpha=cfg.alpha,
                        drc=drc, lam=cfg.lam, drc_margin=cfg.drc_margin, mean=data.mean, std=data.std, amp=cfg.amp,
-                       channels_last=cfg.channels_last, compile=cfg.compile)
+                       channels_last=cfg.channels_last, compile=cfg.compile,
+                       pta_from_block=cfg.pta_from_block if cfg.pta_on else 0)
     in_slice = {(c, i) for i in range(cfg.ipc_start, cfg.end) for c in range(C)}
     parts_log: List[dict] = []
     diag = _Diagnostics(teachers[0].model, pool, cfg, device)

@@ -51,6 +51,7 @@ from common import cpu_model  # noqa: E402
 # The batch structure of ImageNet-1K runs (one image per class per batch) on a 10-class data set.
 IMAGENET_BATCH = dict(batch_classes=10, ipc_per_batch=1)
 
+ALPHA_05 = dict(alpha=0.5)  # the paper's residual weight (docs/method.md §2.6)
 VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults of this version)
     "random-real": dict(method="random-real"),
     "rded": dict(method="rded"),
@@ -59,53 +60,57 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     "reta": dict(method="reta"),
     "reta --no-drc": dict(method="reta", drc=False),
     "reta --no-pta": dict(method="reta", pta=False),
+    # The four recover methods at the paper's residual weight, the default before the size rule of
+    # DistillConfig.alpha (0.3 up to 64 px, chosen on the validation split against these rows). Every variant
+    # below that sets ALPHA_05 was measured then and keeps it: its sets resume, and its row compares with these.
+    "fadrm alpha 0.5": dict(method="fadrm", **ALPHA_05),
+    "reta alpha 0.5": dict(method="reta", **ALPHA_05),
+    "reta --no-drc alpha 0.5": dict(method="reta", drc=False, **ALPHA_05),
+    "reta --no-pta alpha 0.5": dict(method="reta", pta=False, **ALPHA_05),
     # PTA's point set as reta_fast built it before: the batch's images plus fixed features of the class's
     # other *initial* images (no lockstep)
-    "reta pta-initial": dict(method="reta", pta_set="initial"),
+    "reta pta-initial": dict(method="reta", **ALPHA_05, pta_set="initial"),
     # With 10-image batches PTA weighs lam_topo * 100 / 10 by default (DistillConfig.topo_ref_batch): CE and
     # BN are batch means, so an image's share of them grows with 1 / batch size while its share of PTA (a
     # per-class sum) does not. The same images as --lam-topo 5 --no-topo-batch-scale.
-    "fadrm imagenet-batch": dict(method="fadrm", **IMAGENET_BATCH),
-    "reta imagenet-batch": dict(method="reta", **IMAGENET_BATCH),
-    "reta --no-drc imagenet-batch": dict(method="reta", drc=False, **IMAGENET_BATCH),
-    "reta --no-pta imagenet-batch": dict(method="reta", pta=False, **IMAGENET_BATCH),
+    "fadrm imagenet-batch": dict(method="fadrm", **ALPHA_05, **IMAGENET_BATCH),
+    "reta imagenet-batch": dict(method="reta", **ALPHA_05, **IMAGENET_BATCH),
+    "reta --no-drc imagenet-batch": dict(method="reta", **ALPHA_05, drc=False, **IMAGENET_BATCH),
+    "reta --no-pta imagenet-batch": dict(method="reta", **ALPHA_05, pta=False, **IMAGENET_BATCH),
     # PTA at lam_topo whatever the batch size (reta_fast 0.1.0 with class-complete PTA)
-    "reta pta-unscaled imagenet-batch": dict(method="reta", topo_ref_batch=0, **IMAGENET_BATCH),
+    "reta pta-unscaled imagenet-batch": dict(method="reta", **ALPHA_05, topo_ref_batch=0, **IMAGENET_BATCH),
     # reta_fast's PTA before class-complete point sets and the batch scaling
-    "reta pta-initial imagenet-batch": dict(method="reta", pta_set="initial", topo_ref_batch=0, **IMAGENET_BATCH),
+    "reta pta-initial imagenet-batch": dict(method="reta", **ALPHA_05, pta_set="initial", topo_ref_batch=0,
+                                            **IMAGENET_BATCH),
     # the converse: with a class's images together, a tenth of PTA's weight (what one-image-per-class
     # batches of 10 images give it)
-    "reta lam_topo 0.05": dict(method="reta", lam_topo=0.05),
+    "reta lam_topo 0.05": dict(method="reta", **ALPHA_05, lam_topo=0.05),
     # PTA's graph: k of the mutual k-NN graph (the default is min(10, IPC // 2); IPC - 1 is the complete graph)
-    "reta k 2": dict(method="reta", topo_k=2),
-    "reta k 9": dict(method="reta", topo_k=9),
-    "reta k 2 imagenet-batch": dict(method="reta", topo_k=2, **IMAGENET_BATCH),
-    "reta k 9 imagenet-batch": dict(method="reta", topo_k=9, **IMAGENET_BATCH),
-    "reta k 5": dict(method="reta", topo_k=5),
-    "reta k 25": dict(method="reta", topo_k=25),
-    "reta k 49": dict(method="reta", topo_k=49),
+    "reta k 2": dict(method="reta", **ALPHA_05, topo_k=2),
+    "reta k 9": dict(method="reta", **ALPHA_05, topo_k=9),
+    "reta k 2 imagenet-batch": dict(method="reta", **ALPHA_05, topo_k=2, **IMAGENET_BATCH),
+    "reta k 9 imagenet-batch": dict(method="reta", **ALPHA_05, topo_k=9, **IMAGENET_BATCH),
+    "reta k 5": dict(method="reta", **ALPHA_05, topo_k=5),
+    "reta k 25": dict(method="reta", **ALPHA_05, topo_k=25),
+    "reta k 49": dict(method="reta", **ALPHA_05, topo_k=49),
     # DRC: what the retrieval should weigh and when it should replace the anchor
-    "reta lam 0": dict(method="reta", lam=0.0),
-    "reta drc-margin 0.1": dict(method="reta", drc_margin=0.1),
-    "reta drc-margin 0.2": dict(method="reta", drc_margin=0.2),
-    "reta lam_topo 2": dict(method="reta", lam_topo=2.0),
+    "reta lam 0": dict(method="reta", **ALPHA_05, lam=0.0),
+    "reta drc-margin 0.1": dict(method="reta", **ALPHA_05, drc_margin=0.1),
+    "reta drc-margin 0.2": dict(method="reta", **ALPHA_05, drc_margin=0.2),
+    "reta lam_topo 2": dict(method="reta", **ALPHA_05, lam_topo=2.0),
     # DRC's choice at IPC 50: the default 300-patch pool leaves each image 6 candidates of its share (30 at
     # IPC 10). A 1500-patch pool gives it 30 at IPC 50 (and FADRM a larger pool to pick its anchors from).
     # --split val draws its images outside the pool, so these rows score on another 3,000 images than the
     # 300-patch rows: compare them with each other, seed by seed.
-    "fadrm pool 1500": dict(method="fadrm", pool_per_class=1500),
-    "reta pool 1500": dict(method="reta", pool_per_class=1500),
+    "fadrm pool 1500": dict(method="fadrm", **ALPHA_05, pool_per_class=1500),
+    "reta pool 1500": dict(method="reta", **ALPHA_05, pool_per_class=1500),
     # DRC's search: the whole class pool (the paper's argmin) instead of the image's share of it
-    "reta --no-partition": dict(method="reta", partition=False),
+    "reta --no-partition": dict(method="reta", **ALPHA_05, partition=False),
     # Recovery length: at the cpu scale a block has 75 steps; do DRC and PTA need more to act (IPC 50)?
-    "fadrm 600 steps": dict(method="fadrm", iterations=600),
-    "reta 600 steps": dict(method="reta", iterations=600),
+    "fadrm 600 steps": dict(method="fadrm", **ALPHA_05, iterations=600),
+    "reta 600 steps": dict(method="reta", **ALPHA_05, iterations=600),
     # PTA's views: real features through the same augmentation as the synthetic ones
-    "reta pta-real-augmented": dict(method="reta", pta_real_view="augmented"),
-    # The residual weight alpha (0.5, the paper's): a lower alpha injects more of the real patch, so the
-    # patch DRC picks weighs more in the final image (FADRM's anchor too: compare the pair)
-    "fadrm alpha 0.3": dict(method="fadrm", alpha=0.3),
-    "reta alpha 0.3": dict(method="reta", alpha=0.3),
+    "reta pta-real-augmented": dict(method="reta", **ALPHA_05, pta_real_view="augmented"),
     # PTA's schedule: only in the last two of the four blocks (the set's topology once its images have formed)
     "reta pta-from-block 2": dict(method="reta", pta_from_block=2),
 }
@@ -191,6 +196,9 @@ def validation_split(data, pool, per_class: int, seed: int = 1234):
     idx = []
     for c in range(len(data.classes)):
         free = [i for i in np.flatnonzero(targets == c).tolist() if i not in used]
+        if not free:
+            raise ValueError(f"--split val: class {data.classes[c]!r} has no training image outside the patch pool "
+                             f"({int((targets == c).sum())} images, all in the pool): use a smaller --pool-per-class")
         idx += sorted(rng.choice(free, size=min(per_class, len(free)), replace=False).tolist())
     return Subset(data.train, sorted(idx))
 
@@ -296,7 +304,11 @@ def main(argv=None) -> int:
                 if args.split == "val":
                     from reta_fast.retrieval import PatchPool
 
-                    data.val = validation_split(data, PatchPool.load(pool_dir), args.val_per_class)
+                    try:
+                        data.val = validation_split(data, PatchPool.load(pool_dir), args.val_per_class)
+                    except ValueError as exc:
+                        print(f"quality: {exc}", file=sys.stderr)
+                        return 2
                 else:
                     data.val = test_split
                 # one file per split and student seeds, so a run with more student seeds keeps the default's

@@ -286,6 +286,12 @@ def test_stored_soft_labels_replay_the_online_stream(data, teacher, tmp_path):
                     data.std)
     with pytest.raises(ValueError, match="another teacher"):
         P.evaluate(data, other, out, ecfg, **quiet)
+    import copy
+
+    no_val = copy.copy(data)
+    no_val.val = torch.utils.data.Subset(data.val, [])
+    with pytest.raises(ValueError, match="evaluation split .* is empty"):  # not 0 % on nothing
+        P.evaluate(no_val, teacher, out, ecfg, **quiet)
     for ext in ("npy", "json"):
         (out / "labels" / f"seed0.{ext}").rename(out / "labels" / f"seed1.{ext}")
     with pytest.raises(ValueError, match="seed 0 vs 1"):
@@ -574,6 +580,11 @@ def test_quality_experiment_runs_and_resumes(tmp_path):
     r3 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r3.returncode == 2 and "reta IPC 2 seed 0" in r3.stderr and "move " in r3.stderr
     assert "Traceback" not in r3.stderr
+    # --split val where the pool holds every training image: refused by name, not scored 0 % on nothing
+    r6 = subprocess.run(cmd + ["--split", "val", "--methods", "fadrm"], capture_output=True, text=True, env=env,
+                        timeout=600)
+    assert r6.returncode == 2 and "no training image outside the patch pool" in r6.stderr, r6.stderr[-2000:]
+    assert "Traceback" not in r6.stderr
 
 
 @pytest.mark.slow
@@ -741,6 +752,20 @@ def test_recover_lr_default_depends_on_the_image_size_and_is_recorded(data, teac
     run(data, teacher, tmp_path / "lr", method="fadrm", lr=0.05)  # the same run, spelled out: accepted
     with pytest.raises(P.RunMismatch, match="lr"):
         run(data, teacher, tmp_path / "lr", method="fadrm", lr=0.25)
+
+
+def test_residual_weight_default_depends_on_the_image_size_and_is_recorded(data, teacher, tmp_path):
+    assert P.DistillConfig().alpha_for(32) == 0.3 and P.DistillConfig().alpha_for(224) == 0.5
+    assert P.DistillConfig(alpha=0.5).alpha_for(32) == 0.5
+    for no_injection in (dict(method="rded"), dict(method="sre2l"), dict(method="fadrm", blocks=1)):
+        assert P.DistillConfig(**no_injection).alpha_for(32) == 0.5  # alpha changes nothing: identity kept
+    run(data, teacher, tmp_path / "a", method="fadrm")
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["config"]["alpha"] == 0.3
+    run(data, teacher, tmp_path / "a", method="fadrm", alpha=0.3)  # the same run, spelled out: accepted
+    with pytest.raises(P.RunMismatch, match="alpha"):
+        run(data, teacher, tmp_path / "a", method="fadrm", alpha=0.5)
+    with pytest.raises(ValueError, match=r"alpha must be a finite number in \[0.0, 1.0\], got 1.5"):
+        P.DistillConfig(alpha=1.5).validate()
 
 
 @pytest.mark.parametrize("method", ["random-real", "rded", "reta"])

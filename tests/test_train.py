@@ -36,6 +36,13 @@ def test_teacher_learns_digits(digits, teacher):
     assert T.accuracy(teacher, te, **NORM) > 85.0
 
 
+def test_accuracy_on_an_empty_set_is_an_error_not_zero(digits, teacher):
+    _, te = digits
+    empty = torch.utils.data.Subset(te, [])
+    with pytest.raises(ValueError, match="evaluation set is empty"):
+        T.accuracy(teacher, empty, size=16, **NORM)
+
+
 def test_student_on_a_small_real_subset_beats_chance_and_an_untrained_net(digits, teacher):
     tr, te = digits
     x, y = tr.tensors()

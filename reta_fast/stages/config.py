@@ -56,7 +56,11 @@ class DistillConfig:
             64 px ([ours]: chosen on a validation split of CIFAR-10 training images, where 0.25 over-optimises
             the small images and falls below its own real-patch initialisation; +5 points for FADRM and
             RETA alike, bench/results/quality-*/tuning.md).
-        jitter (None: 4 px up to 64 px data, 32 above), alpha, lam: see :class:`RecoverConfig`.
+        alpha: the residual weight of the synthetic image (:class:`RecoverConfig`). None: 0.5 above 64 px
+            ([paper], the ImageNet setting) and 0.3 up to 64 px ([ours]: chosen on validation splits of
+            CIFAR-10 training images in colour at IPC 10 and 50 and in grayscale at 28 px, where 0.3 scored
+            above 0.5 for FADRM and RETA alike; docs/method.md §2.6).
+        jitter (None: 4 px up to 64 px data, 32 above), lam: see :class:`RecoverConfig`.
         r_bn, first_bn_weight, lam_topo: see :class:`RETALoss`.
         topo_ref_batch: :class:`RETALoss`'s ``topo_ref_batch`` (0: None, no scaling) [ours,
             docs/method.md §4.7]: with the default batches of 100 images PTA's weight is ``lam_topo``; with
@@ -98,7 +102,8 @@ class DistillConfig:
     ipc_per_batch: Optional[int] = _opt(None, "items of each class per batch (default: 100 images per batch)")
     lr: Optional[float] = _opt(None, "recover lr (default: 0.25 above 64 px as in SRe2L/FADRM, 0.05 up to 64 px)")
     jitter: Optional[int] = _opt(None, "roll jitter in pixels (default: 4 up to 64 px, 32 above)")
-    alpha: float = _opt(0.5, "residual weight of the synthetic image")
+    alpha: Optional[float] = _opt(None, "residual weight of the synthetic image (default: 0.5 above 64 px as in "
+                                  "FADRM/RETA, 0.3 up to 64 px)")
     lam: float = _opt(0.1, "DRC complexity weight lambda")
     drc_margin: float = _opt(0.0, "DRC 'do no harm': keep the image's own anchor unless the retrieved patch scores "
                              "this fraction lower (0: always take the retrieved patch, as the paper)")
@@ -149,10 +154,12 @@ class DistillConfig:
         if self.uses_recover and self.iterations < self.n_blocks:
             raise ValueError(f"iterations ({self.iterations}) must be >= the number of blocks ({self.n_blocks})")
         check_number_setting(self.drc_margin, "drc_margin", 0.0, 1.0, high_open=True)
-        for name in ("lr", "alpha", "lam", "r_bn", "first_bn_weight", "lam_topo"):
+        for name in ("lr", "lam", "r_bn", "first_bn_weight", "lam_topo"):
             v = getattr(self, name)
             if not (v is None and name == "lr"):
                 check_number_setting(v, name)
+        if self.alpha is not None:
+            check_number_setting(self.alpha, "alpha", 0.0, 1.0)
         if self.resolutions is not None and (not self.resolutions or any(
                 isinstance(r, bool) or not isinstance(r, int) or r < 8 for r in self.resolutions)):
             raise ValueError(f"resolutions must be a non-empty list of integers >= 8, got {self.resolutions!r}")
@@ -202,6 +209,15 @@ class DistillConfig:
 
     def lr_for(self, size: int) -> float:
         return self.lr if self.lr is not None else (0.25 if size > 64 else 0.05)
+
+    def alpha_for(self, size: int) -> float:
+        """The residual weight used at ``size``; 0.5 (the value runs recorded before the size rule) where no
+        residual injection happens (no recover, or a single block), so such runs keep their identity."""
+        if self.alpha is not None:
+            return self.alpha
+        if not self.uses_recover or self.n_blocks < 2:
+            return 0.5
+        return 0.5 if size > 64 else 0.3
 
     @property
     def pta_active(self) -> bool:

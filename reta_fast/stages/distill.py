@@ -209,7 +209,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     (torchrun). ``on_item(c, i)`` is called after each image is written. Returns the stage info.
     """
     cfg.validate()
-    cfg = replace(cfg, lr=cfg.lr_for(data.size))  # the run manifest records the lr actually used
+    cfg = replace(cfg, lr=cfg.lr_for(data.size), alpha=cfg.alpha_for(data.size))  # the manifest records what is used
     out = Path(out)
     _start_run(data, teachers, out, cfg, teacher_specs)
     C = len(data.classes)

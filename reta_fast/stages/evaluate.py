@@ -49,6 +49,8 @@ def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool 
         raise ValueError(f"the distilled set in {str(out)!r} is incomplete: classes {missing} have fewer than {ipc} "
                          f"images (finish `reta distill` first)")
     val = data.val
+    if val is None or len(val) == 0:
+        raise ValueError("the evaluation split (data.val) is empty: there is nothing to score the students on")
     if fits_in_memory(val, data.size):
         val, _ = materialize(val, data.size, progress=progress, what="val images")
     acc_kw = dict(mean=data.mean, std=data.std, device=device, size=data.size, workers=workers)

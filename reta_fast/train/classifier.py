@@ -121,4 +121,6 @@ def accuracy(model: nn.Module, dataset, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0
                               device=device if torch.device(device).type == "cuda" else "cpu")
         dist.all_reduce(counts)
         correct, total = (int(v) for v in counts.tolist())
-    return 100.0 * correct / max(1, total)
+    if total == 0:
+        raise ValueError("accuracy needs at least one image: the evaluation set is empty")
+    return 100.0 * correct / total

@@ -762,8 +762,11 @@ def test_residual_weight_default_depends_on_the_image_size_and_is_recorded(data,
     run(data, teacher, tmp_path / "a", method="fadrm")
     assert json.loads((tmp_path / "a" / "run.json").read_text())["config"]["alpha"] == 0.3
     run(data, teacher, tmp_path / "a", method="fadrm", alpha=0.3)  # the same run, spelled out: accepted
-    with pytest.raises(P.RunMismatch, match="alpha"):
+    with pytest.raises(P.RunMismatch, match=r"alpha: 0.3 -> 0.5"):
         run(data, teacher, tmp_path / "a", method="fadrm", alpha=0.5)
+    run(data, teacher, tmp_path / "old", method="fadrm", alpha=0.5)  # a run made before the size rule
+    with pytest.raises(P.RunMismatch, match=r"changed from 0.5 to 0.3: --alpha 0.5 resumes"):
+        run(data, teacher, tmp_path / "old", method="fadrm")
     with pytest.raises(ValueError, match=r"alpha must be a finite number in \[0.0, 1.0\], got 1.5"):
         P.DistillConfig(alpha=1.5).validate()
 
@@ -938,6 +941,16 @@ def test_pta_real_view_augmented_changes_only_the_real_side(data, teacher, tmp_p
         P.DistillConfig(pta_real_view="blurred").validate()
 
 
+def test_squeeze_refuses_an_empty_validation_split_before_training(data, tmp_path):
+    import copy
+
+    no_val = copy.copy(data)
+    no_val.val = torch.utils.data.Subset(data.val, [])
+    with pytest.raises(ValueError, match=r"evaluation split \(data.val\) is empty"):
+        squeeze(no_val, epochs=50, out=tmp_path / "t.pt", progress=False)
+    assert not (tmp_path / "t.pt").exists()
+
+
 def test_pta_schedule_changes_the_images_and_is_recorded_only_when_set(data, teacher, tmp_path):
     every = run(data, teacher, tmp_path / "every", method="reta", ipc_per_batch=3)
     late = run(data, teacher, tmp_path / "late", method="reta", ipc_per_batch=3, pta_from_block=1)
@@ -948,6 +961,9 @@ def test_pta_schedule_changes_the_images_and_is_recorded_only_when_set(data, tea
     assert "pta_from_block" not in json.loads((tmp_path / "every" / "run.json").read_text())["config"]
     with pytest.raises(ValueError, match=r"pta_from_block must name one of the 4 recover blocks \(0 to 3\), got 4"):
         P.DistillConfig(pta_from_block=4).validate()
+    for no_pta in (dict(method="fadrm"), dict(pta=False), dict(lam_topo=0.0)):  # nothing to schedule: refused
+        with pytest.raises(ValueError, match="pta_from_block schedules PTA, which this run does not use"):
+            P.DistillConfig(pta_from_block=1, **no_pta).validate()
 
 
 def test_every_reta_ablation_runs_with_the_partitioned_retrieval(data, teacher, tmp_path):

@@ -33,7 +33,8 @@ class RecoverConfig:
         lr, betas: Adam (0.25, (0.5, 0.9)); cosine decay over all B steps; state re-created per block.
         jitter: maximal ``torch.roll`` shift in pixels (4 on 32-64 px data, 32 on ImageNet).
         crop_scale: RandomResizedCrop area range, parameters shared by the batch ([pred] SRe2L).
-        alpha: weight of the synthetic image in the residual connection (0.5).
+        alpha: weight of the synthetic image in the residual connection (0.5, the paper's; the pipeline's
+            default is 0.3 up to 64 px, see :class:`reta_fast.stages.DistillConfig`).
         drc: choose the injected patch by retrieval (RETA) rather than the static anchor (FADRM).
         lam: retrieval's complexity weight (0.1).
         drc_margin: "do no harm" [ours]: keep an image's own anchor unless the retrieved patch scores at

@@ -103,7 +103,7 @@ class DistillConfig:
     lr: Optional[float] = _opt(None, "recover lr (default: 0.25 above 64 px as in SRe2L/FADRM, 0.05 up to 64 px)")
     jitter: Optional[int] = _opt(None, "roll jitter in pixels (default: 4 up to 64 px, 32 above)")
     alpha: Optional[float] = _opt(None, "residual weight of the synthetic image (default: 0.5 above 64 px as in "
-                                  "FADRM/RETA, 0.3 up to 64 px)")
+                                  "FADRM/RETA, 0.3 up to 64 px; runs without an injection record 0.5)")
     lam: float = _opt(0.1, "DRC complexity weight lambda")
     drc_margin: float = _opt(0.0, "DRC 'do no harm': keep the image's own anchor unless the retrieved patch scores "
                              "this fraction lower (0: always take the retrieved patch, as the paper)")
@@ -169,6 +169,9 @@ class DistillConfig:
         check_choice(self.pta_real_view, "pta_real_view", PTA_REAL_VIEWS)
         check_choice(self.pta_set, "pta_set", PTA_SETS)
         check_int_setting(self.pta_from_block, "pta_from_block", minimum=0)
+        if self.pta_from_block and not self.pta_on:
+            raise ValueError("pta_from_block schedules PTA, which this run does not use (it needs method reta with "
+                             "PTA on and lam_topo > 0)")
         if self.uses_recover and self.pta_from_block >= self.n_blocks:
             raise ValueError(f"pta_from_block must name one of the {self.n_blocks} recover blocks (0 to "
                              f"{self.n_blocks - 1}), got {self.pta_from_block}")

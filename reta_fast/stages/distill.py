@@ -357,7 +357,7 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
     drc = cfg.method == "reta" and cfg.drc
     retriever = _partitioned_retriever(pool, ranking, cfg, C, device) if drc and cfg.partition else None
     recover_cfg = dict(iterations=cfg.iterations, resolutions=cfg.block_resolutions(S), lr=cfg.lr_for(S),
-                       jitter=_jitter(cfg, S), alpha=cfg.alpha,
+                       jitter=_jitter(cfg, S), alpha=cfg.alpha_for(S),
                        drc=drc, lam=cfg.lam, drc_margin=cfg.drc_margin, mean=data.mean, std=data.std, amp=cfg.amp,
                        channels_last=cfg.channels_last, compile=cfg.compile,
                        pta_from_block=cfg.pta_from_block if cfg.pta_on else 0)

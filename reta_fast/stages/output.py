@@ -115,8 +115,12 @@ def check_run(out: Path, manifest: dict) -> None:
                                if a.get(f) != b.get(f)]
                 else:
                     detail.append(f"{k}: {a!r} -> {b!r}")
+            hint = ""
+            if any(d.startswith("config.alpha: 0.5 -> 0.3") for d in detail):
+                hint = (" (the default residual weight for images up to 64 px changed from 0.5 to 0.3: --alpha 0.5 "
+                        "resumes a run made before)")
             raise RunMismatch(f"{str(out)!r} holds a run with other settings ({'; '.join(detail[:6])}): refusing to "
-                              f"mix them. Use another --out, or the original settings to resume.")
+                              f"mix them. Use another --out, or the original settings to resume{hint}.")
         return
     foreign = [p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES and not p.name.startswith(".")]
     if foreign:

@@ -397,6 +397,11 @@ def _val_size(meta: dict) -> str:
     return f"{n}training images outside the patch pool, up to {per} per class"
 
 
+def _pinned_alpha(name: str) -> bool:
+    """A variant measured at alpha 0.5 whose name does not say so."""
+    return VARIANTS.get(name, {}).get("alpha") == 0.5 and "alpha" not in name
+
+
 def render(meta: dict, rows) -> str:
     ipcs = sorted({r["ipc"] for r in rows})
     names = list(dict.fromkeys(r["name"] for r in rows))
@@ -426,8 +431,12 @@ def render(meta: dict, rows) -> str:
         for i in ipcs:
             r = by.get((n, i))
             times.append("–" if r is None else f"{r['distill_seconds']:.0f} s, {r['distill_peak_bytes'] / 2**20:.0f} MiB")
-        L.append(f"| {n} | " + " | ".join(cells) + " | " + " | ".join(times) + " |")
+        mark = " †" if _pinned_alpha(n) else ""
+        L.append(f"| {n}{mark} | " + " | ".join(cells) + " | " + " | ".join(times) + " |")
     L.append("")
+    if any(_pinned_alpha(n) for n in names):
+        L.append("† measured at the residual weight α 0.5 (the default before α's size rule): compare with the "
+                 "`alpha 0.5` rows; unmarked rows use this version's defaults (α 0.3 up to 64 px).")
     L.append("Peak memory: " + ("CUDA max allocated" if rows and rows[0]["peak_kind"].startswith("cuda")
                                 else "process peak RSS (monotone over the run)") + ".")
     return "\n".join(L) + "\n"

@@ -587,6 +587,23 @@ def test_quality_experiment_runs_and_resumes(tmp_path):
     assert "Traceback" not in r6.stderr
 
 
+def test_quality_table_marks_rows_measured_at_the_earlier_residual_weight():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "bench" / "quality.py")
+    q = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(q)
+    meta = dict(data="d", classes=10, train=100, test=10, scale="cpu", teacher=dict(top1=70.0), distill_seeds=[0],
+                seeds=[0], machine="m", torch="t", git="g", date="today", split="test",
+                settings=dict(arch="a", teacher_epochs=1, iterations=4, eval={"10": dict(epochs=1, batch_size=2, lr=0.1)}))
+    row = dict(ipc=10, top1=dict(mean=50.0, std=0.0, runs=[50.0]), distill_seconds=1.0, distill_peak_bytes=2**20,
+               peak_kind="rss")
+    table = q.render(meta, [dict(row, name="reta"), dict(row, name="reta alpha 0.5"), dict(row, name="reta k 5")])
+    assert "| reta | " in table and "| reta alpha 0.5 | " in table and "| reta k 5 † | " in table
+    assert "† measured at the residual weight α 0.5" in table
+    assert "†" not in q.render(meta, [dict(row, name="reta")])
+
+
 @pytest.mark.slow
 def test_torchrun_two_gloo_ranks_equal_one_process(teacher, tmp_path):
     import subprocess

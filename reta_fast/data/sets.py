@@ -266,6 +266,13 @@ def materialize(dataset, size: int, progress: bool = False, what: str = "images"
     return TensorImageDataset(out[:n].clone() if n < len(sized) else out, labels, classes), skipped
 
 
+def require_val(data, what: str) -> None:
+    """Refuse, before any training, a data set whose evaluation split has no image (a score on it would be
+    meaningless)."""
+    if data.val is None or len(data.val) == 0:
+        raise ValueError(f"{what} needs images to score on, but {data.name}'s evaluation split (data.val) is empty")
+
+
 def fits_in_memory(dataset, size: int) -> bool:
     return len(dataset) * 3 * size * size <= IN_MEMORY_LIMIT
 

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..data.sets import fits_in_memory, materialize, random_real_images
+from ..data.sets import fits_in_memory, materialize, random_real_images, require_val
 from ..fileio import read_json, write_json
 from ..models.arch import build_arch, default_arch
 from ..train.classifier import accuracy, dist_world
@@ -48,9 +48,8 @@ def evaluate(data, teacher, out, ecfg: EvalConfig, device="cpu", progress: bool 
         missing = [data.classes[c] for c in range(len(data.classes)) if counts[c] < ipc][:5]
         raise ValueError(f"the distilled set in {str(out)!r} is incomplete: classes {missing} have fewer than {ipc} "
                          f"images (finish `reta distill` first)")
+    require_val(data, "evaluate (the students' accuracy)")
     val = data.val
-    if val is None or len(val) == 0:
-        raise ValueError("the evaluation split (data.val) is empty: there is nothing to score the students on")
     if fits_in_memory(val, data.size):
         val, _ = materialize(val, data.size, progress=progress, what="val images")
     acc_kw = dict(mean=data.mean, std=data.std, device=device, size=data.size, workers=workers)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..data.sets import fits_in_memory, materialize
+from ..data.sets import fits_in_memory, materialize, require_val
 from ..fileio import cache_dir
 from ..models.arch import build_arch, default_arch
 from ..models.teachers import Teacher, load_teacher, save_teacher
@@ -48,9 +48,7 @@ def squeeze(data, arch: Optional[str] = None, epochs: Optional[int] = None, batc
     torch.manual_seed(seed)
     model, kw = build_arch(arch, len(data.classes), data.size)
     train, val = data.train, data.val
-    if val is None or len(val) == 0:
-        raise ValueError(f"squeeze needs validation images to report the teacher's accuracy: {data.name}'s "
-                         f"evaluation split (data.val) is empty")
+    require_val(data, "squeeze (the teacher's accuracy)")
     if fits_in_memory(train, data.size):
         train, _ = materialize(train, data.size, progress=progress, what="train images")
     if fits_in_memory(val, data.size):

@@ -113,6 +113,12 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     "reta pta-real-augmented": dict(method="reta", **ALPHA_05, pta_real_view="augmented"),
     # PTA's schedule: only in the last two of the four blocks (the set's topology once its images have formed)
     "reta pta-from-block 2": dict(method="reta", pta_from_block=2),
+    # Below the default residual weight: alpha -> 0 tends to RDED's plain real patches, so there is an optimum
+    "fadrm alpha 0.2": dict(method="fadrm", alpha=0.2),
+    "reta alpha 0.2": dict(method="reta", alpha=0.2),
+    # DRC's "do no harm" margin at the default alpha (measured before only at 0.5)
+    "reta drc-margin 0.1 alpha 0.3": dict(method="reta", alpha=0.3, drc_margin=0.1),
+    "reta k 2 alpha 0.3": dict(method="reta", alpha=0.3, topo_k=2),
 }
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]

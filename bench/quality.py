@@ -408,6 +408,48 @@ def _pinned_alpha(name: str) -> bool:
     return VARIANTS.get(name, {}).get("alpha") == 0.5 and "alpha" not in name
 
 
+def fadrm_partner(name: str, names) -> str | None:
+    """The FADRM row a RETA row is paired with: the same variant without RETA's parts, else FADRM at its alpha."""
+    if not name.startswith("reta"):
+        return None
+    rest = " ".join(t for t in name[len("reta"):].split() if t not in ("--no-drc", "--no-pta"))
+    for cand in (f"fadrm {rest}".strip(), "fadrm alpha 0.5" if _pinned_alpha(name) else "fadrm"):
+        if cand in names:
+            return cand
+    return None
+
+
+def paired(a: dict, b: dict) -> tuple[list[float], int] | None:
+    """Per-seed differences a - b over the distillation seeds both rows hold (same seed: same pool, initial
+    patches and augmentation streams), and how many of those seeds a is ahead on."""
+    common = [k for k in a.get("seeds", {}) if k in b.get("seeds", {})]
+    if len(common) < 2:
+        return None
+    d = [a["seeds"][k]["top1"]["mean"] - b["seeds"][k]["top1"]["mean"] for k in common]
+    return d, sum(x > 0 for x in d)
+
+
+def render_paired(rows, names, ipcs) -> list[str]:
+    """A table of each RETA row minus its FADRM row, seed by seed (empty when no row has a partner)."""
+    by = {(r["name"], r["ipc"]): r for r in rows}
+    L = []
+    for n in names:
+        f = fadrm_partner(n, names)
+        cells = []
+        for i in ipcs:
+            pd = paired(by[(n, i)], by[(f, i)]) if f and (n, i) in by and (f, i) in by else None
+            cells.append("–" if pd is None else
+                         f"{np.mean(pd[0]):+.2f} (ahead on {pd[1]} of {len(pd[0])}; "
+                         + ", ".join(f"{x:+.1f}" for x in pd[0]) + ")")
+        if any(c != "–" for c in cells):
+            L.append(f"| {n} − {f} | " + " | ".join(cells) + " |")
+    if not L:
+        return []
+    return ["Paired with FADRM (each distillation seed: the same pool, initial patches and augmentation streams "
+            "for both): mean difference in top-1 points, the seeds ahead on, each seed's difference.", "",
+            "| rows | " + " | ".join(f"IPC {i}" for i in ipcs) + " |", "|---|" + "---|" * len(ipcs), *L, ""]
+
+
 def render(meta: dict, rows) -> str:
     ipcs = sorted({r["ipc"] for r in rows})
     names = list(dict.fromkeys(r["name"] for r in rows))
@@ -440,6 +482,7 @@ def render(meta: dict, rows) -> str:
         mark = " †" if _pinned_alpha(n) else ""
         L.append(f"| {n}{mark} | " + " | ".join(cells) + " | " + " | ".join(times) + " |")
     L.append("")
+    L += render_paired(rows, names, ipcs)
     if any(_pinned_alpha(n) for n in names):
         L.append("† measured at the residual weight α 0.5 (the default before α's size rule): compare with the "
                  "`alpha 0.5` rows; unmarked rows use this version's defaults (α 0.3 up to 64 px).")

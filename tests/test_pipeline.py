@@ -602,6 +602,20 @@ def test_quality_table_marks_rows_measured_at_the_earlier_residual_weight():
     assert "| reta | " in table and "| reta alpha 0.5 | " in table and "| reta k 5 † | " in table
     assert "† measured at the residual weight α 0.5" in table
     assert "†" not in q.render(meta, [dict(row, name="reta")])
+    assert "Paired with FADRM" not in table  # no FADRM row, nothing to pair with
+
+    def seeded(name, *means):
+        return dict(row, name=name, seeds={str(k): dict(top1=dict(mean=m)) for k, m in enumerate(means)})
+
+    rows = [seeded("fadrm", 50.0, 48.0, 49.0), seeded("reta", 51.0, 47.5, 49.25),
+            seeded("reta --no-drc", 50.0, 48.5), seeded("fadrm alpha 0.5", 40.0, 40.0, 40.0),
+            seeded("reta k 5", 41.0, 39.0, 42.0), seeded("reta alpha 0.5", 40.0, 41.0), seeded("reta lam 0", 50.0)]
+    table = q.render(meta, rows)
+    assert "| reta − fadrm | +0.25 (ahead on 2 of 3; +1.0, -0.5, +0.2) |" in table
+    assert "| reta --no-drc − fadrm | +0.25 (ahead on 1 of 2; +0.0, +0.5) |" in table  # only the seeds both hold
+    assert "| reta k 5 − fadrm alpha 0.5 | +0.67 (ahead on 2 of 3; +1.0, -1.0, +2.0) |" in table  # same alpha
+    assert "| reta alpha 0.5 − fadrm alpha 0.5 |" in table
+    assert "reta lam 0 −" not in table  # one common seed pairs nothing
 
 
 @pytest.mark.slow

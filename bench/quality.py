@@ -116,9 +116,9 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     # Below the default residual weight: alpha -> 0 tends to RDED's plain real patches, so there is an optimum
     "fadrm alpha 0.2": dict(method="fadrm", alpha=0.2),
     "reta alpha 0.2": dict(method="reta", alpha=0.2),
-    # DRC's "do no harm" margin at the default alpha (measured before only at 0.5)
-    "reta drc-margin 0.1 alpha 0.3": dict(method="reta", alpha=0.3, drc_margin=0.1),
-    "reta k 2 alpha 0.3": dict(method="reta", alpha=0.3, topo_k=2),
+    # DRC's "do no harm" margin and PTA's k 2, the best two at alpha 0.5, again at the default alpha (0.3 here)
+    "reta drc-margin 0.1 alpha 0.3": dict(method="reta", drc_margin=0.1),
+    "reta k 2 alpha 0.3": dict(method="reta", topo_k=2),
 }
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]
@@ -408,15 +408,20 @@ def _pinned_alpha(name: str) -> bool:
     return VARIANTS.get(name, {}).get("alpha") == 0.5 and "alpha" not in name
 
 
+# DistillConfig fields only RETA's parts read: a FADRM row is RETA's partner when the rest of the overrides agree
+RETA_ONLY = {"drc", "pta", "lam", "lam_topo", "drc_margin", "partition", "topo_k", "topo_ref_batch", "pta_set",
+             "pta_real_view", "pta_from_block"}
+
+
 def fadrm_partner(name: str, names) -> str | None:
-    """The FADRM row a RETA row is paired with: the same variant without RETA's parts, else FADRM at its alpha."""
-    if not name.startswith("reta"):
+    """The FADRM row a RETA row is paired with: the one distilled with the same shared settings (alpha, batch
+    structure, pool, steps), i.e. the same variant without what only DRC and PTA read."""
+    cfg = VARIANTS.get(name, {})
+    if cfg.get("method") != "reta":
         return None
-    rest = " ".join(t for t in name[len("reta"):].split() if t not in ("--no-drc", "--no-pta"))
-    for cand in (f"fadrm {rest}".strip(), "fadrm alpha 0.5" if _pinned_alpha(name) else "fadrm"):
-        if cand in names:
-            return cand
-    return None
+    shared = {k: v for k, v in cfg.items() if k not in RETA_ONLY and k != "method"}
+    return next((n for n in names if VARIANTS.get(n, {}).get("method") == "fadrm"
+                 and {k: v for k, v in VARIANTS[n].items() if k != "method"} == shared), None)
 
 
 def paired(a: dict, b: dict) -> tuple[list[float], int] | None:

@@ -609,8 +609,10 @@ def test_quality_table_marks_rows_measured_at_the_earlier_residual_weight():
 
     rows = [seeded("fadrm", 50.0, 48.0, 49.0), seeded("reta", 51.0, 47.5, 49.25),
             seeded("reta --no-drc", 50.0, 48.5), seeded("fadrm alpha 0.5", 40.0, 40.0, 40.0),
-            seeded("reta k 5", 41.0, 39.0, 42.0), seeded("reta alpha 0.5", 40.0, 41.0), seeded("reta lam 0", 50.0)]
+            seeded("reta k 5", 41.0, 39.0, 42.0), seeded("reta alpha 0.5", 40.0, 41.0), seeded("reta lam 0", 50.0),
+            seeded("fadrm imagenet-batch", 30.0, 30.0), seeded("reta pta-unscaled imagenet-batch", 31.0, 29.0)]
     table = q.render(meta, rows)
+    assert "| reta pta-unscaled imagenet-batch − fadrm imagenet-batch | +0.00 (ahead on 1 of 2; +1.0, -1.0) |" in table
     assert "| reta − fadrm | +0.25 (ahead on 2 of 3; +1.0, -0.5, +0.2) |" in table
     assert "| reta --no-drc − fadrm | +0.25 (ahead on 1 of 2; +0.0, +0.5) |" in table  # only the seeds both hold
     assert "| reta k 5 − fadrm alpha 0.5 | +0.67 (ahead on 2 of 3; +1.0, -1.0, +2.0) |" in table  # same alpha

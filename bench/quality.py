@@ -119,6 +119,9 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     # DRC's "do no harm" margin and PTA's k 2, the best two at alpha 0.5, again at the default alpha (0.3 here)
     "reta drc-margin 0.1 alpha 0.3": dict(method="reta", drc_margin=0.1),
     "reta k 2 alpha 0.3": dict(method="reta", topo_k=2),
+    # PTA's features from the images as they are instead of the step's augmented view (one more forward per
+    # step): at IPC 50 PTA on the augmented view leaves the clean set's topology where FADRM's is
+    "reta pta-view clean": dict(method="reta", pta_view="clean"),
 }
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]

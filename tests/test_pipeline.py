@@ -999,6 +999,21 @@ def test_pta_schedule_changes_the_images_and_is_recorded_only_when_set(data, tea
             P.DistillConfig(pta_from_block=1, **no_pta).validate()
 
 
+def test_pta_view_clean_changes_the_images_and_is_recorded_only_when_set(data, teacher, tmp_path):
+    every = run(data, teacher, tmp_path / "aug", method="reta", ipc_per_batch=3)
+    clean = run(data, teacher, tmp_path / "clean", method="reta", ipc_per_batch=3, pta_view="clean")
+    assert every["written"] == clean["written"] == 30
+    a, b = png_bytes(tmp_path / "aug"), png_bytes(tmp_path / "clean")
+    assert a.keys() == b.keys() and any(a[k] != b[k] for k in a)
+    assert json.loads((tmp_path / "clean" / "run.json").read_text())["config"]["pta_view"] == "clean"
+    assert "pta_view" not in json.loads((tmp_path / "aug" / "run.json").read_text())["config"]
+    with pytest.raises(ValueError, match="pta_view"):
+        P.DistillConfig(pta_view="cropped").validate()
+    for no_pta in (dict(method="fadrm"), dict(pta=False), dict(lam_topo=0.0)):  # no PTA to point elsewhere: refused
+        with pytest.raises(ValueError, match="pta_view chooses PTA's images, which this run does not use"):
+            P.DistillConfig(pta_view="clean", **no_pta).validate()
+
+
 def test_every_reta_ablation_runs_with_the_partitioned_retrieval(data, teacher, tmp_path):
     """DRC's partition needs the item ids whether or not PTA is on (a --no-pta run once lost them)."""
     for name, kw in (("nopta", dict(pta=False)), ("nodrc", dict(drc=False)), ("initial", dict(pta_set="initial")),

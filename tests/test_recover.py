@@ -264,6 +264,27 @@ class _WeightRecorder:
         return x.pow(2).mean(), dict(ce=0.0, bn=0.0, topo=0.0)
 
 
+def test_pta_view_clean_passes_the_images_as_they_are_to_the_criterion():
+    x0 = normalised(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    y = torch.arange(2)
+    seen = []
+
+    def crit(x, y, ids=None, x_topo=None):
+        seen.append(None if x_topo is None else x_topo.detach().clone())
+        return x.pow(2).mean() + (0.0 if x_topo is None else x_topo.pow(2).mean()), dict(ce=0.0, bn=0.0, topo=0.0)
+
+    rf.recover(crit, x0, y, config=rf.RecoverConfig(iterations=4, resolutions=(8,) * 4, drc=False))
+    assert seen == [None] * 4  # the default: PTA on the augmented view, no second input
+    seen.clear()
+    out = rf.recover(crit, x0, y, config=rf.RecoverConfig(iterations=4, resolutions=(8,) * 4, drc=False,
+                                                          pta_view="clean"))
+    assert len(seen) == 4 and all(v.shape == x0.shape for v in seen)
+    assert torch.equal(seen[0], x0)  # the first step sees the initial images themselves, not a crop of them
+    assert not torch.equal(out, x0)
+    with pytest.raises(ValueError, match="pta_view"):
+        rf.RecoverConfig(iterations=4, resolutions=(8,) * 4, pta_view="cropped").validate()
+
+
 def test_pta_schedule_weighs_pta_only_from_its_block_on_and_restores_the_weight():
     x0 = normalised(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
     y = torch.arange(2)

@@ -75,6 +75,27 @@ def test_pta_joins_once_a_class_has_enough_images_and_gives_gradients():
     assert not torch.allclose(x0.grad, x.grad)
 
 
+def test_pta_on_another_view_takes_its_features_there_and_leaves_ce_and_bn_on_x():
+    t = teacher()
+    real = F.normalize(torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, 8, 8, generator=g, requires_grad=True)
+    view = torch.randn(24, 3, 8, 8, generator=g, requires_grad=True)
+    y = torch.arange(4).repeat_interleave(6)
+    _, on_x = rf.RETALoss(t, real_feats=real, k=3)(x, y)
+    _, on_view = rf.RETALoss(t, real_feats=real, k=3)(view, y)
+    crit = rf.RETALoss(t, real_feats=real, k=3)
+    loss, parts = crit(x, y, x_topo=view)
+    assert parts["ce"] == pytest.approx(on_x["ce"], rel=1e-6) and parts["bn"] == pytest.approx(on_x["bn"], rel=1e-6)
+    assert parts["topo"] == pytest.approx(on_view["topo"], rel=1e-5) and parts["topo"] != pytest.approx(on_x["topo"])
+    loss.backward()
+    assert view.grad is not None and view.grad.abs().sum() > 0  # PTA's gradient reaches the view's pixels
+    with pytest.raises(ValueError, match="x_topo must hold the batch's 24 images, got 23"):
+        crit(x, y, x_topo=view[:23])
+    _, no_pta = rf.RETALoss(t, lam_topo=0.0)(x, y, x_topo=view)  # without PTA the view is not even run
+    assert no_pta["ce"] == pytest.approx(on_x["ce"], rel=1e-6) and no_pta["topo"] == 0.0
+
+
 def test_pta_weight_scales_with_the_batch_size_as_a_larger_lam_topo():
     t = teacher()
     real = F.normalize(torch.randn(4, 6, 8), dim=-1)

@@ -14,13 +14,15 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._validate import check_int_setting, check_number_setting
+from .._validate import check_choice, check_int_setting, check_number_setting
 from ..data.tensors import channel_stats
 from ..models.features import teacher_features
 from ..retrieval.inject import residual_inject
 from ..retrieval.search import retrieve
 
-__all__ = ["RecoverConfig", "recover", "augment", "check_engine"]
+__all__ = ["RecoverConfig", "recover", "augment", "check_engine", "PTA_VIEWS"]
+
+PTA_VIEWS = ("augmented", "clean")  # the images PTA's synthetic features come from
 
 
 @dataclass
@@ -43,6 +45,9 @@ class RecoverConfig:
         pta_from_block: PTA's schedule [ours]: the criterion's ``lam_topo`` acts from this block on and is 0
             in the blocks before it (0, default: every block, as the paper). Needs a criterion with a
             ``lam_topo`` attribute (:class:`reta_fast.RETALoss`), which is restored when the loop ends.
+        pta_view: the images PTA's features come from [ours]: ``"augmented"`` (default, as the paper: the
+            step's augmented view, the same forward as CE and BN) or ``"clean"`` (the images as they are,
+            a second teacher forward per step; the criterion must take ``x_topo``, as RETALoss does).
         mean, std: the normalisation of the images (pixels are clamped to the normalised [0, 1]).
         amp: ``"bf16"``: the teacher's forward under ``torch.autocast`` in bfloat16 (the loss terms,
             the pixels and Adam stay fp32); ``None``: fp32. (fp16 is not offered: pixel gradients
@@ -67,6 +72,7 @@ class RecoverConfig:
     lam: float = 0.1
     drc_margin: float = 0.0
     pta_from_block: int = 0
+    pta_view: str = "augmented"
     mean: Sequence[float] = (0.485, 0.456, 0.406)
     std: Sequence[float] = (0.229, 0.224, 0.225)
     amp: Optional[str] = None
@@ -84,6 +90,7 @@ class RecoverConfig:
         if self.pta_from_block >= len(self.resolutions):
             raise ValueError(f"pta_from_block must name one of the {len(self.resolutions)} blocks (0 to "
                              f"{len(self.resolutions) - 1}), got {self.pta_from_block}")
+        check_choice(self.pta_view, "pta_view", PTA_VIEWS)
         check_number_setting(self.jitter, "jitter")
         if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale!r}")
@@ -248,11 +255,12 @@ def _recover_blocks(criterion, xs, ys, idss, gens, micro, anchors, anchor_ids, p
                     grp["lr"] = lr
                 opt.zero_grad(set_to_none=True)
                 xa = augment(x, res, cfg.jitter, cfg.crop_scale, gens[j]).contiguous(memory_format=fmt)
+                extra = {} if cfg.pta_view == "augmented" else dict(x_topo=x.contiguous(memory_format=fmt))
                 with autocast():
                     if lazy:
-                        loss, parts = criterion.terms(xa, ys[j], idss[j])
+                        loss, parts = criterion.terms(xa, ys[j], idss[j], **extra)
                     else:
-                        loss, parts = criterion(xa, ys[j], idss[j])
+                        loss, parts = criterion(xa, ys[j], idss[j], **extra)
                 if diagnose and j == 0 and step == sum(per_block[:b + 1]) - 1 and hasattr(criterion, "last_terms"):
                     cfg.history.append(dict(step=step, block=b, grads=_term_grad_norms(criterion.last_terms, x)))
                 loss.backward()

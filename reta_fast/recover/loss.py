@@ -117,6 +117,7 @@ class RETALoss(nn.Module):
         self._bn_terms = []
         bns = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
         self._capturing = False  # hooks record only during this loss's own forward
+        self._bn_off = False  # a forward for PTA's features only: the BN hooks stay silent
         if self.r_bn > 0:
             if not bns:
                 raise ValueError("the teacher has no BatchNorm2d layers, so BN-statistic matching is impossible: "
@@ -223,7 +224,7 @@ class RETALoss(nn.Module):
 
     def _bn_hook(self, weight: float):
         def hook(mod, inp, out):
-            if not self._capturing:
+            if not self._capturing or self._bn_off:
                 return
             x = inp[0].float()
             var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)  # one pass over the activations
@@ -333,11 +334,11 @@ class RETALoss(nn.Module):
         """PTA's weight for a call with ``batch_size`` images (:func:`topo_weight`)."""
         return topo_weight(self.lam_topo, self.topo_ref_batch, batch_size)
 
-    def terms(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None
-              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def terms(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None,
+              x_topo: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` without its host synchronisation: ``(loss, parts)`` with ``parts`` a
         detached ``[3]`` tensor (ce, bn, topo) on the loss' device. A recover loop reads the parts
-        once per block instead of once per step."""
+        once per block instead of once per step. ``x_topo``: see :meth:`forward`."""
         if not self._handles and (self.r_bn > 0 or self.lam_topo > 0):
             raise RuntimeError("RETALoss was closed: its teacher hooks are gone")
         if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.shape != (x.shape[0],):
@@ -348,8 +349,13 @@ class RETALoss(nn.Module):
         self._capturing = True
         try:
             logits = self._forward_teacher(x)
+            if x_topo is not None and self.topo is not None:
+                if x_topo.shape[0] != x.shape[0]:
+                    raise ValueError(f"x_topo must hold the batch's {x.shape[0]} images, got {x_topo.shape[0]}")
+                self._bn_off = True  # a second forward: PTA's features only (CE and BN keep x's)
+                self._forward_teacher(x_topo)
         finally:
-            self._capturing = False
+            self._capturing = self._bn_off = False
         lay = self._layout(y, ids, logits.shape[1], self._feats if self._feats is not None else logits)
         with _no_autocast(logits.device.type):  # the loss terms in fp32 under autocast
             ce = F.cross_entropy(logits.float(), y)
@@ -361,11 +367,13 @@ class RETALoss(nn.Module):
         self.last_terms = dict(ce=ce, bn=self.r_bn * bn, topo=lam_topo * topo)
         return loss, torch.stack([ce.detach(), bn.detach(), topo.detach().float()])
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None,
+                x_topo: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         """``x`` ``[B, 3, H, W]``, ``y`` ``[B]`` classes, ``ids`` ``[B]`` stable ids of the synthetic
         images (e.g. ``class * ipc + index``), needed for the PTA bank; without them only the
-        current batch's images of a class form its point set."""
-        loss, parts = self.terms(x, y, ids)
+        current batch's images of a class form its point set. ``x_topo`` ``[B, ...]`` [ours]: PTA's
+        features from these images instead of ``x`` (e.g. the un-augmented images while ``x`` is their
+        augmented view), one more teacher forward; CE and BN stay on ``x``."""
+        loss, parts = self.terms(x, y, ids, x_topo)
         ce, bn, topo = parts.cpu().tolist()  # one host sync
         return loss, dict(ce=ce, bn=bn, topo=topo)

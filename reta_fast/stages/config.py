@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence
 
 from .._validate import check_choice, check_int_setting, check_number_setting
-from ..recover.loop import COMPILE_MODES, check_engine
+from ..recover.loop import COMPILE_MODES, PTA_VIEWS, check_engine
 
 __all__ = ["METHODS", "PTA_SETS", "PTA_REAL_VIEWS", "DistillConfig", "EvalConfig", "ENGINE_DEFAULTS"]
 
@@ -29,7 +29,7 @@ def _opt(default, help: str, **cli):
 # Settings left out of a run's identity while at their default, so that folders written before they existed
 # still resume: the recover engine's options, and settings added later.
 ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None, topo_overlap=False, drc_margin=0.0,
-                       pta_real_view="clean", pta_from_block=0)
+                       pta_real_view="clean", pta_from_block=0, pta_view="augmented")
 
 
 @dataclass
@@ -78,6 +78,9 @@ class DistillConfig:
             ablation). Only "complete" aligns the synthetic set whatever the batch structure.
         pta_from_block: PTA's schedule [ours]: ``lam_topo`` acts from this recover block on (0: every
             block); see :class:`RecoverConfig`.
+        pta_view: the images PTA's synthetic features come from [ours]: ``"augmented"`` (the step's
+            augmented view, the paper's) or ``"clean"`` (the images as they are, one more teacher forward
+            per step); see :class:`RecoverConfig`.
         pool_per_class, pool_candidates: patch pool size per class and RDED's best-of-N crops.
         drc, pta: the RETA ablations (``reta`` only).
         seed: everything random derives from it.
@@ -121,6 +124,9 @@ class DistillConfig:
     pta_real_view: str = _opt("clean", "PTA's real features from the pool patches as they are (clean) or through "
                               "the recover step's augmentation once (augmented, like the synthetic features)",
                               choices=PTA_REAL_VIEWS)
+    pta_view: str = _opt("augmented", "the images PTA's synthetic features come from: the recover step's augmented "
+                         "view (augmented, the paper's: the forward CE and BN use) or the images as they are "
+                         "(clean: one more teacher forward per step)", choices=PTA_VIEWS)
     pta_from_block: int = _opt(0, "PTA's schedule: its weight acts from this recover block on, 0 before it (0: every "
                                "block, as the paper)")
     topo_refresh: int = _opt(1, "recompute PTA's graphs and pairings every T steps, re-gather lengths in between")
@@ -168,6 +174,10 @@ class DistillConfig:
         check_int_setting(self.topo_ref_batch, "topo_ref_batch", minimum=0)
         check_choice(self.pta_real_view, "pta_real_view", PTA_REAL_VIEWS)
         check_choice(self.pta_set, "pta_set", PTA_SETS)
+        check_choice(self.pta_view, "pta_view", PTA_VIEWS)
+        if self.pta_view != "augmented" and not self.pta_on:
+            raise ValueError("pta_view chooses PTA's images, which this run does not use (it needs method reta with "
+                             "PTA on and lam_topo > 0)")
         check_int_setting(self.pta_from_block, "pta_from_block", minimum=0)
         if self.pta_from_block and not self.pta_on:
             raise ValueError("pta_from_block schedules PTA, which this run does not use (it needs method reta with "

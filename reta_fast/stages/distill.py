@@ -360,7 +360,7 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
                        jitter=_jitter(cfg, S), alpha=cfg.alpha_for(S),
                        drc=drc, lam=cfg.lam, drc_margin=cfg.drc_margin, mean=data.mean, std=data.std, amp=cfg.amp,
                        channels_last=cfg.channels_last, compile=cfg.compile,
-                       pta_from_block=cfg.pta_from_block)  # validate() refuses it where PTA is off
+                       pta_from_block=cfg.pta_from_block, pta_view=cfg.pta_view)  # validate() refuses both where PTA is off
     in_slice = {(c, i) for i in range(cfg.ipc_start, cfg.end) for c in range(C)}
     parts_log: List[dict] = []
     diag = _Diagnostics(teachers[0].model, pool, cfg, device)

@@ -343,6 +343,7 @@ def test_cli_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert "student top-1" in text and "random real" in text
     rep = json.loads((out / "report.json").read_text())
     assert rep["method"] == "reta" and rep["ipc"] == 10 and rep["betti"] is not None
+    assert "PTA's loss on the images as they are" in (out / "report.md").read_text()
     assert (out / "report" / "grid.png").stat().st_size > 1000 and (out / "report" / "betti.png").is_file()
     assert {s["stage"] for s in rep["stages"]} == {"squeeze", "distill", "evaluate"}
     before = png_bytes(out)
@@ -1007,6 +1008,10 @@ def test_pta_view_clean_changes_the_images_and_is_recorded_only_when_set(data, t
     assert a.keys() == b.keys() and any(a[k] != b[k] for k in a)
     assert json.loads((tmp_path / "clean" / "run.json").read_text())["config"]["pta_view"] == "clean"
     assert "pta_view" not in json.loads((tmp_path / "aug" / "run.json").read_text())["config"]
+    for info in (every, clean):  # the diagnostics score PTA's loss on the images as they are, before and after
+        b = info["diagnostics"]["betti"]
+        assert all(np.isfinite(b[w]["pta"]) and b[w]["pta"] >= 0 for w in ("before", "after"))
+    assert every["diagnostics"]["betti"]["before"]["pta"] == clean["diagnostics"]["betti"]["before"]["pta"]
     with pytest.raises(ValueError, match="pta_view"):
         P.DistillConfig(pta_view="cropped").validate()
     for no_pta in (dict(method="fadrm"), dict(pta=False), dict(lam_topo=0.0)):  # no PTA to point elsewhere: refused

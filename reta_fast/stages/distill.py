@@ -49,6 +49,7 @@ from ..recover.loss import RETALoss
 from ..retrieval.pool import PatchPool
 from ..retrieval.search import retrieve
 from ..topology.betti import betti_distance
+from ..topology.pta import TopologyAlignmentLoss
 from .config import DistillConfig
 from .output import RUN_FORMAT, check_run, item_path, to_uint8
 from .records import versions
@@ -143,10 +144,13 @@ class _Diagnostics:
         if self.real is not None and whole and m >= 3:
             k = min(self.cfg.k(), m - 1)
             real = self.real[whole]
+            sets = {when: torch.stack([torch.stack([store[(c, i)] for i in range(m)]) for c in whole])
+                    for when, store in (("before", self.before), ("after", self.after))}
+            # and PTA's own loss (a fresh one: its image grid from these features) on the images as they are,
+            # the view a student trains on: does PTA move the set's topology, or only its training views'?
             out["betti"] = dict(classes=len(whole), k=k, points=m, **{
-                when: betti_distance(real, torch.stack([torch.stack([store[(c, i)] for i in range(m)])
-                                                        for c in whole]), k)
-                for when, store in (("before", self.before), ("after", self.after))})
+                when: dict(betti_distance(real, syn, k), pta=float(TopologyAlignmentLoss(k=k)(syn, real)))
+                for when, syn in sets.items()})
         return out
 
 

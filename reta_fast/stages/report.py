@@ -217,5 +217,7 @@ def _diagnostics_markdown(d: Optional[dict]) -> list:
         L += [f"Betti-curve distance of each class's synthetic set to real features (mean over {b['classes']} classes, "
               f"mutual {b['k']}-NN, {b['points']} points per class; 0 = the same curves): before recovery Betti-0 "
               f"{b['before']['b0']:.4f}, Betti-1 {b['before']['b1']:.4f}; after recovery Betti-0 "
-              f"{b['after']['b0']:.4f}, Betti-1 {b['after']['b1']:.4f}.", ""]
+              f"{b['after']['b0']:.4f}, Betti-1 {b['after']['b1']:.4f}." + (
+                  f" PTA's loss on the images as they are (the view a student trains on): {b['before']['pta']:.4f} "
+                  f"before, {b['after']['pta']:.4f} after." if "pta" in b["after"] else ""), ""]
     return L

@@ -575,6 +575,14 @@ def test_quality_experiment_runs_and_resumes(tmp_path):
     assert (next((tmp_path / "w").rglob("reta-ipc2-seed0")) / "eval-test-seeds0.json").is_file()
     r5 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r5.returncode == 0 and "[evaluate]" not in r5.stdout
+    # the finished sets' topology, scored anew from their images (bench/set_topology.py)
+    work = next(p for p in (tmp_path / "w").iterdir() if p.is_dir())
+    topo = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "set_topology.py"),
+                           "--work", str(work), "--ipc", "2", "--seeds", "0", "--sets", "fadrm", "reta", "nothing"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert topo.returncode == 0, topo.stderr[-2000:]
+    assert "reta-ipc2-seed0: Betti-0" in topo.stdout and "nothing-ipc2-seed0: missing" in topo.stdout
+    assert "fadrm: b0" in topo.stdout and "(1 seeds)" in topo.stdout
     run_json = next((tmp_path / "w").rglob("reta-ipc2-seed0/run.json"))
     made = json.loads(run_json.read_text())
     run_json.write_text(json.dumps(dict(made, config=dict(made["config"], lam_topo=2.0))))  # an earlier variant

@@ -101,6 +101,15 @@ def _noise(c: int, i: int, size: int, seed: int) -> torch.Tensor:
 # diagnostics: what DRC and PTA did (docs/method.md §3-§4), in the stage record and the report
 
 
+@torch.no_grad()
+def set_topology(real: torch.Tensor, syn: torch.Tensor, k: int) -> dict:
+    """How far the synthetic sets ``syn`` ``[C, m, D]`` are from the real ones ``real`` in topology: the
+    Betti-0/1 curve distances, and PTA's own loss (a fresh one, its image grid from these features). On
+    features of the images as they are, the view a student trains on, this says whether PTA moved the set's
+    topology or only that of the views it was computed on."""
+    return dict(betti_distance(real, syn, k), pta=float(TopologyAlignmentLoss(k=k)(syn, real)))
+
+
 class _Diagnostics:
     """Collects, over the units of a distill call: per block, DRC's injections against the static anchor and
     each loss term's gradient norm; and for every class recovered whole in this call, the Betti-curve
@@ -146,11 +155,8 @@ class _Diagnostics:
             real = self.real[whole]
             sets = {when: torch.stack([torch.stack([store[(c, i)] for i in range(m)]) for c in whole])
                     for when, store in (("before", self.before), ("after", self.after))}
-            # and PTA's own loss (a fresh one: its image grid from these features) on the images as they are,
-            # the view a student trains on: does PTA move the set's topology, or only its training views'?
-            out["betti"] = dict(classes=len(whole), k=k, points=m, **{
-                when: dict(betti_distance(real, syn, k), pta=float(TopologyAlignmentLoss(k=k)(syn, real)))
-                for when, syn in sets.items()})
+            out["betti"] = dict(classes=len(whole), k=k, points=m,
+                                **{when: set_topology(real, syn, k) for when, syn in sets.items()})
         return out
 
 

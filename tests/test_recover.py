@@ -283,6 +283,9 @@ def test_pta_view_clean_passes_the_images_as_they_are_to_the_criterion():
     assert not torch.equal(out, x0)
     with pytest.raises(ValueError, match="pta_view"):
         rf.RecoverConfig(iterations=4, resolutions=(8,) * 4, pta_view="cropped").validate()
+    with pytest.raises(ValueError, match="pta_view='clean' needs a criterion that takes x_topo"):
+        rf.recover(lambda x, y, ids=None: (x.pow(2).mean(), dict(ce=0.0, bn=0.0, topo=0.0)), x0, y,
+                   config=rf.RecoverConfig(iterations=4, resolutions=(8,) * 4, drc=False, pta_view="clean"))
 
 
 def test_pta_schedule_weighs_pta_only_from_its_block_on_and_restores_the_weight():

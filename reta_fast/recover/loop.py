@@ -7,6 +7,7 @@ and pool. It optimises one batch of images; the caller loops over batches (class
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -223,6 +224,8 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
     lam_topo = getattr(criterion, "lam_topo", None)
     if cfg.pta_from_block and lam_topo is None:
         raise ValueError("config.pta_from_block needs a criterion with a lam_topo weight (RETALoss)")
+    if cfg.pta_view != "augmented" and not _takes(criterion.terms if lazy else criterion, "x_topo"):
+        raise ValueError(f"config.pta_view={cfg.pta_view!r} needs a criterion that takes x_topo (RETALoss)")
     try:
         xs = _recover_blocks(criterion, xs, ys, idss, gens, micro, anchors, anchor_ids, pool, cfg, blocks, per_block,
                              lo, hi, dev, fmt, lazy, lam_topo, on_step, retrieval_teacher, retriever, diagnose)
@@ -304,6 +307,15 @@ def _recover_blocks(criterion, xs, ys, idss, gens, micro, anchors, anchor_ids, p
                         patch = anchors[j]
                     xs[j] = residual_inject(xs[j].detach(), patch, cfg.alpha, size=nxt)
     return xs
+
+
+def _takes(fn, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword argument ``name``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read: let the call itself decide
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _term_grad_norms(terms: dict, x: torch.Tensor) -> dict:

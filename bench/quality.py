@@ -413,7 +413,7 @@ def _pinned_alpha(name: str) -> bool:
 
 # DistillConfig fields only RETA's parts read: a FADRM row is RETA's partner when the rest of the overrides agree
 RETA_ONLY = {"drc", "pta", "lam", "lam_topo", "drc_margin", "partition", "topo_k", "topo_ref_batch", "pta_set",
-             "pta_real_view", "pta_from_block"}
+             "pta_real_view", "pta_from_block", "pta_view"}
 
 
 def fadrm_partner(name: str, names) -> str | None:

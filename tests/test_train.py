@@ -105,9 +105,16 @@ def test_ddp_student_on_two_gloo_ranks_equals_one_process(tmp_path):
     r = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script), str(tmp_path / "two.pt"), "ddp"], capture_output=True, text=True, env=env,
-                       timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(tmp_path / "two.pt"), "ddp"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if r.returncode != 0 and "terminate called without an active exception" in r.stderr:
+        # gloo's teardown on 2 busy cores once aborted a rank (std::terminate in its background thread) after the
+        # barrier that ends the script: torch's shutdown, not this code. Run once more, from scratch; a second
+        # failure, or any other, fails the test.
+        for f in tmp_path.glob("two.pt*"):
+            f.unlink()
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for which in ("online", "stored"):

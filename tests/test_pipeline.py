@@ -971,14 +971,21 @@ def test_overlapped_pta_is_deterministic_and_recorded(data, teacher, tmp_path, m
     assert "topo_overlap" not in json.loads((sync / "run.json").read_text())["config"]
 
 
-def test_pta_real_view_augmented_changes_only_the_real_side(data, teacher, tmp_path):
-    clean = run(data, teacher, tmp_path / "clean", method="reta", ipc_per_batch=3)
-    aug = run(data, teacher, tmp_path / "aug", method="reta", ipc_per_batch=3, pta_real_view="augmented")
-    assert clean["written"] == aug["written"] == 30
-    a, b = png_bytes(tmp_path / "clean"), png_bytes(tmp_path / "aug")
+def _option_changes_images_and_identity(data, teacher, tmp_path, name: str, value):
+    """A RETA run with setting ``name = value`` against one at the default: both write every image, some
+    images differ, and the setting is in the run identity only where it was set. Returns both infos."""
+    default = run(data, teacher, tmp_path / "default", method="reta", ipc_per_batch=3)
+    other = run(data, teacher, tmp_path / "other", method="reta", ipc_per_batch=3, **{name: value})
+    assert default["written"] == other["written"] == 30
+    a, b = png_bytes(tmp_path / "default"), png_bytes(tmp_path / "other")
     assert a.keys() == b.keys() and any(a[k] != b[k] for k in a)
-    assert json.loads((tmp_path / "aug" / "run.json").read_text())["config"]["pta_real_view"] == "augmented"
-    assert "pta_real_view" not in json.loads((tmp_path / "clean" / "run.json").read_text())["config"]
+    assert json.loads((tmp_path / "other" / "run.json").read_text())["config"][name] == value
+    assert name not in json.loads((tmp_path / "default" / "run.json").read_text())["config"]
+    return default, other
+
+
+def test_pta_real_view_augmented_changes_only_the_real_side(data, teacher, tmp_path):
+    _option_changes_images_and_identity(data, teacher, tmp_path, "pta_real_view", "augmented")
     with pytest.raises(ValueError, match="pta_real_view"):
         P.DistillConfig(pta_real_view="blurred").validate()
 
@@ -994,13 +1001,7 @@ def test_squeeze_refuses_an_empty_validation_split_before_training(data, tmp_pat
 
 
 def test_pta_schedule_changes_the_images_and_is_recorded_only_when_set(data, teacher, tmp_path):
-    every = run(data, teacher, tmp_path / "every", method="reta", ipc_per_batch=3)
-    late = run(data, teacher, tmp_path / "late", method="reta", ipc_per_batch=3, pta_from_block=1)
-    assert every["written"] == late["written"] == 30
-    a, b = png_bytes(tmp_path / "every"), png_bytes(tmp_path / "late")
-    assert a.keys() == b.keys() and any(a[k] != b[k] for k in a)
-    assert json.loads((tmp_path / "late" / "run.json").read_text())["config"]["pta_from_block"] == 1
-    assert "pta_from_block" not in json.loads((tmp_path / "every" / "run.json").read_text())["config"]
+    _option_changes_images_and_identity(data, teacher, tmp_path, "pta_from_block", 1)
     with pytest.raises(ValueError, match=r"pta_from_block must name one of the 4 recover blocks \(0 to 3\), got 4"):
         P.DistillConfig(pta_from_block=4).validate()
     for no_pta in (dict(method="fadrm"), dict(pta=False), dict(lam_topo=0.0)):  # nothing to schedule: refused
@@ -1009,13 +1010,7 @@ def test_pta_schedule_changes_the_images_and_is_recorded_only_when_set(data, tea
 
 
 def test_pta_view_clean_changes_the_images_and_is_recorded_only_when_set(data, teacher, tmp_path):
-    every = run(data, teacher, tmp_path / "aug", method="reta", ipc_per_batch=3)
-    clean = run(data, teacher, tmp_path / "clean", method="reta", ipc_per_batch=3, pta_view="clean")
-    assert every["written"] == clean["written"] == 30
-    a, b = png_bytes(tmp_path / "aug"), png_bytes(tmp_path / "clean")
-    assert a.keys() == b.keys() and any(a[k] != b[k] for k in a)
-    assert json.loads((tmp_path / "clean" / "run.json").read_text())["config"]["pta_view"] == "clean"
-    assert "pta_view" not in json.loads((tmp_path / "aug" / "run.json").read_text())["config"]
+    every, clean = _option_changes_images_and_identity(data, teacher, tmp_path, "pta_view", "clean")
     for info in (every, clean):  # the diagnostics score PTA's loss on the images as they are, before and after
         b = info["diagnostics"]["betti"]
         assert all(np.isfinite(b[w]["pta"]) and b[w]["pta"] >= 0 for w in ("before", "after"))

@@ -122,6 +122,9 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     # PTA's features from the images as they are instead of the step's augmented view (one more forward per
     # step): at IPC 50 PTA on the augmented view leaves the clean set's topology where FADRM's is
     "reta pta-view clean": dict(method="reta", pta_view="clean"),
+    # ... and at four times PTA's weight: does a set PTA really aligns (clean view) train a better student once
+    # the alignment is a larger share of the objective?
+    "reta pta-view clean lam_topo 2": dict(method="reta", pta_view="clean", lam_topo=2.0),
 }
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]

@@ -1,6 +1,7 @@
 """One recover step (docs/method.md §2): reta_fast's RETALoss step (CE + BN + PTA, frozen teacher)
-against the same step without PTA and a plain eager SRe2L-style step (CE + BN, teacher parameters
-still requiring grad, as much published code leaves them). Same teacher, batch and augmentation."""
+against the same step with PTA on the clean view (``--pta-view clean``), the step without PTA and a plain
+eager SRe2L-style step (CE + BN, teacher parameters still requiring grad, as much published code leaves
+them). Same teacher, batch and augmentation."""
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,7 @@ def setup(cfg: dict, device: str) -> Case:
     y = torch.arange(C, device=device)
     g = torch.Generator().manual_seed(0)
 
-    def make_step(crit, ids=None, amp=None, channels_last=False):
+    def make_step(crit, ids=None, amp=None, channels_last=False, clean_view=False):
         x = torch.randn(C, 3, res, res, device=device, requires_grad=True)
         opt = torch.optim.Adam([x], lr=0.25, betas=(0.5, 0.9))
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -30,7 +31,10 @@ def setup(cfg: dict, device: str) -> Case:
             opt.zero_grad(set_to_none=True)
             xa = augment(x, res, 4, (0.08, 1.0), g).contiguous(memory_format=fmt)
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-                loss, _ = loss_fn(xa, y, ids) if ids is not None else loss_fn(xa, y)
+                if clean_view:  # --pta-view clean: PTA's features from the images as they are
+                    loss, _ = loss_fn(xa, y, ids, x_topo=x.contiguous(memory_format=fmt))
+                else:
+                    loss, _ = loss_fn(xa, y, ids) if ids is not None else loss_fn(xa, y)
             loss.backward()
             opt.step()
             with torch.no_grad():
@@ -49,6 +53,7 @@ def setup(cfg: dict, device: str) -> Case:
         return crit
 
     reta = filled(rf.RETALoss(teacher, real_feats=real, k=cfg["k"]))
+    reta_clean = filled(rf.RETALoss(teacher, real_feats=real, k=cfg["k"]))
     plain = rf.RETALoss(teacher, lam_topo=0.0)
     variants = {}  # the recover engine's options (RecoverConfig amp / channels_last / compile)
     for name, amp, cl, mode, overlap in cfg.get("engine", []):
@@ -78,6 +83,8 @@ def setup(cfg: dict, device: str) -> Case:
 
     return Case({
         "reta_fast RETA step (CE+BN+PTA)": make_step(reta, y * n),
+        "reta_fast RETA step, PTA on the clean view (--pta-view clean: a second teacher forward)":
+            make_step(reta_clean, y * n, clean_view=True),
         "reta_fast step without PTA (CE+BN)": make_step(plain),
         **variants,
         "eager SRe2L-style step (CE+BN, teacher grads)": make_step(sre2l),

@@ -166,6 +166,25 @@ def unpack(archive: Path) -> Path:
     return subs[0] if len(subs) == 1 and not (dest / "train").is_dir() else dest
 
 
+def data_label(args, src: Path, data) -> str:
+    """The data set as the tables name it (with the grayscale and size options that change its images)."""
+    return str(src.name) + (" in grayscale" if args.grayscale else "") + (f" at {data.size} px" if args.size else "")
+
+
+def merge_conflict(old: dict, new: dict):
+    """Why rows measured under ``new`` (a results meta) must not join a table measured under ``old``, or None.
+    A different teacher (e.g. the same command on another CPU model: other rounding, another teacher) makes
+    every row, and the paired RETA - FADRM differences, incomparable."""
+    for key in ("data", "scale", "split"):
+        if key in old and old[key] != new[key]:
+            return f"its rows are {key} {old[key]!r}, this run's {new[key]!r}"
+    a, b = old.get("teacher", {}).get("top1"), new["teacher"]["top1"]
+    if a != b:
+        return (f"its rows come from another teacher (top-1 {a}% on {old.get('machine', 'an unnamed machine')}, "
+                f"here {b}% on {new.get('machine')}), so they do not compare with this run's")
+    return None
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0).replace(" ", "-").lower()
@@ -283,6 +302,15 @@ def main(argv=None) -> int:
         teacher = squeeze(data, sc["arch"], epochs=sc["teacher_epochs"], device=args.device, out=tpath)
         teacher_s = time.perf_counter() - t0
     print(f"teacher {sc['arch']}: top-1 {teacher.accuracy:.2f}%", flush=True)
+    results = Path(args.results) if args.results else ROOT / "bench" / "results" / f"quality-{args.scale}-{machine()}"
+    res_name = "results.json" if args.split == "test" else "validation.json"
+    if args.merge and not args.distill_only and (results / res_name).is_file():  # refuse now, before hours of distillation, not at the end
+        why = merge_conflict(json.loads((results / res_name).read_text())["meta"],
+                             dict(data=data_label(args, src, data), scale=args.scale, split=args.split,
+                                  teacher=dict(top1=teacher.accuracy), machine=machine()))
+        if why:
+            print(f"quality: --merge into {results / res_name}: {why}", file=sys.stderr)
+            return 2
     test_split = data.val
     rows = []
     for ipc in args.ipcs:
@@ -360,28 +388,29 @@ def main(argv=None) -> int:
         sha = "unknown"
     import reta_fast
 
-    meta = dict(data=str(src.name) + (" in grayscale" if args.grayscale else "") + (f" at {data.size} px" if args.size
-                                                                                     else ""), classes=len(data.classes), train=len(data.train), test=len(test_split),
+    meta = dict(data=data_label(args, src, data), classes=len(data.classes), train=len(data.train), test=len(test_split),
                 split=args.split, val_per_class=args.val_per_class if args.split == "val" else None,
                 val_images=len(data.val) if args.split == "val" and rows else None,
                 scale=args.scale, settings=dict(sc, eval={str(k): v for k, v in sc["eval"].items()}),
                 teacher=dict(arch=sc["arch"], top1=teacher.accuracy, seconds=teacher_s), seeds=args.seeds,
                 distill_seeds=args.distill_seeds, machine=machine(), device=args.device, torch=torch.__version__,
                 reta_fast=reta_fast.__version__, git=sha, date=time.strftime("%Y-%m-%d"))
-    results = Path(args.results) if args.results else ROOT / "bench" / "results" / f"quality-{args.scale}-{machine()}"
     results.mkdir(parents=True, exist_ok=True)
     from reta_fast.fileio import write_json
 
-    name = "results.json" if args.split == "test" else "validation.json"
-    if args.merge and (results / name).is_file():
-        old = json.loads((results / name).read_text())
-        if old["meta"]["scale"] == meta["scale"] and old["meta"]["teacher"]["top1"] == meta["teacher"]["top1"]:
-            mine = {(r["name"], r["ipc"]) for r in rows}
-            rows = [r for r in old["rows"] if (r["name"], r["ipc"]) not in mine] + rows
-            order = {v: i for i, v in enumerate(VARIANTS)}
-            rows.sort(key=lambda r: (order.get(r["name"], 99), r["ipc"]))
-    write_json(results / name, dict(meta=meta, rows=rows))
-    _publish(results, name, meta, rows, args.readme, args.split)
+    if args.merge and (results / res_name).is_file():
+        old = json.loads((results / res_name).read_text())
+        why = merge_conflict(old["meta"], meta)
+        if why:  # never drop the old rows silently; this run's sets stay cached in --work
+            print(f"quality: --merge into {results / res_name}: {why}; nothing written (the sets are kept under "
+                  f"{work}: re-run with another --results to tabulate them)", file=sys.stderr)
+            return 2
+        mine = {(r["name"], r["ipc"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["name"], r["ipc"]) not in mine] + rows
+        order = {v: i for i, v in enumerate(VARIANTS)}
+        rows.sort(key=lambda r: (order.get(r["name"], 99), r["ipc"]))
+    write_json(results / res_name, dict(meta=meta, rows=rows))
+    _publish(results, res_name, meta, rows, args.readme, args.split)
     return 0
 
 

@@ -575,6 +575,22 @@ def test_quality_experiment_runs_and_resumes(tmp_path):
     assert (next((tmp_path / "w").rglob("reta-ipc2-seed0")) / "eval-test-seeds0.json").is_file()
     r5 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r5.returncode == 0 and "[evaluate]" not in r5.stdout
+    # --merge keeps the rows this invocation does not recompute ...
+    i = cmd.index("--methods")
+    one = cmd[:i + 1] + ["fadrm"] + cmd[i + 4:] + ["--merge"]
+    r7 = subprocess.run(one, capture_output=True, text=True, env=env, timeout=600)
+    assert r7.returncode == 0, r7.stderr[-2000:]
+    assert json.loads((tmp_path / "res" / "results.json").read_text())["rows"] == res["rows"]
+    # ... and refuses rows of another teacher (the same command on another CPU model trains another one) before
+    # distilling anything, instead of dropping the old rows
+    saved = json.loads((tmp_path / "res" / "results.json").read_text())
+    saved["meta"]["teacher"]["top1"] += 0.5
+    saved["meta"]["machine"] = "cpu-elsewhere"
+    (tmp_path / "res" / "results.json").write_text(json.dumps(saved))
+    r8 = subprocess.run(one, capture_output=True, text=True, env=env, timeout=600)
+    assert r8.returncode == 2 and "another teacher" in r8.stderr and "cpu-elsewhere" in r8.stderr, r8.stderr[-2000:]
+    assert "Traceback" not in r8.stderr and "[distill]" not in r8.stdout
+    assert json.loads((tmp_path / "res" / "results.json").read_text()) == saved
     # the finished sets' topology, scored anew from their images (bench/set_topology.py)
     work = next(p for p in (tmp_path / "w").iterdir() if p.is_dir())
     topo = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "set_topology.py"),

@@ -33,6 +33,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -186,9 +187,12 @@ def merge_conflict(old: dict, new: dict):
 
 
 def machine() -> str:
+    """A folder-safe tag of this machine: the GPU's name, or ``cpu-<first three words of the CPU model>-<N>core``
+    (letters and digits only: "Intel(R) Xeon(R) Processor" -> ``cpu-intel-xeon-processor-2core``)."""
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0).replace(" ", "-").lower()
-    return f"cpu-{'-'.join(cpu_model().lower().split()[:3])}-{os.cpu_count()}core"
+        return "-".join(re.findall(r"[a-z0-9]+", torch.cuda.get_device_name(0).lower()))
+    words = re.findall(r"[a-z0-9]+", re.sub(r"\((r|tm)\)", "", cpu_model().lower()))
+    return f"cpu-{'-'.join(words[:3])}-{os.cpu_count()}core"
 
 
 class Grayscale:

@@ -2,10 +2,9 @@
 machine's name."""
 from __future__ import annotations
 
-import platform
-
 import torch
 
+from reta_fast.stages.records import cpu_model  # noqa: F401  (re-exported: the bench scripts name the machine)
 from reta_fast.topology import samples
 
 
@@ -20,15 +19,3 @@ def graphs(b: int, n: int, d: int, k: int, seed: int = 0):
 
     g = rf.mutual_knn_graph(clustered(b, n, d, seed=seed), k)
     return g.edges, g.lengths.detach(), g.offsets
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

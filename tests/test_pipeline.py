@@ -352,6 +352,7 @@ def test_cli_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     rec = json.loads((out / "stages" / "distill.json").read_text())  # both calls kept, not the last only
     assert [c["written"] for c in rec["calls"]] == [100, 0] and rec["written_total"] == 100
     assert all(c["threads"] == torch.get_num_threads() for c in rec["calls"])  # CPU: what bitwise repeats need
+    assert all(c["cpu"] == P.records.cpu_model() for c in rec["calls"])  # ... and the CPU model
     assert rec["seconds_total"] >= rec["calls"][0]["seconds"] and "2 calls" in (out / "report.md").read_text()
     assert main(["demo", "--out", str(out), "--quiet", "--iterations", "41"]) == 2
     assert "other settings" in capsys.readouterr().err
@@ -928,6 +929,19 @@ def test_resuming_with_another_cpu_thread_count_is_flagged(data, teacher, tmp_pa
     with caplog.at_level("WARNING", logger="reta_fast"):
         run(data, teacher, out, method="fadrm")  # nothing left to make: nothing to warn about
     assert "thread" not in caplog.text
+    # another CPU model (the same thread count): flagged as well
+    from reta_fast.stages.records import cpu_model
+
+    (tmp_path / "removed").mkdir()
+    for png in sorted(out.rglob("images/*/*.png"))[-3:]:  # three items to make again
+        png.rename(tmp_path / "removed" / f"{png.parent.name}-{png.name}")
+    (out / "stages" / "distill.json").write_text(json.dumps(dict(calls=[dict(written=10, cpu="Another CPU 9000",
+                                                                             threads=torch.get_num_threads())])))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="reta_fast"):
+        run(data, teacher, out, method="fadrm")
+    assert "made on ['Another CPU 9000'], this call runs on" in caplog.text and "thread" not in caplog.text
+    assert f"this call runs on {cpu_model()!r}" in caplog.text
 
 
 def test_pta_weight_follows_the_batch_size_and_is_in_the_identity_only_where_it_acts(data, teacher, tmp_path):

@@ -52,7 +52,7 @@ from ..topology.betti import betti_distance
 from ..topology.pta import TopologyAlignmentLoss
 from .config import DistillConfig
 from .output import RUN_FORMAT, check_run, item_path, to_uint8
-from .records import versions
+from .records import cpu_model, versions
 from .shards import shard_items, shard_units, unit_items
 
 __all__ = ["distill", "build_pool", "rded_ranking", "PartitionedRetriever"]
@@ -232,7 +232,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
         info["skipped"] = len(mine)  # this rank's share: ranks' counts add up
         return info
     if cfg.uses_recover and len(todo) < len(mine):
-        _warn_on_thread_change(out, device)
+        _warn_on_cpu_change(out, device)
     for t in teachers:
         t.model.to(device).eval()
 
@@ -272,21 +272,28 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
                           world_size, progress)
 
 
-def _warn_on_thread_change(out: Path, device) -> None:
-    """A CPU run resumed with another thread count adds images that differ (at rounding level, amplified by
-    the recover steps) from what an uninterrupted run would have made: valid, but not the same set. Say so."""
+def _warn_on_cpu_change(out: Path, device) -> None:
+    """A CPU run resumed with another thread count or on another CPU model adds images that differ (at
+    rounding level, amplified by the recover steps) from what an uninterrupted run would have made: valid,
+    but not the same set. Say so."""
     if torch.device(device).type != "cpu":
         return
     try:
         calls = json.loads((out / "stages" / "distill.json").read_text()).get("calls", [])
     except (OSError, ValueError, AttributeError):
         return
-    before = sorted({c["threads"] for c in calls if isinstance(c, dict) and c.get("written") and "threads" in c})
+    made = [c for c in calls if isinstance(c, dict) and c.get("written")]
+    before = sorted({c["threads"] for c in made if "threads" in c})
     now = torch.get_num_threads()
     if before and before != [now]:
         logger.warning(f"[distill] warning: {out}'s images so far were made with {before} CPU thread(s), this call "
                        f"uses {now}: the images it adds will not be byte-identical to an uninterrupted run's (set "
                        f"OMP_NUM_THREADS={before[0]} to match)")
+    cpus, here = sorted({c["cpu"] for c in made if "cpu" in c}), cpu_model()
+    if cpus and cpus != [here]:
+        logger.warning(f"[distill] warning: {out}'s images so far were made on {cpus}, this call runs on {here!r}: "
+                       "another CPU model rounds differently, so the images it adds will not be byte-identical to "
+                       "an uninterrupted run's")
 
 
 def _start_run(data, teachers, out: Path, cfg: DistillConfig, teacher_specs) -> None:

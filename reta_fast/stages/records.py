@@ -17,7 +17,7 @@ import torch
 from .._version import __version__
 from ..fileio import write_json
 
-__all__ = ["Stage", "write_stage_record", "versions", "peak_memory"]
+__all__ = ["Stage", "write_stage_record", "versions", "peak_memory", "cpu_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ class Stage:
         rec = dict(stage=self.name, seconds=round(seconds, 3), peak_bytes=int(peak), peak_kind=kind,
                    ok=exc_type is None, **self.info)
         if self.device.type == "cpu":  # CPU results are bitwise reproducible at a fixed thread count only
-            rec.setdefault("threads", torch.get_num_threads())
+            rec.setdefault("threads", torch.get_num_threads())  # ... and on one CPU model (its BLAS kernels)
+            rec.setdefault("cpu", cpu_model())
         if self.out is not None and exc_type is None:
             rec = write_stage_record(self.out, self.name, rec)
         self.record = rec
@@ -76,7 +77,7 @@ def write_stage_record(out, name: str, rec: dict) -> dict:
 
 
 def _call_summary(rec: dict) -> dict:
-    keep = ("seconds", "peak_bytes", "written", "skipped", "ipc_start", "ipc_end", "ranks", "threads")
+    keep = ("seconds", "peak_bytes", "written", "skipped", "ipc_start", "ipc_end", "ranks", "threads", "cpu")
     return dict({k: rec[k] for k in keep if k in rec}, at=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
@@ -90,6 +91,18 @@ def _previous_calls(path: Path) -> list:
         return list(prev["calls"]) if isinstance(prev.get("calls"), list) else [_call_summary(prev)]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def versions() -> dict:

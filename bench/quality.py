@@ -418,6 +418,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def _seeds_phrase(meta: dict, rows) -> str:
+    """The distillation seeds the rows hold: one list when every row holds the same ones (merged tables can mix)."""
+    held = {tuple(sorted(int(k) for k in r["seeds"])) for r in rows if r.get("seeds")}
+    if len(held) > 1:
+        return (f"each row's distillation seeds (in parentheses, in order: {list(min(held, key=len))} for the "
+                f"fewest, {list(max(held, key=len))} for the most)")
+    return f"distillation seeds {list(held.pop()) if held else meta.get('distill_seeds', [0])}"
+
+
 def _publish(results: Path, name: str, meta: dict, rows, readme, split: str) -> None:
     from reta_fast.fileio import atomic_write
 
@@ -506,7 +515,7 @@ def render(meta: dict, rows) -> str:
          f"(top-1 {meta['teacher']['top1']:.2f}% = full-data accuracy of this architecture), {s['iterations']} "
          f"recover steps per batch, students: " + "; ".join(
              f"IPC {k}: {v['epochs']} epochs, batch {v['batch_size']}, AdamW lr {v['lr']}" for k, v in s["eval"].items())
-         + f". Student top-1 % on the {split}, mean ± std over distillation seeds {meta.get('distill_seeds', [0])} "
+         + f". Student top-1 % on the {split}, mean ± std over {_seeds_phrase(meta, rows)} "
          f"(each: the mean over student seeds {meta['seeds']}). {meta['machine']}, torch {meta['torch']}, git "
          f"{meta['git']}, {meta['date']}. No parameter tuned on the test split.", "",
          "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " | " + " | ".join(

@@ -644,6 +644,8 @@ def test_quality_table_marks_rows_measured_at_the_earlier_residual_weight():
     assert "| reta k 5 − fadrm alpha 0.5 | +0.67 (ahead on 2 of 3; +1.0, -1.0, +2.0) |" in table  # same alpha
     assert "| reta alpha 0.5 − fadrm alpha 0.5 |" in table
     assert "reta lam 0 −" not in table  # one common seed pairs nothing
+    assert "over each row's distillation seeds (in parentheses, in order: [0] for the fewest, [0, 1, 2]" in table
+    assert "over distillation seeds [0, 1, 2] " in q.render(meta, rows[:2])  # merged rows of one seed list
     q.cpu_model = lambda: "Intel(R) Xeon(R) Processor @ 2.10GHz"  # the results folder's name: no odd characters
     if not torch.cuda.is_available():
         assert q.machine() == f"cpu-intel-xeon-processor-{os.cpu_count()}core"

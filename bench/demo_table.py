@@ -7,7 +7,8 @@ fresh output folder, with a fresh cache shared by the runs (so the teacher is tr
 version, never taken from an older install's cache). The table (student top-1 mean ± std over the demo's
 evaluation seeds, and the random real subset every run evaluates beside it) is printed and, with
 ``--readme``, written between the ``<!-- demo:begin -->`` / ``<!-- demo:end -->`` markers. Results depend on
-the thread count (floating-point summation order), so it is fixed (``--threads``, default 2) and stated.
+the thread count and the CPU model (floating-point summation order, BLAS kernels), so the count is fixed
+(``--threads``, default 2) and both are stated.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from reta_fast.stages.records import cpu_model  # noqa: E402
 METHODS = [("sre2l", []), ("rded", []), ("fadrm", []), ("reta --no-drc", ["--no-drc"]), ("reta --no-pta", ["--no-pta"]),
            ("reta", [])]
 
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
                          text=True).stdout.strip() or "unknown"
     p = meta["protocol"]
     lines = [f"Written by `python bench/demo_table.py --readme README.md` (reta_fast {reta_fast.__version__}, git "
-             f"{sha}, torch {torch.__version__}, {platform.machine()}, {args.threads} threads, "
+             f"{sha}, torch {torch.__version__}, {cpu_model()} ({platform.machine()}), {args.threads} threads, "
              f"{time.strftime('%Y-%m-%d')}): `reta demo --method M` in a fresh folder and cache; student "
              f"{meta['student']} trained {p['epochs']} epochs at lr {p['lr']}, top-1 % on the digits' test split, "
              f"mean ± std over evaluation seeds {p['seeds']}; teacher {meta['teacher_top1']:.1f}%.", "",

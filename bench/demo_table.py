@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from reta_fast.stages.records import cpu_model  # noqa: E402
 METHODS = [("sre2l", []), ("rded", []), ("fadrm", []), ("reta --no-drc", ["--no-drc"]), ("reta --no-pta", ["--no-pta"]),
            ("reta", [])]
 
@@ -58,6 +56,7 @@ def main(argv=None) -> int:
     import torch
 
     import reta_fast
+    from reta_fast.stages.records import cpu_model
 
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip() or "unknown"

@@ -41,6 +41,7 @@ import tarfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -186,6 +187,18 @@ def merge_conflict(old: dict, new: dict):
     return None
 
 
+def _merge_refused(path: Path, meta: dict, kept: Optional[Path] = None) -> bool:
+    """Say why (on stderr) and return True when rows under ``meta`` must not be merged into ``path``."""
+    if not path.is_file():
+        return False
+    why = merge_conflict(json.loads(path.read_text())["meta"], meta)
+    if why:  # never drop the old rows silently
+        print(f"quality: --merge into {path}: {why}; nothing written" + (
+            f" (the sets are kept under {kept}: re-run with another --results to tabulate them)" if kept else ""),
+            file=sys.stderr)
+    return why is not None
+
+
 def machine() -> str:
     """A folder-safe tag of this machine: the GPU's name, or ``cpu-<first three words of the CPU model>-<N>core``
     (letters and digits only: "Intel(R) Xeon(R) Processor" -> ``cpu-intel-xeon-processor-2core``)."""
@@ -308,13 +321,10 @@ def main(argv=None) -> int:
     print(f"teacher {sc['arch']}: top-1 {teacher.accuracy:.2f}%", flush=True)
     results = Path(args.results) if args.results else ROOT / "bench" / "results" / f"quality-{args.scale}-{machine()}"
     res_name = "results.json" if args.split == "test" else "validation.json"
-    if args.merge and not args.distill_only and (results / res_name).is_file():  # refuse now, before hours of distillation, not at the end
-        why = merge_conflict(json.loads((results / res_name).read_text())["meta"],
-                             dict(data=data_label(args, src, data), scale=args.scale, split=args.split,
-                                  teacher=dict(top1=teacher.accuracy), machine=machine()))
-        if why:
-            print(f"quality: --merge into {results / res_name}: {why}", file=sys.stderr)
-            return 2
+    if args.merge and not args.distill_only and _merge_refused(  # now, not after hours of distillation
+            results / res_name, dict(data=data_label(args, src, data), scale=args.scale, split=args.split,
+                                     teacher=dict(top1=teacher.accuracy), machine=machine())):
+        return 2
     test_split = data.val
     rows = []
     for ipc in args.ipcs:
@@ -403,12 +413,9 @@ def main(argv=None) -> int:
     from reta_fast.fileio import write_json
 
     if args.merge and (results / res_name).is_file():
-        old = json.loads((results / res_name).read_text())
-        why = merge_conflict(old["meta"], meta)
-        if why:  # never drop the old rows silently; this run's sets stay cached in --work
-            print(f"quality: --merge into {results / res_name}: {why}; nothing written (the sets are kept under "
-                  f"{work}: re-run with another --results to tabulate them)", file=sys.stderr)
+        if _merge_refused(results / res_name, meta, kept=work):  # the file may have changed since the first check
             return 2
+        old = json.loads((results / res_name).read_text())
         mine = {(r["name"], r["ipc"]) for r in rows}
         rows = [r for r in old["rows"] if (r["name"], r["ipc"]) not in mine] + rows
         order = {v: i for i, v in enumerate(VARIANTS)}

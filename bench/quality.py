@@ -24,7 +24,8 @@ Scales (stated in the table):
 (unpacked once into ``$RETA_FAST_CACHE/data``, never into the repository). Work folders go to ``--work``
 (default ``bench/out/quality``, git-ignored); a re-run resumes: finished sets and evaluations are reused
 when their settings match (a set's scores are kept per split and student seeds, so ``--seeds 0 1 … 9`` adds
-a better-resolved score without discarding the default one). ``--merge`` keeps the rows of an existing
+a better-resolved score without discarding the default one, and trains only seeds 3 … 9: a student depends on
+its own seed only, so the ones already trained on a set under the same protocol are reused). ``--merge`` keeps the rows of an existing
 results.json it does not recompute.
 """
 from __future__ import annotations
@@ -251,6 +252,60 @@ def validation_split(data, pool, per_class: int, seed: int = 1234):
     return Subset(data.train, sorted(idx))
 
 
+def _eval_name(split: str, seeds) -> str:
+    return (f"eval-{split}.json" if list(seeds) == STUDENT_SEEDS
+            else f"eval-{split}-seeds{'_'.join(map(str, seeds))}.json")
+
+
+def trained_students(out: Path, split: str, want: dict) -> tuple[dict, Optional[dict]]:
+    """Student seed -> top-1 of the students already trained on the set in ``out`` and scored on ``split``
+    under the protocol ``want`` (its student seeds aside), from every ``eval-<split>*.json`` there, and one
+    of those records (None if there is none).
+
+    Each student is a function of its own seed only (``evaluate`` seeds its weights and its data order with
+    it), so a student of seed 3 from a ``--seeds 0 … 9`` run is the student a ``--seeds 3 4`` run trains."""
+    found, record = {}, None
+    same = {k: v for k, v in want.items() if k != "seeds"}
+    for f in sorted(out.glob(f"eval-{split}*.json")):
+        if f.name != f"eval-{split}.json" and not f.name.startswith(f"eval-{split}-seeds"):
+            continue
+        try:
+            res = json.loads(f.read_text())
+            proto = dict(res["protocol"])
+            seeds, runs = list(proto.pop("seeds")), list(res["distilled"]["runs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable or another layout: not reused, the students are trained again
+        if proto != same or res.get("random_real") is not None or len(seeds) != len(runs):
+            continue
+        for s, acc in zip(seeds, runs):
+            found.setdefault(int(s), float(acc))
+        record = record or res
+    return found, record
+
+
+def _evaluate_reusing(P, data, teacher, out: Path, ecfg, want: dict, split: str, device, ipc: int) -> dict:
+    """``evaluate`` for the student seeds of ``ecfg`` not trained yet on this set (see ``trained_students``),
+    their scores joined with the known ones into ``eval-<split>[-seeds…].json``."""
+    from dataclasses import replace
+
+    from reta_fast.fileio import write_json
+
+    known, part = trained_students(out, split, want)
+    missing = [s for s in ecfg.seeds if s not in known]
+    if missing:
+        part = P.evaluate(data, teacher, out, replace(ecfg, seeds=missing), device=device, progress=False, ipc=ipc)
+        os.replace(out / "eval.json", out / _eval_name(split, missing))
+        known.update(zip(missing, part["distilled"]["runs"]))
+        if missing == list(ecfg.seeds):
+            return part
+    # else every student is known: the rest of the record (teacher, sizes) comes from one of their files
+    runs = [known[s] for s in ecfg.seeds]
+    res = dict(part, distilled=dict(mean=float(np.mean(runs)), std=float(np.std(runs)), runs=runs),
+               protocol=want, reused_seeds=[s for s in ecfg.seeds if s not in missing])
+    write_json(out / _eval_name(split, ecfg.seeds), res)
+    return res
+
+
 def main(argv=None) -> int:
     from reta_fast import stages as P
     from reta_fast.data.sets import load_data
@@ -366,14 +421,13 @@ def main(argv=None) -> int:
                 else:
                     data.val = test_split
                 # one file per split and student seeds, so a run with more student seeds keeps the default's
-                evfile = out / (f"eval-{args.split}.json" if list(ecfg.seeds) == STUDENT_SEEDS else
-                                f"eval-{args.split}-seeds{'_'.join(map(str, ecfg.seeds))}.json")
+                evfile = out / _eval_name(args.split, ecfg.seeds)
                 want = json.loads(json.dumps(dict(asdict(ecfg), crop_scale=list(ecfg.crop_scale),
                                                   seeds=list(ecfg.seeds), flip=data.flip)))
                 res = json.loads(evfile.read_text()) if evfile.is_file() else None
                 if res is None or res.get("protocol") != want:
-                    res = P.evaluate(data, teacher, out, ecfg, device=args.device, progress=False, ipc=ipc)
-                    os.replace(out / "eval.json", evfile)
+                    res = _evaluate_reusing(P, data, teacher, out, ecfg, want, args.split, device=args.device,
+                                            ipc=ipc)
                 per_seed[dseed] = dict(top1=res["distilled"], distill_seconds=dinfo["seconds"],
                                        distill_peak_bytes=dinfo["peak_bytes"], peak_kind=dinfo["peak_kind"],
                                        loss_parts=dinfo.get("loss_parts"))

@@ -569,11 +569,26 @@ def test_quality_experiment_runs_and_resumes(tmp_path):
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)  # resumes: reuses everything
     assert r2.returncode == 0 and "[evaluate]" not in r2.stdout
     assert json.loads((tmp_path / "res" / "results.json").read_text())["rows"] == res["rows"]
-    i = cmd.index("--seeds")  # other student seeds are scored anew, in their own file: both sets of scores kept
-    r4 = subprocess.run(cmd[:i + 2] + cmd[i + 3:] + ["--results", str(tmp_path / "res1")], capture_output=True,
-                        text=True, env=env, timeout=600)
-    assert r4.returncode == 0 and "[evaluate]" in r4.stdout, r4.stderr[-2000:]
-    assert (next((tmp_path / "w").rglob("reta-ipc2-seed0")) / "eval-test-seeds0.json").is_file()
+    # other student seeds: only the students not trained yet are trained, each seed's score in its own file,
+    # the earlier files kept
+    i = cmd.index("--seeds")
+    other = cmd[:i + 1] + ["1", "2"] + cmd[i + 3:] + ["--results", str(tmp_path / "res1")]
+    r4 = subprocess.run(other, capture_output=True, text=True, env=env, timeout=600)
+    assert r4.returncode == 0, r4.stderr[-2000:]
+    assert r4.stdout.count("seed 2: top-1") == 3 and "seed 1: top-1" not in r4.stdout  # 3 sets, seed 2 only
+    reta = next((tmp_path / "w").rglob("reta-ipc2-seed0"))
+    first = json.loads((reta / "eval-test-seeds0_1.json").read_text())
+    both = json.loads((reta / "eval-test-seeds1_2.json").read_text())
+    assert (reta / "eval-test-seeds2.json").is_file() and both["reused_seeds"] == [1]
+    assert both["distilled"]["runs"][0] == first["distilled"]["runs"][1] and both["protocol"]["seeds"] == [1, 2]
+    for f in reta.glob("eval-test*.json"):  # a student depends on its own seed only: seed 1 alone is the same
+        f.rename(f.with_suffix(".kept"))
+    alone = cmd[:i + 1] + ["1"] + cmd[i + 3:] + ["--methods", "reta", "--results", str(tmp_path / "res2")]
+    r9 = subprocess.run(alone, capture_output=True, text=True, env=env, timeout=600)
+    assert r9.returncode == 0 and r9.stdout.count("seed 1: top-1") == 1, r9.stderr[-2000:]
+    assert json.loads((reta / "eval-test-seeds1.json").read_text())["distilled"]["runs"] == [both["distilled"]["runs"][0]]
+    for f in reta.glob("eval-test*.kept"):
+        f.rename(f.with_suffix(".json"))
     r5 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r5.returncode == 0 and "[evaluate]" not in r5.stdout
     # --merge keeps the rows this invocation does not recompute ...

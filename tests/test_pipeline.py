@@ -666,6 +666,28 @@ def test_quality_table_marks_rows_measured_at_the_earlier_residual_weight():
         assert q.machine() == f"cpu-intel-xeon-processor-{os.cpu_count()}core"
 
 
+def test_quality_reuses_only_students_of_the_same_protocol(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "bench" / "quality.py")
+    q = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(q)
+    want = dict(epochs=150, lr=0.01, seeds=[0, 1, 2, 3], flip=True)
+
+    def rec(name, runs, **proto):
+        (tmp_path / name).write_text(json.dumps(dict(distilled=dict(runs=runs), random_real=None,
+                                                     protocol=dict(want, **proto))))
+
+    rec("eval-val.json", [50.0, 51.0, 52.0], seeds=[0, 1, 2])
+    rec("eval-val-seeds3_4.json", [53.0, 54.0], seeds=[3, 4], epochs=300)  # another protocol: not reused
+    rec("eval-val-seeds4.json", [54.5], seeds=[4])
+    rec("eval-test-seeds3.json", [60.0], seeds=[3])  # another split
+    (tmp_path / "eval-val-seeds5.json").write_text("{not json")  # unreadable: skipped, not fatal
+    found, record = q.trained_students(tmp_path, "val", want)
+    assert found == {0: 50.0, 1: 51.0, 2: 52.0, 4: 54.5} and record["protocol"]["epochs"] == 150
+    assert q.trained_students(tmp_path, "val", dict(want, lr=0.1)) == ({}, None)
+
+
 @pytest.mark.slow
 def test_torchrun_two_gloo_ranks_equal_one_process(teacher, tmp_path):
     import subprocess

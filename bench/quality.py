@@ -24,8 +24,9 @@ Scales (stated in the table):
 (unpacked once into ``$RETA_FAST_CACHE/data``, never into the repository). Work folders go to ``--work``
 (default ``bench/out/quality``, git-ignored); a re-run resumes: finished sets and evaluations are reused
 when their settings match (a set's scores are kept per split and student seeds, so ``--seeds 0 1 … 9`` adds
-a better-resolved score without discarding the default one, and trains only seeds 3 … 9: a student depends on
-its own seed only, so the ones already trained on a set under the same protocol are reused). ``--merge`` keeps the rows of an existing
+a better-resolved score without discarding the default one, and trains only seeds 3 … 9: a student depends
+on its own seed, so the ones already trained on a set under the same protocol are reused; scores older than
+the set's images are not). One process: under torchrun use ``reta`` itself. ``--merge`` keeps the rows of an existing
 results.json it does not recompute.
 """
 from __future__ import annotations
@@ -257,52 +258,67 @@ def _eval_name(split: str, seeds) -> str:
             else f"eval-{split}-seeds{'_'.join(map(str, seeds))}.json")
 
 
-def trained_students(out: Path, split: str, want: dict) -> tuple[dict, Optional[dict]]:
-    """Student seed -> top-1 of the students already trained on the set in ``out`` and scored on ``split``
-    under the protocol ``want`` (its student seeds aside), from every ``eval-<split>*.json`` there, and one
-    of those records (None if there is none).
+def _newest_image_ns(out: Path) -> int:
+    """When the newest file of the set's images was written (0 for none)."""
+    return max((p.stat().st_mtime_ns for p in (out / "images").rglob("*") if p.is_file()), default=0)
 
-    Each student is a function of its own seed only (``evaluate`` seeds its weights and its data order with
-    it), so a student of seed 3 from a ``--seeds 0 … 9`` run is the student a ``--seeds 3 4`` run trains."""
-    found, record = {}, None
+
+def trained_students(out: Path, split: str, want: dict, val_images: int) -> tuple[dict, dict]:
+    """The students already trained on the set in ``out`` under the protocol ``want`` (its student seeds
+    aside) and scored on ``split`` (``val_images`` images): student seed -> top-1, and file name -> record
+    for every ``eval-<split>*.json`` there that holds them. A record older than the set's newest image (the
+    set was re-distilled, or finished, after it) scored other images and is not used.
+
+    Each student is a function of its own seed (``evaluate`` seeds its weights, data order, crops and CutMix
+    with it and carries nothing from one student to the next), so a student of seed 3 from a ``--seeds 0 …
+    9`` run is the student a ``--seeds 3 4`` run trains. Exactly so on one machine and thread count; one
+    trained on another device, thread count or version is another sample of the same protocol."""
+    found, records = {}, {}
     same = {k: v for k, v in want.items() if k != "seeds"}
+    newest = _newest_image_ns(out)
     for f in sorted(out.glob(f"eval-{split}*.json")):
         if f.name != f"eval-{split}.json" and not f.name.startswith(f"eval-{split}-seeds"):
             continue
         try:
             res = json.loads(f.read_text())
             proto = dict(res["protocol"])
-            seeds, runs = list(proto.pop("seeds")), list(res["distilled"]["runs"])
-        except (OSError, ValueError, KeyError, TypeError):
+            seeds = [int(s) for s in proto.pop("seeds")]
+            runs = [float(a) for a in res["distilled"]["runs"]]
+            fresh = f.stat().st_mtime_ns >= newest
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # unreadable or another layout: not reused, the students are trained again
-        if proto != same or res.get("random_real") is not None or len(seeds) != len(runs):
+        if (not fresh or proto != same or res.get("random_real") is not None or len(seeds) != len(runs)
+                or res.get("val_images") != val_images):
             continue
         for s, acc in zip(seeds, runs):
-            found.setdefault(int(s), float(acc))
-        record = record or res
-    return found, record
+            found.setdefault(s, acc)
+        records[f.name] = res
+    return found, records
 
 
 def _evaluate_reusing(P, data, teacher, out: Path, ecfg, want: dict, split: str, device, ipc: int) -> dict:
-    """``evaluate`` for the student seeds of ``ecfg`` not trained yet on this set (see ``trained_students``),
-    their scores joined with the known ones into ``eval-<split>[-seeds…].json``."""
+    """The set's scores for the student seeds of ``ecfg`` in ``eval-<split>[-seeds…].json``: trains only
+    the students not trained yet (see ``trained_students``) and joins their scores with the known ones."""
     from dataclasses import replace
 
     from reta_fast.fileio import write_json
 
-    known, part = trained_students(out, split, want)
+    name = _eval_name(split, ecfg.seeds)
+    known, records = trained_students(out, split, want, len(data.val))
+    if name in records and records[name]["protocol"]["seeds"] == list(ecfg.seeds):
+        return records[name]
     missing = [s for s in ecfg.seeds if s not in known]
+    part = next(iter(records.values()), None)  # for the rest of the record (teacher, sizes)
     if missing:
         part = P.evaluate(data, teacher, out, replace(ecfg, seeds=missing), device=device, progress=False, ipc=ipc)
         os.replace(out / "eval.json", out / _eval_name(split, missing))
         known.update(zip(missing, part["distilled"]["runs"]))
         if missing == list(ecfg.seeds):
             return part
-    # else every student is known: the rest of the record (teacher, sizes) comes from one of their files
     runs = [known[s] for s in ecfg.seeds]
     res = dict(part, distilled=dict(mean=float(np.mean(runs)), std=float(np.std(runs)), runs=runs),
                protocol=want, reused_seeds=[s for s in ecfg.seeds if s not in missing])
-    write_json(out / _eval_name(split, ecfg.seeds), res)
+    write_json(out / name, res)
     return res
 
 
@@ -338,6 +354,9 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of an existing results.json that this invocation does not recompute")
     args = ap.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would distil and score the same sets
+        ap.error("bench/quality.py runs in one process, not under torchrun; spread a data set over GPUs with "
+                 "`torchrun ... reta distill` / `reta evaluate`")
     if args.render_only:
         results = Path(args.results) if args.results else ROOT / "bench" / "results" / f"quality-{args.scale}-{machine()}"
         name = "results.json" if args.split == "test" else "validation.json"
@@ -421,13 +440,9 @@ def main(argv=None) -> int:
                 else:
                     data.val = test_split
                 # one file per split and student seeds, so a run with more student seeds keeps the default's
-                evfile = out / _eval_name(args.split, ecfg.seeds)
                 want = json.loads(json.dumps(dict(asdict(ecfg), crop_scale=list(ecfg.crop_scale),
                                                   seeds=list(ecfg.seeds), flip=data.flip)))
-                res = json.loads(evfile.read_text()) if evfile.is_file() else None
-                if res is None or res.get("protocol") != want:
-                    res = _evaluate_reusing(P, data, teacher, out, ecfg, want, args.split, device=args.device,
-                                            ipc=ipc)
+                res = _evaluate_reusing(P, data, teacher, out, ecfg, want, args.split, device=args.device, ipc=ipc)
                 per_seed[dseed] = dict(top1=res["distilled"], distill_seconds=dinfo["seconds"],
                                        distill_peak_bytes=dinfo["peak_bytes"], peak_kind=dinfo["peak_kind"],
                                        loss_parts=dinfo.get("loss_parts"))

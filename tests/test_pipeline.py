@@ -668,24 +668,39 @@ def test_quality_table_marks_rows_measured_at_the_earlier_residual_weight():
 
 def test_quality_reuses_only_students_of_the_same_protocol(tmp_path):
     import importlib.util
+    import subprocess
+    import sys
 
-    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "bench" / "quality.py")
+    script = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality", script)
     q = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(q)
     want = dict(epochs=150, lr=0.01, seeds=[0, 1, 2, 3], flip=True)
+    (tmp_path / "images" / "c0").mkdir(parents=True)
+    png = tmp_path / "images" / "c0" / "0.png"
+    png.write_bytes(b"x")
+    os.utime(png, ns=(10**18, 10**18))
 
-    def rec(name, runs, **proto):
+    def rec(name, runs, val_images=300, **proto):
         (tmp_path / name).write_text(json.dumps(dict(distilled=dict(runs=runs), random_real=None,
-                                                     protocol=dict(want, **proto))))
+                                                     val_images=val_images, protocol=dict(want, **proto))))
+        os.utime(tmp_path / name, ns=(2 * 10**18, 2 * 10**18))  # written after the images
 
     rec("eval-val.json", [50.0, 51.0, 52.0], seeds=[0, 1, 2])
     rec("eval-val-seeds3_4.json", [53.0, 54.0], seeds=[3, 4], epochs=300)  # another protocol: not reused
     rec("eval-val-seeds4.json", [54.5], seeds=[4])
+    rec("eval-val-seeds5.json", [55.0], seeds=[5], val_images=100)  # another validation split size
     rec("eval-test-seeds3.json", [60.0], seeds=[3])  # another split
-    (tmp_path / "eval-val-seeds5.json").write_text("{not json")  # unreadable: skipped, not fatal
-    found, record = q.trained_students(tmp_path, "val", want)
-    assert found == {0: 50.0, 1: 51.0, 2: 52.0, 4: 54.5} and record["protocol"]["epochs"] == 150
-    assert q.trained_students(tmp_path, "val", dict(want, lr=0.1)) == ({}, None)
+    (tmp_path / "eval-val-seeds6.json").write_text('{"protocol": {"seeds": [6]}, "distilled": {"runs": [null]}}')
+    (tmp_path / "eval-val-seeds7.json").write_text("{not json")  # unreadable: skipped, not fatal
+    found, records = q.trained_students(tmp_path, "val", want, 300)
+    assert found == {0: 50.0, 1: 51.0, 2: 52.0, 4: 54.5} and sorted(records) == ["eval-val-seeds4.json", "eval-val.json"]
+    assert q.trained_students(tmp_path, "val", dict(want, lr=0.1), 300) == ({}, {})
+    os.utime(png, ns=(3 * 10**18, 3 * 10**18))  # the set re-distilled after its scores: none is reused
+    assert q.trained_students(tmp_path, "val", want, 300) == ({}, {})
+    r = subprocess.run([sys.executable, str(script), "--data", "digits"], capture_output=True, text=True,
+                       env=dict(os.environ, WORLD_SIZE="2"), timeout=120)  # one process only: refused by name
+    assert r.returncode == 2 and "not under torchrun" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

@@ -129,6 +129,11 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     # ... and at four times PTA's weight: does a set PTA really aligns (clean view) train a better student once
     # the alignment is a larger share of the objective?
     "reta pta-view clean lam_topo 2": dict(method="reta", pta_view="clean", lam_topo=2.0),
+    # PTA's weight from the gradients: CE's gradient on the pixels grows ~300x from the first block to the last
+    # while PTA's stays put, so a fixed weight is a large share early and ~0.4 % late at IPC 50; these hold
+    # PTA's gradient on the features at a fixed fraction of CE's in every step instead
+    "reta pta-balance 0.1": dict(method="reta", pta_balance=0.1),
+    "reta pta-balance 0.3": dict(method="reta", pta_balance=0.3),
 }
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]
@@ -534,7 +539,7 @@ def _pinned_alpha(name: str) -> bool:
 
 # DistillConfig fields only RETA's parts read: a FADRM row is RETA's partner when the rest of the overrides agree
 RETA_ONLY = {"drc", "pta", "lam", "lam_topo", "drc_margin", "partition", "topo_k", "topo_ref_batch", "pta_set",
-             "pta_real_view", "pta_from_block", "pta_view"}
+             "pta_real_view", "pta_from_block", "pta_view", "pta_balance"}
 
 
 def fadrm_partner(name: str, names) -> str | None:

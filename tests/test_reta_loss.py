@@ -118,6 +118,57 @@ def test_pta_weight_scales_with_the_batch_size_as_a_larger_lam_topo():
         rf.RETALoss(t, real_feats=real, k=2, topo_ref_batch=0)
 
 
+@pytest.mark.parametrize("view", [False, True])
+def test_topo_balance_sets_pta_weight_from_the_feature_gradients(view):
+    """Under topo_balance PTA's weight is rho * ||dCE/df|| / ||dL_topo/df||: the loss and the pixel gradient are
+    those of the fixed-weight loss with that weight, and PTA's gradient on the features is rho times CE's."""
+    t = teacher()
+    real = F.normalize(torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(12, 3, 8, 8, generator=g)
+    v0 = torch.randn(12, 3, 8, 8, generator=g) if view else None
+    y = torch.arange(4).repeat_interleave(3)
+    rho = 0.3
+    crit = rf.RETALoss(t, real_feats=real, k=2, topo_balance=rho)
+    x = x0.clone().requires_grad_()
+    v = None if v0 is None else v0.clone().requires_grad_()
+    loss, parts = crit(x, y, x_topo=v)
+    w = float(crit.last_topo_weight)
+    # the weight by hand: gradients of CE and of L_topo on their penultimate features
+    feats = []
+    h = [m for m in t.modules() if isinstance(m, torch.nn.Linear)][-1].register_forward_hook(
+        lambda m, i, o: feats.append(i[0]))
+    xr = x0.clone().requires_grad_()
+    ce = F.cross_entropy(t(xr), y)
+    probe = rf.RETALoss(t, real_feats=real, k=2, lam_topo=1.0, topo_ref_batch=None)
+    _, p_parts = probe(xr, y, x_topo=None if v0 is None else v0.clone().requires_grad_())
+    h.remove()
+    (g_ce,) = torch.autograd.grad(ce, feats[0], retain_graph=True)
+    pf = probe._feats
+    (g_topo,) = torch.autograd.grad(probe.last_terms["topo"], pf)
+    assert w == pytest.approx(rho * float(g_ce.norm()) / float(g_topo.norm()), rel=1e-4)
+    assert parts["topo"] == pytest.approx(p_parts["topo"], rel=1e-6) and parts["topo"] > 0
+    # the same loss and pixel gradients as the fixed weight w (PTA's backward is not run twice)
+    fixed = rf.RETALoss(t, real_feats=real, k=2, lam_topo=w, topo_ref_batch=None)
+    xf = x0.clone().requires_grad_()
+    vf = None if v0 is None else v0.clone().requires_grad_()
+    loss_f, _ = fixed(xf, y, x_topo=vf)
+    assert float(loss.detach()) == pytest.approx(float(loss_f.detach()), rel=1e-5)
+    loss.backward()
+    loss_f.backward()
+    assert_close(x.grad, xf.grad, atol=1e-6, what="pixel gradient")
+    if view:
+        assert_close(v.grad, vf.grad, atol=1e-6, what="view gradient")
+    # lam_topo 0 still switches PTA off; bad values are refused
+    off = rf.RETALoss(t, real_feats=real, k=2, topo_balance=rho)
+    off.lam_topo = 0.0
+    _, off_parts = off(x0.clone().requires_grad_(), y)
+    assert float(off.last_terms["topo"]) == 0.0 and off.last_topo_weight is None
+    for bad in (0, -1.0, True, "0.1", float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="topo_balance must be a finite number > 0 or None"):
+            rf.RETALoss(t, real_feats=real, k=2, topo_balance=bad)
+
+
 def test_autocast_and_grad_scaler_on_cpu():
     t = teacher()
     crit = rf.RETALoss(t, lam_topo=0.0)

@@ -265,7 +265,10 @@ def _recover_blocks(criterion, xs, ys, idss, gens, micro, anchors, anchor_ids, p
                     else:
                         loss, parts = criterion(xa, ys[j], idss[j], **extra)
                 if diagnose and j == 0 and step == sum(per_block[:b + 1]) - 1 and hasattr(criterion, "last_terms"):
-                    cfg.history.append(dict(step=step, block=b, grads=_term_grad_norms(criterion.last_terms, x)))
+                    grads = _term_grad_norms(criterion.last_terms, x)
+                    if getattr(criterion, "last_topo_weight", None) is not None:  # PTA's weight under topo_balance
+                        grads["topo_weight"] = float(criterion.last_topo_weight)
+                    cfg.history.append(dict(step=step, block=b, grads=grads))
                 loss.backward()
                 opt.step()
                 with torch.no_grad():

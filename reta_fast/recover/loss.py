@@ -19,6 +19,7 @@ docs/method.md §4.7).
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -88,6 +89,11 @@ class RETALoss(nn.Module):
         real_feats: ``[C, n, D]`` real penultimate features per class (e.g. from a
             :class:`reta_fast.PatchPool`: :meth:`from_pool`), required when ``lam_topo > 0``; ``n``
             bounds the points per class.
+        topo_balance: PTA's weight set each call from the gradients instead [ours, docs/method.md §4.11]:
+            ``topo_balance * ||dCE/df|| / ||dL_topo/df||`` on the penultimate features ``f``, so PTA's
+            gradient there is this fraction of CE's whatever their scales (which drift by orders of magnitude
+            over a recovery); replaces ``lam_topo * topo_ref_batch / B`` (``lam_topo`` 0 still switches
+            PTA off). ``None`` (default): the fixed weight.
         k, topo_refresh, **topo_kwargs: passed to :class:`TopologyAlignmentLoss` (``refresh_every``: in
             calls; with ``m`` micro-batches in lockstep, ``m`` calls make one round).
 
@@ -101,8 +107,13 @@ class RETALoss(nn.Module):
 
     def __init__(self, teacher: nn.Module, r_bn: float = 0.01, first_bn_weight: float = 10.0,
                  lam_topo: float = 0.5, real_feats: Optional[torch.Tensor] = None, k: int = 10,
-                 topo_refresh: int = 1, topo_ref_batch: Optional[int] = 100, **topo_kwargs):
+                 topo_refresh: int = 1, topo_ref_batch: Optional[int] = 100,
+                 topo_balance: Optional[float] = None, **topo_kwargs):
         super().__init__()
+        if topo_balance is not None and not (isinstance(topo_balance, (int, float)) and not isinstance(topo_balance, bool)
+                                             and math.isfinite(topo_balance) and topo_balance > 0):
+            raise ValueError(f"topo_balance must be a finite number > 0 or None, got {topo_balance!r}")
+        self.topo_balance = None if topo_balance is None else float(topo_balance)
         for name, v in (("r_bn", r_bn), ("first_bn_weight", first_bn_weight), ("lam_topo", lam_topo)):
             if not (isinstance(v, (int, float)) and v >= 0):
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
@@ -148,6 +159,7 @@ class RETALoss(nn.Module):
         self.compile_mode: Optional[str] = None
         self._layouts: Dict[tuple, tuple] = {}  # (id(y), id(ids), classes) -> (y, version, ids, version, layout)
         self.last_layout: Optional[_Layout] = None  # the point sets of the last call (diagnostics, tests)
+        self.last_topo_weight: Optional[torch.Tensor] = None  # PTA's weight in the last call under topo_balance
 
     def compile(self, mode: Optional[str] = "default", **kwargs) -> "RETALoss":
         """Deprecated alias of :meth:`compile_teacher` (it compiles the teacher only, unlike
@@ -334,6 +346,21 @@ class RETALoss(nn.Module):
         """PTA's weight for a call with ``batch_size`` images (:func:`topo_weight`)."""
         return topo_weight(self.lam_topo, self.topo_ref_batch, batch_size)
 
+    def _balanced_topo(self, ce: torch.Tensor, f_ce: torch.Tensor, topo: torch.Tensor) -> torch.Tensor:
+        """PTA weighted by ``topo_balance * ||dCE/df_ce|| / ||dL_topo/df||``: a term whose value is the
+        weighted ``L_topo`` and whose gradient is the weight times ``dL_topo/df``, taken here once, so the
+        loop's backward does not run PTA's backward a second time."""
+        f = self._feats
+        (g_topo,) = torch.autograd.grad(topo, f)  # PTA's graph ends here: the surrogate below carries it
+        (g_ce,) = torch.autograd.grad(ce, f_ce, retain_graph=True) if f_ce is not None else (None,)
+        if g_ce is None:
+            raise RuntimeError("topo_balance: the teacher's CE does not depend on its penultimate features")
+        g_topo = g_topo.float()
+        w = self.topo_balance * g_ce.float().norm() / g_topo.norm().clamp_min(torch.finfo(torch.float32).tiny)
+        self.last_topo_weight = w  # the weight of this call (a 0-dim tensor; diagnostics, tests)
+        surrogate = (f.float() * g_topo).sum()
+        return w * (topo.detach() + surrogate - surrogate.detach())
+
     def terms(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None,
               x_topo: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` without its host synchronisation: ``(loss, parts)`` with ``parts`` a
@@ -349,6 +376,7 @@ class RETALoss(nn.Module):
         self._capturing = True
         try:
             logits = self._forward_teacher(x)
+            f_ce = self._feats  # CE's features (a second forward below replaces self._feats with PTA's)
             if x_topo is not None and self.topo is not None:
                 if x_topo.shape[0] != x.shape[0]:
                     raise ValueError(f"x_topo must hold the batch's {x.shape[0]} images, got {x_topo.shape[0]}")
@@ -362,9 +390,13 @@ class RETALoss(nn.Module):
             bn = torch.stack([b.float() for b in self._bn_terms]).sum() if self._bn_terms else ce.new_zeros(())
             topo = self._topo_term(lay) if self.topo is not None else ce.new_zeros(())
             lam_topo = self.topo_weight(x.shape[0])
-            loss = ce + self.r_bn * bn + lam_topo * topo
+            if self.topo_balance is not None and lam_topo > 0 and topo.requires_grad:
+                weighted = self._balanced_topo(ce, f_ce, topo)
+            else:
+                weighted = lam_topo * topo
+            loss = ce + self.r_bn * bn + weighted
         # the weighted terms, graphs attached, until the next call (the recover loop's gradient diagnostics)
-        self.last_terms = dict(ce=ce, bn=self.r_bn * bn, topo=lam_topo * topo)
+        self.last_terms = dict(ce=ce, bn=self.r_bn * bn, topo=weighted)
         return loss, torch.stack([ce.detach(), bn.detach(), topo.detach().float()])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None,

@@ -29,7 +29,7 @@ def _opt(default, help: str, **cli):
 # Settings left out of a run's identity while at their default, so that folders written before they existed
 # still resume: the recover engine's options, and settings added later.
 ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None, topo_overlap=False, drc_margin=0.0,
-                       pta_real_view="clean", pta_from_block=0, pta_view="augmented")
+                       pta_real_view="clean", pta_from_block=0, pta_view="augmented", pta_balance=None)
 
 
 @dataclass
@@ -81,6 +81,9 @@ class DistillConfig:
         pta_view: the images PTA's synthetic features come from [ours]: ``"augmented"`` (the step's
             augmented view, the paper's) or ``"clean"`` (the images as they are, one more teacher forward
             per step); see :class:`RecoverConfig`.
+        pta_balance: PTA's weight from the gradients [ours]: each step PTA's gradient on the teacher's
+            penultimate features is this fraction of CE's (:class:`RETALoss` ``topo_balance``), in place of
+            ``lam_topo``; None (default): the fixed weight.
         pool_per_class, pool_candidates: patch pool size per class and RDED's best-of-N crops.
         drc, pta: the RETA ablations (``reta`` only).
         seed: everything random derives from it.
@@ -127,6 +130,9 @@ class DistillConfig:
     pta_view: str = _opt("augmented", "the images PTA's synthetic features come from: the recover step's augmented "
                          "view (augmented, the paper's: the forward CE and BN use) or the images as they are "
                          "(clean: one more teacher forward per step)", choices=PTA_VIEWS)
+    pta_balance: Optional[float] = _opt(None, "PTA's weight from the gradients: each recover step PTA's gradient on "
+                                        "the teacher's penultimate features is this fraction of CE's (in place "
+                                        "of lambda_topo; default: the fixed weight)")
     pta_from_block: int = _opt(0, "PTA's schedule: its weight acts from this recover block on, 0 before it (0: every "
                                "block, as the paper)")
     topo_refresh: int = _opt(1, "recompute PTA's graphs and pairings every T steps, re-gather lengths in between")
@@ -178,6 +184,13 @@ class DistillConfig:
         if self.pta_view != "augmented" and not self.pta_on:
             raise ValueError("pta_view chooses PTA's images, which this run does not use (it needs method reta with "
                              "PTA on and lam_topo > 0)")
+        if self.pta_balance is not None:
+            check_number_setting(self.pta_balance, "pta_balance")
+            if self.pta_balance <= 0:
+                raise ValueError(f"pta_balance must be > 0 (or unset for the fixed weight), got {self.pta_balance}")
+            if not self.pta_on:
+                raise ValueError("pta_balance weights PTA, which this run does not use (it needs method reta with "
+                                 "PTA on and lam_topo > 0)")
         check_int_setting(self.pta_from_block, "pta_from_block", minimum=0)
         if self.pta_from_block and not self.pta_on:
             raise ValueError("pta_from_block schedules PTA, which this run does not use (it needs method reta with "

@@ -342,7 +342,8 @@ def _criteria(teachers, pool, cfg: DistillConfig, batches_per_unit: int, device)
             real = _real_points(t.model, pool, cfg.pta_points, cfg.seed, device, view)
             out.append(RETALoss(t.model, lam_topo=cfg.lam_topo, real_feats=real, k=cfg.k(),
                                 topo_refresh=cfg.topo_refresh * (batches_per_unit if cfg.lockstep else 1),
-                                overlap=cfg.topo_overlap, topo_ref_batch=cfg.loss_ref_batch, **kw))
+                                overlap=cfg.topo_overlap, topo_ref_batch=cfg.loss_ref_batch,
+                                topo_balance=cfg.pta_balance, **kw))
         else:
             out.append(RETALoss(t.model, lam_topo=0.0, **kw))
     return out

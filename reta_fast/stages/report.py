@@ -207,10 +207,13 @@ def _diagnostics_markdown(d: Optional[dict]) -> list:
               for r in d["drc"]]
         L.append("")
     if d.get("grads"):
-        L += ["Gradient norm of each weighted loss term on the pixels, at the last step of each block:", "",
-              "| block | CE | BN | PTA | PTA / CE | PTA / BN |", "|---|---|---|---|---|---|"]
+        weighed = all("topo_weight" in r for r in d["grads"])  # --pta-balance: PTA's weight set each step
+        L += ["Gradient norm of each weighted loss term on the pixels, at the last step of each block"
+              + (" (PTA weight: the one --pta-balance set at that step):" if weighed else ":"), "",
+              "| block | CE | BN | PTA | PTA / CE | PTA / BN |" + (" PTA weight |" if weighed else ""),
+              "|---|---|---|---|---|---|" + ("---|" if weighed else "")]
         L += [f"| {r['block']} | {r['ce']:.3g} | {r['bn']:.3g} | {r['topo']:.3g} | {r['topo_over_ce']:.3f} | "
-              f"{r['topo_over_bn']:.3f} |" for r in d["grads"]]
+              f"{r['topo_over_bn']:.3f} |" + (f" {r['topo_weight']:.3g} |" if weighed else "") for r in d["grads"]]
         L.append("")
     b = d.get("betti")
     if b:

@@ -1109,6 +1109,30 @@ def test_pta_view_clean_changes_the_images_and_is_recorded_only_when_set(data, t
             P.DistillConfig(pta_view="clean", **no_pta).validate()
 
 
+def test_pta_balance_changes_the_images_records_its_weight_and_is_refused_without_pta(data, teacher, tmp_path):
+    _, bal = _option_changes_images_and_identity(data, teacher, tmp_path, "pta_balance", 0.3)
+    grads = bal["diagnostics"]["grads"]  # PTA's weight, set each step, in the gradient table of every block
+    assert grads and all(np.isfinite(r["topo_weight"]) and r["topo_weight"] > 0 for r in grads)
+    # rho bounds PTA's gradient against CE's on the features; on the pixels the two are of that order too
+    assert all(0 < r["topo_over_ce"] < 3 for r in grads)
+    for bad in (0.0, -0.1, float("nan"), "0.3"):
+        with pytest.raises(ValueError, match="pta_balance must be"):
+            P.DistillConfig(pta_balance=bad).validate()
+    for no_pta in (dict(method="fadrm"), dict(pta=False), dict(lam_topo=0.0)):
+        with pytest.raises(ValueError, match="pta_balance weights PTA, which this run does not use"):
+            P.DistillConfig(pta_balance=0.3, **no_pta).validate()
+
+
+def test_report_shows_pta_weight_column_only_under_pta_balance():
+    from reta_fast.stages.report import _diagnostics_markdown
+
+    row = dict(block=0, ce=0.1, bn=0.01, topo=0.03, topo_over_ce=0.3, topo_over_bn=3.0)
+    fixed = "\n".join(_diagnostics_markdown(dict(grads=[row])))
+    balanced = "\n".join(_diagnostics_markdown(dict(grads=[dict(row, topo_weight=0.0123)])))
+    assert "PTA weight" not in fixed and "| 0 | 0.1 | 0.01 | 0.03 | 0.300 | 3.000 |" in fixed
+    assert "| PTA / BN | PTA weight |" in balanced and "| 0 | 0.1 | 0.01 | 0.03 | 0.300 | 3.000 | 0.0123 |" in balanced
+
+
 def test_every_reta_ablation_runs_with_the_partitioned_retrieval(data, teacher, tmp_path):
     """DRC's partition needs the item ids whether or not PTA is on (a --no-pta run once lost them)."""
     for name, kw in (("nopta", dict(pta=False)), ("nodrc", dict(drc=False)), ("initial", dict(pta_set="initial")),

@@ -89,7 +89,7 @@ class RETALoss(nn.Module):
         real_feats: ``[C, n, D]`` real penultimate features per class (e.g. from a
             :class:`reta_fast.PatchPool`: :meth:`from_pool`), required when ``lam_topo > 0``; ``n``
             bounds the points per class.
-        topo_balance: PTA's weight set each call from the gradients instead [ours, docs/method.md §4.11]:
+        topo_balance: PTA's weight set each call from the gradients instead [ours, docs/method.md §4.7]:
             ``topo_balance * ||dCE/df|| / ||dL_topo/df||`` on the penultimate features ``f``, so PTA's
             gradient there is this fraction of CE's whatever their scales (which drift by orders of magnitude
             over a recovery); replaces ``lam_topo * topo_ref_batch / B`` (``lam_topo`` 0 still switches

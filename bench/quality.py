@@ -134,6 +134,8 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     # PTA's gradient on the features at a fixed fraction of CE's in every step instead
     "reta pta-balance 0.1": dict(method="reta", pta_balance=0.1),
     "reta pta-balance 0.3": dict(method="reta", pta_balance=0.3),
+    # ... on the clean view, where PTA aligns the set itself at IPC 50 (the augmented view's crops do not)
+    "reta pta-view clean pta-balance 0.1": dict(method="reta", pta_view="clean", pta_balance=0.1),
 }
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]

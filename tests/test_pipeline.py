@@ -1115,12 +1115,14 @@ def test_pta_balance_changes_the_images_records_its_weight_and_is_refused_withou
     assert grads and all(np.isfinite(r["topo_weight"]) and r["topo_weight"] > 0 for r in grads)
     # rho bounds PTA's gradient against CE's on the features; on the pixels the two are of that order too
     assert all(0 < r["topo_over_ce"] < 3 for r in grads)
-    for bad in (0.0, -0.1, float("nan"), "0.3"):
-        with pytest.raises(ValueError, match="pta_balance must be"):
+    for bad in (0.0, -0.1, float("nan"), "0.3", True):
+        with pytest.raises(ValueError, match="pta_balance must be a finite number > 0"):
             P.DistillConfig(pta_balance=bad).validate()
     for no_pta in (dict(method="fadrm"), dict(pta=False), dict(lam_topo=0.0)):
         with pytest.raises(ValueError, match="pta_balance weights PTA, which this run does not use"):
             P.DistillConfig(pta_balance=0.3, **no_pta).validate()
+    with pytest.raises(ValueError, match="pta_balance needs the eager teacher"):
+        P.DistillConfig(pta_balance=0.3, compile="default").validate()
 
 
 def test_report_shows_pta_weight_column_only_under_pta_balance():

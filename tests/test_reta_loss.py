@@ -159,14 +159,46 @@ def test_topo_balance_sets_pta_weight_from_the_feature_gradients(view):
     assert_close(x.grad, xf.grad, atol=1e-6, what="pixel gradient")
     if view:
         assert_close(v.grad, vf.grad, atol=1e-6, what="view gradient")
-    # lam_topo 0 still switches PTA off; bad values are refused
-    off = rf.RETALoss(t, real_feats=real, k=2, topo_balance=rho)
-    off.lam_topo = 0.0
-    _, off_parts = off(x0.clone().requires_grad_(), y)
-    assert float(off.last_terms["topo"]) == 0.0 and off.last_topo_weight is None
+    # lam_topo 0 (the loop's PTA schedule) still switches PTA off, and the last call's weight is forgotten
+    crit.lam_topo = 0.0
+    crit(x0.clone().requires_grad_(), y)
+    assert float(crit.last_terms["topo"].detach()) == 0.0 and crit.last_topo_weight is None
     for bad in (0, -1.0, True, "0.1", float("inf"), float("nan")):
         with pytest.raises(ValueError, match="topo_balance must be a finite number > 0 or None"):
             rf.RETALoss(t, real_feats=real, k=2, topo_balance=bad)
+    with pytest.raises(ValueError, match="topo_balance weights PTA, which lam_topo=0 switches off"):
+        rf.RETALoss(t, lam_topo=0.0, topo_balance=rho)
+    with pytest.raises(ValueError, match="topo_balance needs the eager teacher"):
+        rf.RETALoss(t, real_feats=real, k=2, topo_balance=rho).compile_teacher("default")
+
+
+def test_topo_balance_weight_is_zero_where_pta_has_no_gradient_on_the_call():
+    """A call none of whose images is among its classes' first m points: PTA has a graph but no gradient on
+    the features; its weight is 0 (not rho * |CE| / 0), and the pixel gradient is CE's and BN's alone."""
+    t = teacher()
+    real = F.normalize(torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(1)), dim=-1)  # m = 3 points
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(24, 3, 8, 8, generator=g)
+    y_all = torch.arange(4).repeat_interleave(6)
+    ids_all = torch.arange(24)
+    crit = rf.RETALoss(t, real_feats=real, k=2, topo_balance=1e6)
+    plain = rf.RETALoss(t, lam_topo=0.0)
+    with torch.no_grad():
+        feats = []
+        h = [m for m in t.modules() if isinstance(m, torch.nn.Linear)][-1].register_forward_hook(
+            lambda m, i, o: feats.append(i[0]))
+        t(images)
+        h.remove()
+    crit.seed_bank(feats[0], y_all, ids_all)
+    late = (ids_all % 6) >= 3  # the last three images of each class: not among its first m = 3 members
+    x = images[late].clone().requires_grad_()
+    loss, parts = crit(x, y_all[late], ids_all[late])
+    assert parts["topo"] > 0 and float(crit.last_topo_weight) == 0.0
+    loss.backward()
+    x0 = images[late].clone().requires_grad_()
+    plain(x0, y_all[late])[0].backward()
+    assert torch.isfinite(x.grad).all()
+    assert_close(x.grad, x0.grad, atol=1e-7, what="pixel gradient without PTA's")
 
 
 def test_autocast_and_grad_scaler_on_cpu():

@@ -266,8 +266,9 @@ def _recover_blocks(criterion, xs, ys, idss, gens, micro, anchors, anchor_ids, p
                         loss, parts = criterion(xa, ys[j], idss[j], **extra)
                 if diagnose and j == 0 and step == sum(per_block[:b + 1]) - 1 and hasattr(criterion, "last_terms"):
                     grads = _term_grad_norms(criterion.last_terms, x)
-                    if getattr(criterion, "last_topo_weight", None) is not None:  # PTA's weight under topo_balance
-                        grads["topo_weight"] = float(criterion.last_topo_weight)
+                    if getattr(criterion, "topo_balance", None) is not None:  # PTA's weight, 0 where it was off
+                        w = criterion.last_topo_weight
+                        grads["topo_weight"] = 0.0 if w is None else float(w)
                     cfg.history.append(dict(step=step, block=b, grads=grads))
                 loss.backward()
                 opt.step()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -110,9 +111,12 @@ class RETALoss(nn.Module):
                  topo_refresh: int = 1, topo_ref_batch: Optional[int] = 100,
                  topo_balance: Optional[float] = None, **topo_kwargs):
         super().__init__()
-        if topo_balance is not None and not (isinstance(topo_balance, (int, float)) and not isinstance(topo_balance, bool)
-                                             and math.isfinite(topo_balance) and topo_balance > 0):
-            raise ValueError(f"topo_balance must be a finite number > 0 or None, got {topo_balance!r}")
+        if topo_balance is not None:
+            if not (isinstance(topo_balance, numbers.Real) and not isinstance(topo_balance, bool)
+                    and math.isfinite(topo_balance) and topo_balance > 0):
+                raise ValueError(f"topo_balance must be a finite number > 0 or None, got {topo_balance!r}")
+            if not lam_topo:
+                raise ValueError("topo_balance weights PTA, which lam_topo=0 switches off")
         self.topo_balance = None if topo_balance is None else float(topo_balance)
         for name, v in (("r_bn", r_bn), ("first_bn_weight", first_bn_weight), ("lam_topo", lam_topo)):
             if not (isinstance(v, (int, float)) and v >= 0):
@@ -159,7 +163,9 @@ class RETALoss(nn.Module):
         self.compile_mode: Optional[str] = None
         self._layouts: Dict[tuple, tuple] = {}  # (id(y), id(ids), classes) -> (y, version, ids, version, layout)
         self.last_layout: Optional[_Layout] = None  # the point sets of the last call (diagnostics, tests)
-        self.last_topo_weight: Optional[torch.Tensor] = None  # PTA's weight in the last call under topo_balance
+        # PTA's weight in the last call under topo_balance (None where that call did not weigh PTA: PTA off or
+        # inactive)
+        self.last_topo_weight: Optional[torch.Tensor] = None
 
     def compile(self, mode: Optional[str] = "default", **kwargs) -> "RETALoss":
         """Deprecated alias of :meth:`compile_teacher` (it compiles the teacher only, unlike
@@ -174,6 +180,10 @@ class RETALoss(nn.Module):
         compiled forward and backward on a GPU, ``"max-autotune"``...); the PTA term stays eager (its
         persistence pairing runs on the host). One compilation per input shape (``dynamic=False``).
         ``mode=None`` goes back to eager. Returns ``self``."""
+        if mode is not None and self.topo_balance is not None:
+            raise ValueError("topo_balance needs the eager teacher: a compiled forward fuses the head into one graph "
+                             "node, so CE's gradient on the penultimate features cannot be taken (compile the teacher "
+                             "without topo_balance, or keep it eager)")
         if mode is None:
             self._forward_teacher, self.compile_mode = self.teacher, None
         elif mode != self.compile_mode:
@@ -356,7 +366,11 @@ class RETALoss(nn.Module):
         if g_ce is None:
             raise RuntimeError("topo_balance: the teacher's CE does not depend on its penultimate features")
         g_topo = g_topo.float()
-        w = self.topo_balance * g_ce.float().norm() / g_topo.norm().clamp_min(torch.finfo(torch.float32).tiny)
+        n_topo = g_topo.norm()
+        w = self.topo_balance * g_ce.float().norm() / torch.where(n_topo > 0, n_topo, 1.0)
+        # no PTA gradient on the features (none of the call's images among its classes' points): weight 0, not
+        # a huge one; and a ratio beyond float range likewise
+        w = torch.where((n_topo > 0) & torch.isfinite(w), w, 0.0)
         self.last_topo_weight = w  # the weight of this call (a 0-dim tensor; diagnostics, tests)
         surrogate = (f.float() * g_topo).sum()
         return w * (topo.detach() + surrogate - surrogate.detach())
@@ -372,6 +386,7 @@ class RETALoss(nn.Module):
             raise ValueError(f"y must be an integer tensor [B] = [{x.shape[0]}]")
         self._bn_terms.clear()
         self._feats = None
+        self.last_topo_weight = None  # set again below where this call weighs PTA by topo_balance
         self.teacher.eval()
         self._capturing = True
         try:

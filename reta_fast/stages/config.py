@@ -2,6 +2,8 @@
 defaults (the CLI's flags are built from these fields)."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence
 
@@ -185,9 +187,11 @@ class DistillConfig:
             raise ValueError("pta_view chooses PTA's images, which this run does not use (it needs method reta with "
                              "PTA on and lam_topo > 0)")
         if self.pta_balance is not None:
-            check_number_setting(self.pta_balance, "pta_balance")
-            if self.pta_balance <= 0:
-                raise ValueError(f"pta_balance must be > 0 (or unset for the fixed weight), got {self.pta_balance}")
+            v = self.pta_balance
+            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+                raise ValueError(f"pta_balance must be a finite number > 0 (or unset for the fixed weight), got {v!r}")
+            if self.compile is not None:
+                raise ValueError("pta_balance needs the eager teacher: it cannot be combined with --compile")
             if not self.pta_on:
                 raise ValueError("pta_balance weights PTA, which this run does not use (it needs method reta with "
                                  "PTA on and lam_topo > 0)")

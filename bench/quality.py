@@ -136,6 +136,9 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     "reta pta-balance 0.3": dict(method="reta", pta_balance=0.3),
     # ... on the clean view, where PTA aligns the set itself at IPC 50 (the augmented view's crops do not)
     "reta pta-view clean pta-balance 0.1": dict(method="reta", pta_view="clean", pta_balance=0.1),
+    # DRC's departure from the anchor: with the anchor allowed, 60-75 % of the injections re-inject it, and keeping
+    # it more (drc-margin 0.1) scored below the default at alpha 0.3; here it is never re-injected
+    "reta drc-exclude-anchor": dict(method="reta", drc_exclude_anchor=True),
 }
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]
@@ -540,8 +543,8 @@ def _pinned_alpha(name: str) -> bool:
 
 
 # DistillConfig fields only RETA's parts read: a FADRM row is RETA's partner when the rest of the overrides agree
-RETA_ONLY = {"drc", "pta", "lam", "lam_topo", "drc_margin", "partition", "topo_k", "topo_ref_batch", "pta_set",
-             "pta_real_view", "pta_from_block", "pta_view", "pta_balance"}
+RETA_ONLY = {"drc", "pta", "lam", "lam_topo", "drc_margin", "drc_exclude_anchor", "partition", "topo_k",
+             "topo_ref_batch", "pta_set", "pta_real_view", "pta_from_block", "pta_view", "pta_balance"}
 
 
 def fadrm_partner(name: str, names) -> str | None:

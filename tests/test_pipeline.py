@@ -1143,3 +1143,34 @@ def test_every_reta_ablation_runs_with_the_partitioned_retrieval(data, teacher, 
         assert info["written"] == 30, name
         drc = info["diagnostics"]["drc"]
         assert (not drc) == (name == "nodrc")
+
+
+def test_drc_exclude_anchor_never_reinjects_the_initial_patch(data, teacher, tmp_path):
+    """--drc-exclude-anchor: every injection is another patch of the image's own share, never its anchor (the
+    default re-injects the anchor at a share of them); bad combinations and too small a pool are refused."""
+    base = run(data, teacher, tmp_path / "base", method="reta", ipc_per_batch=1)
+    info = run(data, teacher, tmp_path / "excl", method="reta", ipc_per_batch=1, drc_exclude_anchor=True)
+    assert info["written"] == 30
+    drc = info["diagnostics"]["drc"]
+    assert drc and all(d["own_anchor"] == 0.0 for d in drc)
+    assert any(d["own_anchor"] > 0 for d in base["diagnostics"]["drc"])  # the default does re-inject it here
+    assert png_bytes(tmp_path / "excl") != png_bytes(tmp_path / "base")
+    # the retriever itself: each item's candidates are its share without rank i
+    from reta_fast.stages.distill import _partitioned_retriever
+
+    class Pool:
+        labels = np.repeat(np.arange(2), 6)
+    ranking = [np.array([5, 3, 1, 0, 2, 4]), np.array([11, 6, 9, 7, 8, 10])]
+    cfg = P.DistillConfig(ipc=2, drc_exclude_anchor=True)
+    groups = _partitioned_retriever(Pool, ranking, cfg, 2, "cpu").groups.tolist()
+    # class 0: ranks 0..5 = patches 5,3,1,0,2,4; item 0 owns ranks 0,2,4 (5,1,2), item 1 ranks 1,3,5 (3,0,4)
+    assert [groups[p] for p in (1, 2)] == [0, 0] and [groups[p] for p in (0, 4)] == [1, 1]
+    assert [groups[p] for p in (5, 3, 11, 6)] == [4, 4, 4, 4]  # the anchors: no item's group
+    assert [groups[p] for p in (9, 8)] == [2, 2] and [groups[p] for p in (7, 10)] == [3, 3]  # 11,9,8 / 6,7,10
+    with pytest.raises(ValueError, match="drc_exclude_anchor needs at least 2 x ipc = 6 pool patches per class"):
+        run(data, teacher, tmp_path / "small" / "out", method="reta", ipc_per_batch=1, drc_exclude_anchor=True,
+            pool_per_class=5)
+    for bad, msg in ((dict(method="fadrm"), "which this run does not use"), (dict(drc=False), "does not use"),
+                     (dict(partition=False), "does not use"), (dict(drc_margin=0.1), "contradict each other")):
+        with pytest.raises(ValueError, match=msg):
+            P.DistillConfig(drc_exclude_anchor=True, **bad).validate()

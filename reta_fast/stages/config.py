@@ -31,6 +31,7 @@ def _opt(default, help: str, **cli):
 # Settings left out of a run's identity while at their default, so that folders written before they existed
 # still resume: the recover engine's options, and settings added later.
 ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None, topo_overlap=False, drc_margin=0.0,
+                       drc_exclude_anchor=False,
                        pta_real_view="clean", pta_from_block=0, pta_view="augmented", pta_balance=None)
 
 
@@ -54,6 +55,9 @@ class DistillConfig:
             rank ``r`` has ``r % ipc == i`` [ours]. Without it, all images of a class tend to retrieve the
             same few low-complexity patches and, after three residual injections, collapse onto them
             (measured on digits: 1-3 distinct retrieved patches per class of 10 images).
+        drc_exclude_anchor: DRC's search leaves out each image's own initial patch (rank ``i`` of its share),
+            so every connection injects another real patch [ours, a study option, docs/method.md §3.7]:
+            with the anchor allowed, 60-75 % of CIFAR-10 injections re-inject it.
         lr: Adam's pixel learning rate. None: 0.25 above 64 px ([pred], the ImageNet setting) and 0.05 up to
             64 px ([ours]: chosen on a validation split of CIFAR-10 training images, where 0.25 over-optimises
             the small images and falls below its own real-patch initialisation; +5 points for FADRM and
@@ -115,6 +119,9 @@ class DistillConfig:
     lam: float = _opt(0.1, "DRC complexity weight lambda")
     drc_margin: float = _opt(0.0, "DRC 'do no harm': keep the image's own anchor unless the retrieved patch scores "
                              "this fraction lower (0: always take the retrieved patch, as the paper)")
+    drc_exclude_anchor: bool = _opt(False, "DRC never re-injects an image's own initial patch: every connection injects "
+                                    "the best-scoring other patch of the image's share (needs the partition; a study "
+                                    "option, the converse of --drc-margin)")
     r_bn: float = _opt(0.01, "BN-statistic matching weight (--no-bn: 0)", negation=("no-bn", 0.0))
     first_bn_weight: float = _opt(10.0, "weight of the first BN layer's term")
     lam_topo: float = _opt(0.5, "PTA weight lambda_topo (at batches of --topo-ref-batch images)")
@@ -168,6 +175,13 @@ class DistillConfig:
         if self.uses_recover and self.iterations < self.n_blocks:
             raise ValueError(f"iterations ({self.iterations}) must be >= the number of blocks ({self.n_blocks})")
         check_number_setting(self.drc_margin, "drc_margin", 0.0, 1.0, high_open=True)
+        if self.drc_exclude_anchor:
+            if not (self.method == "reta" and self.drc and self.partition):
+                raise ValueError("drc_exclude_anchor changes DRC's partitioned search, which this run does not use "
+                                 "(it needs method reta with DRC and the partition on)")
+            if self.drc_margin > 0:
+                raise ValueError("drc_exclude_anchor and drc_margin contradict each other: the margin keeps the "
+                                 "image's own anchor, the exclusion never injects it")
         for name in ("lr", "lam", "r_bn", "first_bn_weight", "lam_topo"):
             v = getattr(self, name)
             if not (v is None and name == "lr"):

@@ -353,10 +353,20 @@ def _partitioned_retriever(pool, ranking, cfg: DistillConfig, C: int, device) ->
     """Item ``(c, i)`` searches the class-``c`` patches whose RDED rank ``r`` has ``r % ipc == i``."""
     labels = torch.tensor(np.asarray(pool.labels))  # a copy: pool arrays are read-only memory maps
     share = torch.empty(len(labels), dtype=torch.int64)
+    anchors = []
     for c in range(C):
         ranked = torch.as_tensor(ranking[c], dtype=torch.int64)
         share[ranked] = torch.arange(ranked.numel()) % cfg.ipc
-    return PartitionedRetriever(pool, (labels * cfg.ipc + share).to(device), cfg.lam, device)
+        if cfg.drc_exclude_anchor:
+            if ranked.numel() < 2 * cfg.ipc:
+                raise ValueError(f"drc_exclude_anchor needs at least 2 x ipc = {2 * cfg.ipc} pool patches per class "
+                                 f"(each image its anchor and one other patch), but class {c} has {ranked.numel()}: "
+                                 f"raise --pool-per-class or drop --drc-exclude-anchor")
+            anchors.append(ranked[:cfg.ipc])  # item (c, i)'s initial patch is rank i, the first of its share
+    groups = labels * cfg.ipc + share
+    if anchors:
+        groups[torch.cat(anchors)] = C * cfg.ipc  # a group no item searches
+    return PartitionedRetriever(pool, groups.to(device), cfg.lam, device)
 
 
 def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, ranking, init_image, todo, write, info,

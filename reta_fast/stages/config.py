@@ -57,7 +57,7 @@ class DistillConfig:
             (measured on digits: 1-3 distinct retrieved patches per class of 10 images).
         drc_exclude_anchor: DRC's search leaves out each image's own initial patch (rank ``i`` of its share),
             so every connection injects another real patch [ours, a study option, docs/method.md §3.7]:
-            with the anchor allowed, 60-75 % of CIFAR-10 injections re-inject it.
+            with the anchor allowed, 58-75 % of CIFAR-10 injections re-inject it (CPU scale).
         lr: Adam's pixel learning rate. None: 0.25 above 64 px ([pred], the ImageNet setting) and 0.05 up to
             64 px ([ours]: chosen on a validation split of CIFAR-10 training images, where 0.25 over-optimises
             the small images and falls below its own real-patch initialisation; +5 points for FADRM and

@@ -71,6 +71,12 @@ def check_number_setting(value, name: str, low: float = 0.0, high: Optional[floa
         raise ValueError(f"{name} must be a finite number {rng}, got {value!r}")
 
 
+def check_positive_number(value, name: str, unset: str = "") -> None:
+    """A finite number > 0 (``unset``: what leaving it out means, for the message)."""
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0{unset}, got {value!r}")
+
+
 def check_choice(value, name: str, choices) -> None:
     """A settings field that takes one of ``choices``."""
     if value not in choices:

@@ -148,3 +148,6 @@ def test_topo_ref_batch_is_in_the_identity_only_where_it_moves_a_batch_weight():
     assert "topo_ref_batch" not in ident(10, ipc=10, batch_classes=10, ipc_per_batch=1, pta=False)
     assert "topo_ref_batch" not in ident(10, method="fadrm", ipc=10, batch_classes=10, ipc_per_batch=1)
     assert ident(10, ipc=10, topo_ref_batch=50)["topo_ref_batch"] == 50
+    # under pta_balance PTA's weight comes from the gradients: the batch scaling does not act, so not in it
+    assert "topo_ref_batch" not in ident(10, ipc=10, batch_classes=10, ipc_per_batch=1, pta_balance=0.1)
+    assert "topo_ref_batch" not in ident(10, ipc=10, topo_ref_batch=50, pta_balance=0.1)

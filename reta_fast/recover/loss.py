@@ -19,8 +19,6 @@ docs/method.md §4.7).
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -29,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import check_int_setting
+from .._validate import check_int_setting, check_positive_number
 from ..topology.pta import TopologyAlignmentLoss
 from .bank import FeatureBank
 
@@ -112,9 +110,7 @@ class RETALoss(nn.Module):
                  topo_balance: Optional[float] = None, **topo_kwargs):
         super().__init__()
         if topo_balance is not None:
-            if not (isinstance(topo_balance, numbers.Real) and not isinstance(topo_balance, bool)
-                    and math.isfinite(topo_balance) and topo_balance > 0):
-                raise ValueError(f"topo_balance must be a finite number > 0 or None, got {topo_balance!r}")
+            check_positive_number(topo_balance, "topo_balance", " or None")
             if not lam_topo:
                 raise ValueError("topo_balance weights PTA, which lam_topo=0 switches off")
         self.topo_balance = None if topo_balance is None else float(topo_balance)

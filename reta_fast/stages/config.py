@@ -2,12 +2,10 @@
 defaults (the CLI's flags are built from these fields)."""
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence
 
-from .._validate import check_choice, check_int_setting, check_number_setting
+from .._validate import check_choice, check_int_setting, check_number_setting, check_positive_number
 from ..recover.loop import COMPILE_MODES, PTA_VIEWS, check_engine
 
 __all__ = ["METHODS", "PTA_SETS", "PTA_REAL_VIEWS", "DistillConfig", "EvalConfig", "ENGINE_DEFAULTS"]
@@ -201,9 +199,7 @@ class DistillConfig:
             raise ValueError("pta_view chooses PTA's images, which this run does not use (it needs method reta with "
                              "PTA on and lam_topo > 0)")
         if self.pta_balance is not None:
-            v = self.pta_balance
-            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
-                raise ValueError(f"pta_balance must be a finite number > 0 (or unset for the fixed weight), got {v!r}")
+            check_positive_number(self.pta_balance, "pta_balance", " (or unset for the fixed weight)")
             if self.compile is not None:
                 raise ValueError("pta_balance needs the eager teacher: it cannot be combined with --compile")
             if not self.pta_on:
@@ -296,8 +292,9 @@ class DistillConfig:
         return self.topo_ref_batch or None
 
     def topo_scaled(self, num_classes: int) -> bool:
-        """Whether ``topo_ref_batch`` moves PTA's weight away from ``lam_topo`` for some batch of the run."""
-        return (self.uses_recover and self.pta_active and self.topo_ref_batch > 0
+        """Whether ``topo_ref_batch`` moves PTA's weight away from ``lam_topo`` for some batch of the run (never
+        under ``pta_balance``, whose weight comes from the gradients)."""
+        return (self.uses_recover and self.pta_active and self.topo_ref_batch > 0 and self.pta_balance is None
                 and any(b != self.topo_ref_batch for b in self.batch_sizes(num_classes)))
 
     def identity(self, num_classes: int) -> dict:

@@ -139,6 +139,11 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     # DRC's departure from the anchor: with the anchor allowed, 58-75 % of the injections re-inject it, and keeping
     # it more (drc-margin 0.1) scored below the default at alpha 0.3; here it is never re-injected
     "reta drc-exclude-anchor": dict(method="reta", drc_exclude_anchor=True),
+    # ... where each image's share holds two patches (its anchor and one other), as the 100-patch digits pool at
+    # IPC 50 gives, on CIFAR-10 at IPC 10: a 20-patch pool (another validation split: compare these three only)
+    "fadrm pool 20": dict(method="fadrm", pool_per_class=20),
+    "reta pool 20": dict(method="reta", pool_per_class=20),
+    "reta drc-exclude-anchor pool 20": dict(method="reta", drc_exclude_anchor=True, pool_per_class=20),
 }
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]

@@ -1167,9 +1167,11 @@ def test_drc_exclude_anchor_never_reinjects_the_initial_patch(data, teacher, tmp
     assert [groups[p] for p in (1, 2)] == [0, 0] and [groups[p] for p in (0, 4)] == [1, 1]
     assert [groups[p] for p in (5, 3, 11, 6)] == [4, 4, 4, 4]  # the anchors: no item's group
     assert [groups[p] for p in (9, 8)] == [2, 2] and [groups[p] for p in (7, 10)] == [3, 3]  # 11,9,8 / 6,7,10
-    with pytest.raises(ValueError, match="drc_exclude_anchor needs at least 2 x ipc = 6 pool patches per class"):
+    with pytest.raises(ValueError, match=r"drc_exclude_anchor needs at least 2 x ipc = 6 pool patches per class .*"
+                                         r"class\(es\) \[\('\w+', 5\)"):  # named, before any image is written
         run(data, teacher, tmp_path / "small" / "out", method="reta", ipc_per_batch=1, drc_exclude_anchor=True,
             pool_per_class=5)
+    assert not (tmp_path / "small" / "out" / "images").exists() or not png_bytes(tmp_path / "small" / "out")
     for bad, msg in ((dict(method="fadrm"), "which this run does not use"), (dict(drc=False), "does not use"),
                      (dict(partition=False), "does not use"), (dict(drc_margin=0.1), "contradict each other")):
         with pytest.raises(ValueError, match=msg):

@@ -256,6 +256,11 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
         if short:
             raise ValueError(f"IPC {cfg.ipc} is larger than the pool of class(es) {short[:5]} (class size or "
                              f"--pool-per-class {cfg.pool_per_class}): real-patch methods need one patch per image")
+        short = [(data.classes[c], int(counts[c])) for c in range(C) if counts[c] < 2 * cfg.ipc]
+        if cfg.drc_exclude_anchor and short:
+            raise ValueError(f"drc_exclude_anchor needs at least 2 x ipc = {2 * cfg.ipc} pool patches per class (each "
+                             f"image its anchor and one other patch), but class(es) {short[:5]} have fewer (class "
+                             f"size or --pool-per-class {cfg.pool_per_class}): raise it or drop --drc-exclude-anchor")
         ranking = rded_ranking(pool, teachers[0].model, device)
 
     def init_image(c: int, i: int) -> torch.Tensor:
@@ -357,11 +362,7 @@ def _partitioned_retriever(pool, ranking, cfg: DistillConfig, C: int, device) ->
     for c in range(C):
         ranked = torch.as_tensor(ranking[c], dtype=torch.int64)
         share[ranked] = torch.arange(ranked.numel()) % cfg.ipc
-        if cfg.drc_exclude_anchor:
-            if ranked.numel() < 2 * cfg.ipc:
-                raise ValueError(f"drc_exclude_anchor needs at least 2 x ipc = {2 * cfg.ipc} pool patches per class "
-                                 f"(each image its anchor and one other patch), but class {c} has {ranked.numel()}: "
-                                 f"raise --pool-per-class or drop --drc-exclude-anchor")
+        if cfg.drc_exclude_anchor:  # the pool holds >= 2 x ipc patches of every class (checked in distill)
             anchors.append(ranked[:cfg.ipc])  # item (c, i)'s initial patch is rank i, the first of its share
     groups = labels * cfg.ipc + share
     if anchors:

@@ -144,6 +144,10 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     "fadrm pool 20": dict(method="fadrm", pool_per_class=20),
     "reta pool 20": dict(method="reta", pool_per_class=20),
     "reta drc-exclude-anchor pool 20": dict(method="reta", drc_exclude_anchor=True, pool_per_class=20),
+    # Which connections retrieve (the others re-inject the static anchor): the last injection weighs most in the
+    # written image (1 - alpha of it, then one block of steps), the first least
+    "reta drc-connections 2": dict(method="reta", drc_connections=[2]),
+    "reta drc-connections 0,1": dict(method="reta", drc_connections=[0, 1]),
 }
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]
@@ -548,7 +552,8 @@ def _pinned_alpha(name: str) -> bool:
 
 
 # DistillConfig fields only RETA's parts read: a FADRM row is RETA's partner when the rest of the overrides agree
-RETA_ONLY = {"drc", "pta", "lam", "lam_topo", "drc_margin", "drc_exclude_anchor", "partition", "topo_k",
+RETA_ONLY = {"drc", "pta", "lam", "lam_topo", "drc_margin", "drc_exclude_anchor", "drc_connections", "partition",
+             "topo_k",
              "topo_ref_batch", "pta_set", "pta_real_view", "pta_from_block", "pta_view", "pta_balance"}
 
 

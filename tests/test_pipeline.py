@@ -1145,6 +1145,25 @@ def test_every_reta_ablation_runs_with_the_partitioned_retrieval(data, teacher, 
         assert (not drc) == (name == "nodrc")
 
 
+def test_drc_connections_change_the_images_and_record_diagnostics_only_where_drc_ran(data, teacher, tmp_path):
+    """Three blocks (two connections): DRC at the second only re-injects the static anchor at the first; the
+    images differ from every-connection DRC, and the schedule is in the run identity only when set."""
+    every = run(data, teacher, tmp_path / "every", method="reta", ipc_per_batch=3, blocks=3)
+    late = run(data, teacher, tmp_path / "late", method="reta", ipc_per_batch=3, blocks=3, drc_connections=[1])
+    assert every["written"] == late["written"] == 30
+    assert [d["block"] for d in every["diagnostics"]["drc"]] == [0, 1]
+    assert [d["block"] for d in late["diagnostics"]["drc"]] == [1]
+    a, b = png_bytes(tmp_path / "every"), png_bytes(tmp_path / "late")
+    assert a.keys() == b.keys() and any(a[k] != b[k] for k in a)
+    assert json.loads((tmp_path / "late" / "run.json").read_text())["config"]["drc_connections"] == [1]
+    assert "drc_connections" not in json.loads((tmp_path / "every" / "run.json").read_text())["config"]
+    for bad, msg in ((dict(method="fadrm"), "drc_connections schedules DRC, which this run does not use"),
+                     (dict(drc=False), "does not use"), (dict(drc_connections=[3]), r"4 recover blocks \(0 to 2\)"),
+                     (dict(blocks=1), "no residual connection")):
+        with pytest.raises(ValueError, match=msg):
+            P.DistillConfig(**dict(dict(drc_connections=[0]), **bad)).validate()
+
+
 def test_drc_exclude_anchor_never_reinjects_the_initial_patch(data, teacher, tmp_path):
     """--drc-exclude-anchor: every injection is another patch of the image's own share, never its anchor (the
     default re-injects the anchor at a share of them); bad combinations and too small a pool are refused."""

@@ -266,6 +266,42 @@ def test_do_no_harm_keeps_the_anchor_unless_the_retrieved_patch_is_clearly_bette
         rf.recover(crit, x0, y, pool=pool, config=rf.RecoverConfig(iterations=2, resolutions=(8, 8), drc_margin=0.5))
 
 
+def test_drc_connections_retrieve_only_where_listed_and_reinject_the_anchor_elsewhere(tmp_path):
+    """drc_connections: DRC retrieves at the listed residual connections only; the others re-inject the
+    image's static anchor (alpha 0 and a vanishing lr: each block's image is exactly what was injected)."""
+    t = teacher(classes=3)
+    pool = rf.PatchPool.build(TinySet(per_class=(5, 4, 6)), t, tmp_path / "p", per_class=4, size=8,
+                              resolutions=(8,), progress=False)
+    crit = rf.RETALoss(t, lam_topo=0.0)
+    anchors = torch.tensor([1, 5, 10])
+    x0, y = pool.images(anchors), torch.tensor([int(pool.labels[i]) for i in anchors])
+    x0 = x0 + 0.01  # an anchor that no pool patch equals: re-injecting it is told apart from retrieving it
+
+    def go(connections):
+        cfg = rf.RecoverConfig(iterations=4, resolutions=(8,) * 4, lr=1e-12, alpha=0.0, jitter=0,
+                               drc_connections=connections)
+        out = rf.recover(crit, x0, y, pool=pool, config=cfg, anchor_ids=anchors)
+        got = {h["block"]: h["retrieved"] for h in cfg.history if "retrieved" in h}
+        assert sorted(h["block"] for h in cfg.history if "drc" in h) == sorted(got)  # diagnostics where it ran
+        return out, got
+
+    out, got = go([1])
+    assert sorted(got) == [1] and torch.equal(out, x0)  # the last connection re-injected the anchor
+    out, got = go([0, 2])
+    assert sorted(got) == [0, 2] and torch.equal(out, pool.images(got[2]))
+    every, got_all = go(None)
+    listed, got_listed = go([0, 1, 2])
+    assert sorted(got_all) == [0, 1, 2] and got_listed == got_all and torch.equal(listed, every)
+    for bad, msg in (([], "non-empty list"), ([1, 1], "once each, in increasing order"), ([2, 0], "increasing"),
+                     ([3], r"\(0 to 2\)"), ([-1], r"\(0 to 2\)"), ((True,), "non-empty list of connection indices")):
+        with pytest.raises(ValueError, match=msg):
+            rf.RecoverConfig(iterations=4, resolutions=(8,) * 4, drc_connections=bad).validate()
+    with pytest.raises(ValueError, match=r"drc_connections schedules DRC, which this run does not use \(drc=False\)"):
+        rf.RecoverConfig(iterations=4, resolutions=(8,) * 4, drc=False, drc_connections=[0]).validate()
+    with pytest.raises(ValueError, match="with 1 there is no residual connection"):
+        rf.RecoverConfig(iterations=4, resolutions=(8,), drc_connections=[0]).validate()
+
+
 class _WeightRecorder:
     """A criterion with a ``lam_topo`` weight that records the weight each call sees."""
 

@@ -21,7 +21,7 @@ from ..models.features import teacher_features
 from ..retrieval.inject import residual_inject
 from ..retrieval.search import retrieve
 
-__all__ = ["RecoverConfig", "recover", "augment", "check_engine", "PTA_VIEWS"]
+__all__ = ["RecoverConfig", "recover", "augment", "check_engine", "check_connections", "PTA_VIEWS"]
 
 PTA_VIEWS = ("augmented", "clean")  # the images PTA's synthetic features come from
 
@@ -43,6 +43,9 @@ class RecoverConfig:
         drc_margin: "do no harm" [ours]: keep an image's own anchor unless the retrieved patch scores at
             least this fraction lower (``J(o*) < (1 - margin) J(anchor)``); 0 (default): always take the
             retrieved patch, as the paper. Needs the anchors' pool indices (``recover(anchor_ids=...)``).
+        drc_connections: which residual connections retrieve [ours]: connection ``b`` joins block ``b`` to
+            block ``b + 1``; DRC retrieves at the listed ones (strictly increasing, 0 to ``len(resolutions)
+            - 2``) and the others re-inject the static anchor, as FADRM. None (default): every connection.
         pta_from_block: PTA's schedule [ours]: the criterion's ``lam_topo`` acts from this block on and is 0
             in the blocks before it (0, default: every block, as the paper). Needs a criterion with a
             ``lam_topo`` attribute (:class:`reta_fast.RETALoss`), which is restored when the loop ends.
@@ -72,6 +75,7 @@ class RecoverConfig:
     drc: bool = True
     lam: float = 0.1
     drc_margin: float = 0.0
+    drc_connections: Optional[Sequence[int]] = None
     pta_from_block: int = 0
     pta_view: str = "augmented"
     mean: Sequence[float] = (0.485, 0.456, 0.406)
@@ -87,6 +91,7 @@ class RecoverConfig:
         check_int_setting(self.iterations, "iterations (at least one step per block)", len(self.resolutions))
         check_number_setting(self.alpha, "alpha", 0.0, 1.0)
         check_number_setting(self.drc_margin, "drc_margin", 0.0, 1.0, high_open=True)
+        check_connections(self.drc_connections, len(self.resolutions), self.drc, "drc=False")
         check_int_setting(self.pta_from_block, "pta_from_block", minimum=0)
         if self.pta_from_block >= len(self.resolutions):
             raise ValueError(f"pta_from_block must name one of the {len(self.resolutions)} blocks (0 to "
@@ -111,6 +116,25 @@ def check_engine(amp, compile_mode) -> None:
                          + (" (fp16 would need loss scaling of the pixel gradients)" if amp == "fp16" else ""))
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile_mode!r}")
+
+
+def check_connections(connections, n_blocks: int, drc: bool, off: str) -> None:
+    """Refuse a DRC schedule that is not a strictly increasing, non-empty list of residual connections
+    (0 to ``n_blocks - 2``), or one given where DRC is off (``off`` says why it is)."""
+    if connections is None:
+        return
+    if not drc:
+        raise ValueError(f"drc_connections schedules DRC, which this run does not use ({off})")
+    if n_blocks < 2:
+        raise ValueError(f"drc_connections needs at least two recover blocks: with {n_blocks} there is no residual "
+                         "connection to schedule")
+    c = list(connections) if isinstance(connections, (list, tuple)) else None
+    if not c or any(isinstance(v, bool) or not isinstance(v, int) for v in c):
+        raise ValueError(f"drc_connections must be a non-empty list of connection indices, got {connections!r} "
+                         "(for no retrieval at all use the static anchor: drc=False / --no-drc)")
+    if any(b >= a for a, b in zip(c[1:], c)) or c[0] < 0 or c[-1] > n_blocks - 2:
+        raise ValueError(f"drc_connections must list connections between the {n_blocks} recover blocks (0 to "
+                         f"{n_blocks - 2}) once each, in increasing order, got {connections!r}")
 
 
 def augment(x: torch.Tensor, res: int, jitter: int, scale, g: torch.Generator, flip: bool = True) -> torch.Tensor:
@@ -211,7 +235,7 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
     per_block = [cfg.iterations // len(blocks) + (1 if b < cfg.iterations % len(blocks) else 0) for b in range(len(blocks))]
     anchors = [x_init[mb.to(x_init.device)].detach().to(dev) for mb in micro]
     xs = [residual_inject(a, a, 1.0, size=blocks[0]) for a in anchors]  # resize only
-    if cfg.drc:
+    if cfg.drc and cfg.drc_connections is None:
         anchors = None  # only the static anchor re-injects them
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     if cfg.channels_last:
@@ -289,7 +313,7 @@ def _recover_blocks(criterion, xs, ys, idss, gens, micro, anchors, anchor_ids, p
             nxt = blocks[b + 1]
             with torch.no_grad():
                 for j in range(M):
-                    if cfg.drc:
+                    if cfg.drc and (cfg.drc_connections is None or b in cfg.drc_connections):
                         _, f = teacher_features(criterion.teacher if retrieval_teacher is None else retrieval_teacher,
                                                 xs[j].detach())
                         q = F.normalize(f.float(), dim=1)

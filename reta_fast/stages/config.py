@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence
 
 from .._validate import check_choice, check_int_setting, check_number_setting, check_positive_number
-from ..recover.loop import COMPILE_MODES, PTA_VIEWS, check_engine
+from ..recover.loop import COMPILE_MODES, PTA_VIEWS, check_connections, check_engine
 
 __all__ = ["METHODS", "PTA_SETS", "PTA_REAL_VIEWS", "DistillConfig", "EvalConfig", "ENGINE_DEFAULTS"]
 
@@ -29,7 +29,7 @@ def _opt(default, help: str, **cli):
 # Settings left out of a run's identity while at their default, so that folders written before they existed
 # still resume: the recover engine's options, and settings added later.
 ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None, topo_overlap=False, drc_margin=0.0,
-                       drc_exclude_anchor=False,
+                       drc_exclude_anchor=False, drc_connections=None,
                        pta_real_view="clean", pta_from_block=0, pta_view="augmented", pta_balance=None)
 
 
@@ -56,6 +56,8 @@ class DistillConfig:
         drc_exclude_anchor: DRC's search leaves out each image's own initial patch (rank ``i`` of its share),
             so every connection injects another real patch [ours, a study option, docs/method.md §3.7]:
             with the anchor allowed, 58-75 % of CIFAR-10 injections re-inject it (CPU scale).
+        drc_connections: which residual connections retrieve (:class:`RecoverConfig`) [ours, a study
+            option]: the others re-inject the static anchor. None: all (the paper's).
         lr: Adam's pixel learning rate. None: 0.25 above 64 px ([pred], the ImageNet setting) and 0.05 up to
             64 px ([ours]: chosen on a validation split of CIFAR-10 training images, where 0.25 over-optimises
             the small images and falls below its own real-patch initialisation; +5 points for FADRM and
@@ -120,6 +122,10 @@ class DistillConfig:
     drc_exclude_anchor: bool = _opt(False, "DRC never re-injects an image's own initial patch: every connection injects "
                                     "the best-scoring other patch of the image's share (needs the partition; a study "
                                     "option, the converse of --drc-margin)")
+    drc_connections: Optional[Sequence[int]] = _opt(None, "the residual connections where DRC retrieves, comma-"
+                                                    "separated (connection b joins block b to b+1); the others "
+                                                    "re-inject the static anchor (default: all, the paper's)",
+                                                    kind="ints")
     r_bn: float = _opt(0.01, "BN-statistic matching weight (--no-bn: 0)", negation=("no-bn", 0.0))
     first_bn_weight: float = _opt(10.0, "weight of the first BN layer's term")
     lam_topo: float = _opt(0.5, "PTA weight lambda_topo (at batches of --topo-ref-batch images)")
@@ -180,6 +186,8 @@ class DistillConfig:
             if self.drc_margin > 0:
                 raise ValueError("drc_exclude_anchor and drc_margin contradict each other: the margin keeps the "
                                  "image's own anchor, the exclusion never injects it")
+        if self.drc_connections is not None:
+            check_connections(self.drc_connections, self.n_blocks, self.method == "reta" and self.drc, "it needs method reta with DRC on")
         for name in ("lr", "lam", "r_bn", "first_bn_weight", "lam_topo"):
             v = getattr(self, name)
             if not (v is None and name == "lr"):

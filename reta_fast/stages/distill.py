@@ -387,7 +387,8 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
     retriever = _partitioned_retriever(pool, ranking, cfg, C, device) if drc and cfg.partition else None
     recover_cfg = dict(iterations=cfg.iterations, resolutions=cfg.block_resolutions(S), lr=cfg.lr_for(S),
                        jitter=_jitter(cfg, S), alpha=cfg.alpha_for(S),
-                       drc=drc, lam=cfg.lam, drc_margin=cfg.drc_margin, mean=data.mean, std=data.std, amp=cfg.amp,
+                       drc=drc, lam=cfg.lam, drc_margin=cfg.drc_margin, drc_connections=cfg.drc_connections,
+                       mean=data.mean, std=data.std, amp=cfg.amp,
                        channels_last=cfg.channels_last, compile=cfg.compile,
                        pta_from_block=cfg.pta_from_block, pta_view=cfg.pta_view)  # validate() refuses both where PTA is off
     in_slice = {(c, i) for i in range(cfg.ipc_start, cfg.end) for c in range(C)}

@@ -367,6 +367,24 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "class mapping" in capsys.readouterr().err
 
 
+def test_cli_refuses_bad_settings_before_reading_data_or_training_a_teacher(tmp_path, capsys, monkeypatch):
+    """A bad distill or student setting is named at once: no data load, no teacher squeeze, no folder."""
+    from reta_fast.cli import commands, main
+
+    def no_data(args):
+        raise AssertionError("the data was read before the settings were checked")
+    monkeypatch.setattr(commands, "_data", no_data)
+    out = tmp_path / "o"
+    for argv, msg in ((["distill", "--drc-connections", "5"], "drc_connections must list connections"),
+                      (["run", "--pta-from-block", "9"], "pta_from_block must name one of the 4 recover blocks"),
+                      (["demo", "--eval-epochs", "0"], "epochs must be an integer >= 1, got 0"),
+                      (["plan", "--ipc", "0"], "ipc must be an integer >= 1, got 0")):
+        data = [] if argv[0] == "demo" else ["--data", "digits"]
+        assert main(argv[:1] + data + (["--out", str(out)] if argv[0] != "plan" else []) + argv[1:]) == 2, argv
+        assert msg in capsys.readouterr().err, argv
+    assert not out.exists()
+
+
 def test_teacher_without_batchnorm_needs_no_bn(data, tmp_path, capsys):
     from reta_fast.cli import main
 

@@ -22,8 +22,8 @@ import sys
 import torch
 
 from ..stages.config import DistillConfig, EvalConfig
-from .commands import (_device, cmd_distill, cmd_evaluate, cmd_plan, cmd_relabel, cmd_report, cmd_run,
-                       cmd_squeeze)
+from .commands import (_device, check_settings, cmd_distill, cmd_evaluate, cmd_plan, cmd_relabel, cmd_report,
+                       cmd_run, cmd_squeeze)
 from .flags import add_config_flags
 from .topo_demo import topo_demo
 
@@ -169,6 +169,7 @@ def main(argv=None) -> int:
     ok = False
     try:
         args.device = _device(args.device)
+        check_settings(args)
         rc = args.func(args)
         ok = rc == 0
         return rc

@@ -104,6 +104,15 @@ def _eval_config(args) -> EvalConfig:
     return config_from(EvalConfig, args, "eval_")
 
 
+def check_settings(args) -> None:
+    """Refuse the command's distill and student settings by name before any data is read or teacher trained
+    (the stages validate them again; checks that need the data, e.g. the pool's size, come later)."""
+    if getattr(args, "method", None) is not None:  # the commands with distill flags
+        _distill_config(args).validate()
+    if hasattr(args, "eval_epochs"):  # the commands with student flags
+        _eval_config(args).validate()
+
+
 def cmd_squeeze(args) -> int:
     data = _data(args)
     arch = args.arch or default_arch(data)

@@ -1177,9 +1177,15 @@ def test_drc_connections_change_the_images_and_record_diagnostics_only_where_drc
     assert "drc_connections" not in json.loads((tmp_path / "every" / "run.json").read_text())["config"]
     for bad, msg in ((dict(method="fadrm"), "drc_connections schedules DRC, which this run does not use"),
                      (dict(drc=False), "does not use"), (dict(drc_connections=[3]), r"4 recover blocks \(0 to 2\)"),
-                     (dict(blocks=1), "no residual connection")):
+                     (dict(blocks=1), "no residual connection"),
+                     (dict(drc_exclude_anchor=True), "drc_exclude_anchor and drc_connections contradict each other")):
         with pytest.raises(ValueError, match=msg):
             P.DistillConfig(**dict(dict(drc_connections=[0]), **bad)).validate()
+    # every connection listed is the default's run; numpy indices are plain integers in the identity
+    assert "drc_connections" not in P.DistillConfig(drc_connections=(0, 1, 2)).identity(10)
+    cfg = P.DistillConfig(drc_connections=list(np.arange(2)))
+    cfg.validate()
+    assert json.loads(json.dumps(cfg.identity(10)))["drc_connections"] == [0, 1]
 
 
 def test_drc_exclude_anchor_never_reinjects_the_initial_patch(data, teacher, tmp_path):

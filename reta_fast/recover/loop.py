@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -129,7 +130,7 @@ def check_connections(connections, n_blocks: int, drc: bool, off: str) -> None:
         raise ValueError(f"drc_connections needs at least two recover blocks: with {n_blocks} there is no residual "
                          "connection to schedule")
     c = list(connections) if isinstance(connections, (list, tuple)) else None
-    if not c or any(isinstance(v, bool) or not isinstance(v, int) for v in c):
+    if not c or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in c):
         raise ValueError(f"drc_connections must be a non-empty list of connection indices, got {connections!r} "
                          "(for no retrieval at all use the static anchor: drc=False / --no-drc)")
     if any(b >= a for a, b in zip(c[1:], c)) or c[0] < 0 or c[-1] > n_blocks - 2:
@@ -250,6 +251,8 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
         raise ValueError("config.pta_from_block needs a criterion with a lam_topo weight (RETALoss)")
     if cfg.pta_view != "augmented" and not _takes(criterion.terms if lazy else criterion, "x_topo"):
         raise ValueError(f"config.pta_view={cfg.pta_view!r} needs a criterion that takes x_topo (RETALoss)")
+    if cfg.drc and cfg.drc_margin > 0 and anchor_ids is None and len(blocks) > 1:
+        raise ValueError("config.drc_margin needs the anchors' pool indices (anchor_ids)")
     try:
         xs = _recover_blocks(criterion, xs, ys, idss, gens, micro, anchors, anchor_ids, pool, cfg, blocks, per_block,
                              lo, hi, dev, fmt, lazy, lam_topo, on_step, retrieval_teacher, retriever, diagnose)
@@ -319,9 +322,7 @@ def _recover_blocks(criterion, xs, ys, idss, gens, micro, anchors, anchor_ids, p
                         q = F.normalize(f.float(), dim=1)
                         idx = (retriever(q, ys[j], idss[j], nxt) if retriever is not None
                                else retrieve(q, ys[j], pool, lam=cfg.lam, resolution=nxt))
-                        if cfg.drc_margin > 0:
-                            if anchor_ids is None:
-                                raise ValueError("config.drc_margin needs the anchors' pool indices (anchor_ids)")
+                        if cfg.drc_margin > 0:  # anchor_ids checked in recover()
                             idx = _keep_anchor_unless_better(q, idx, anchor_ids[micro[j].to(anchor_ids.device)].to(
                                 idx.device), pool, nxt, cfg.lam, cfg.drc_margin, dev)
                         patch = pool.images(idx.cpu(), device=dev)

@@ -186,8 +186,12 @@ class DistillConfig:
             if self.drc_margin > 0:
                 raise ValueError("drc_exclude_anchor and drc_margin contradict each other: the margin keeps the "
                                  "image's own anchor, the exclusion never injects it")
+            if self.drc_connections is not None:
+                raise ValueError("drc_exclude_anchor and drc_connections contradict each other: the connections "
+                                 "without DRC re-inject the image's own anchor, the exclusion never injects it")
         if self.drc_connections is not None:
-            check_connections(self.drc_connections, self.n_blocks, self.method == "reta" and self.drc, "it needs method reta with DRC on")
+            check_connections(self.drc_connections, self.n_blocks, self.method == "reta" and self.drc,
+                              "it needs method reta with DRC on")
         for name in ("lr", "lam", "r_bn", "first_bn_weight", "lam_topo"):
             v = getattr(self, name)
             if not (v is None and name == "lr"):
@@ -312,6 +316,9 @@ class DistillConfig:
         d.pop("ipc_start"), d.pop("ipc_end")
         if not self.topo_scaled(num_classes):
             d.pop("topo_ref_batch")  # the weight is lam_topo everywhere: the images of runs made before it
+        if self.drc_connections is not None:  # every connection listed: the default's images
+            listed = [int(b) for b in self.drc_connections]
+            d["drc_connections"] = None if listed == list(range(self.n_blocks - 1)) else listed
         for name, default in ENGINE_DEFAULTS.items():
             if d[name] == default:
                 d.pop(name)

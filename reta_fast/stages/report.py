@@ -199,7 +199,8 @@ def _diagnostics_markdown(d: Optional[dict]) -> list:
         L += ["DRC at each residual injection, against re-injecting the image's own initial patch (the static "
               "anchor): share of images whose retrieved patch *is* their anchor; fit `|q - z|^2` of the teacher "
               "features and per-class scaled complexity of the retrieved vs the anchor patches; distinct retrieved "
-              "patches per class over its images.", "",
+              "patches per class over its images (a connection without a row re-injected the static anchor: "
+              "--drc-connections).", "",
               "| after block | own anchor | fit retrieved / anchor | complexity retrieved / anchor | distinct per class |",
               "|---|---|---|---|---|"]
         L += [f"| {r['block']} | {100 * r['own_anchor']:.0f}% | {r['fit_retrieved']:.4f} / {r['fit_anchor']:.4f} | "

@@ -657,10 +657,17 @@ def test_quality_table_marks_rows_measured_at_the_earlier_residual_weight():
                 settings=dict(arch="a", teacher_epochs=1, iterations=4, eval={"10": dict(epochs=1, batch_size=2, lr=0.1)}))
     row = dict(ipc=10, top1=dict(mean=50.0, std=0.0, runs=[50.0]), distill_seconds=1.0, distill_peak_bytes=2**20,
                peak_kind="rss")
-    table = q.render(meta, [dict(row, name="reta"), dict(row, name="reta alpha 0.5"), dict(row, name="reta k 5")])
-    assert "| reta | " in table and "| reta alpha 0.5 | " in table and "| reta k 5 † | " in table
-    assert "† measured at the residual weight α 0.5" in table
-    assert "†" not in q.render(meta, [dict(row, name="reta")])
+    table = q.render(meta, [dict(row, name="reta"), dict(row, name="reta alpha 0.5"), dict(row, name="reta k 5"),
+                            dict(row, name="reta paper-pta"), dict(row, name="reta --no-pta")])
+    assert "| reta | " in table and "| reta alpha 0.5 ‡ | " in table and "| reta k 5 † ‡ | " in table
+    assert "| reta paper-pta | " in table and "| reta --no-pta | " in table  # the name says it / no PTA to view
+    assert "† measured at the residual weight α 0.5" in table and "‡ measured with PTA on the augmented view" in table
+    assert not {"†", "‡"} & set(q.render(meta, [dict(row, name="reta"), dict(row, name="reta paper-pta")]))
+    # the rows measured before the view's size rule keep their sets' identity: the paper's PTA
+    for name in ("reta k 5", "reta drc-connections 2", "reta pta-balance 0.1", "reta --no-drc alpha 0.5"):
+        assert P.DistillConfig(**q.VARIANTS[name]).pta_view_for(32) == "augmented", name
+    cfg = P.DistillConfig(**q.VARIANTS["reta pta-view clean"])
+    assert (cfg.pta_view_for(32), cfg.pta_balance_for(32)) == ("clean", None)
     assert "Paired with FADRM" not in table  # no FADRM row, nothing to pair with
 
     def seeded(name, *means):
@@ -850,16 +857,29 @@ def test_reta_plan_calibrates(data, teacher, capsys, monkeypatch):
                  "--calibration-steps", "2", "--gpus", "2", "--quiet", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "recover batches | 2 of 100 images, 100 steps each" in text and "2 device(s)" in text
+    # the default PTA at digits' size: the clean view (timed with its second forward), weight from the gradients
+    assert "| PTA | clean view (a second teacher forward per step), weight from the gradients (0.1 of CE's) |" in text
+    assert "PTA weight" not in text
+    assert main(["plan", "--data", "digits", "--teacher", str(teacher.path), "--ipc", "20", "--iterations", "100",
+                 "--calibration-steps", "2", "--quiet", "--device", "cpu", "--pta-view", "augmented"]) == 0
+    text = capsys.readouterr().out
+    assert "| PTA | augmented view, fixed weight |" in text
     assert "| PTA weight | 0.5 in 100-image batches (lambda_topo 0.5 scaled by the batch size) |" in text
     from reta_fast.stages.plan import calibrate
 
-    est = calibrate(data, teacher, P.DistillConfig(**{**TINY, "method": "reta"}), steps=2)
+    est = calibrate(data, teacher, P.DistillConfig(**{**TINY, "method": "reta", "pta_view": "augmented"}), steps=2)
     assert est.seconds_per_step > 0 and est.pool_images == 80 and est.seconds_per_pool_image > 0
     assert est.peak_bytes > 0
     assert est.pta_weights == ((30, 0.5 * (100 / 30)),)  # TINY: 10 classes x 3 items a batch
-    # the job's engine is what gets timed
     import reta_fast.stages.plan as R  # the module that calls recover()
 
+    views, real_recover = [], R.recover  # the default's clean view and balance are what gets timed
+    monkeypatch.setattr(R, "recover", lambda crit, *a, config, **k: (
+        views.append((config.pta_view, crit.topo_balance)), real_recover(crit, *a, config=config, **k))[1])
+    assert calibrate(data, teacher, P.DistillConfig(**{**TINY, "method": "reta"}), steps=2).pta_weights == ()
+    assert views == [("clean", 0.1)] * 2
+    monkeypatch.setattr(R, "recover", real_recover)
+    # the job's engine is what gets timed
     seen, real_recover = [], R.recover
     monkeypatch.setattr(R, "recover", lambda crit, *a, config, **k: (
         seen.append((config.amp, config.channels_last, crit.topo.overlap)), real_recover(crit, *a, config=config, **k))[1])
@@ -1017,19 +1037,24 @@ def test_resuming_with_another_cpu_thread_count_is_flagged(data, teacher, tmp_pa
 
 
 def test_pta_weight_follows_the_batch_size_and_is_in_the_identity_only_where_it_acts(data, teacher, tmp_path):
-    # TINY: 10 classes x 3 items = 30-image batches, so PTA weighs lam_topo * 100 / 30
+    # TINY: 10 classes x 3 items = 30-image batches, so PTA's fixed weight (the paper's PTA; the default at
+    # digits' size sets it from the gradients instead) is lam_topo * 100 / 30
+    paper = dict(method="reta", pta_view="augmented")
     auto = tmp_path / "auto"
-    run(data, teacher, auto, method="reta")
+    run(data, teacher, auto, **paper)
     assert json.loads((auto / "run.json").read_text())["config"]["topo_ref_batch"] == 100
     by_hand = tmp_path / "by-hand"
-    run(data, teacher, by_hand, method="reta", topo_ref_batch=0, lam_topo=0.5 * (100 / 30))
+    run(data, teacher, by_hand, **paper, topo_ref_batch=0, lam_topo=0.5 * (100 / 30))
     assert png_bytes(auto) == png_bytes(by_hand)  # the scaling is exactly a larger lam_topo, nothing else
     plain = tmp_path / "plain"
-    run(data, teacher, plain, method="reta", topo_ref_batch=0)  # lam_topo at every batch size: 0.1.0's images
+    run(data, teacher, plain, **paper, topo_ref_batch=0)  # lam_topo at every batch size: 0.1.0's images
     assert "topo_ref_batch" not in json.loads((plain / "run.json").read_text())["config"]
     assert png_bytes(plain) != png_bytes(auto)
     with pytest.raises(P.RunMismatch, match="topo_ref_batch"):  # a folder from before the option: not mixed
-        run(data, teacher, plain, method="reta")
+        run(data, teacher, plain, **paper)
+    bal = tmp_path / "balanced"  # under the default's balanced weight the batch scaling does not act: not recorded
+    run(data, teacher, bal, method="reta")
+    assert "topo_ref_batch" not in json.loads((bal / "run.json").read_text())["config"]
     ns = cli.build_parser().parse_args(["distill", "--data", "digits", "--out", "o", "--no-topo-batch-scale"])
     assert ns.topo_ref_batch == 0
 
@@ -1114,31 +1139,68 @@ def test_pta_schedule_changes_the_images_and_is_recorded_only_when_set(data, tea
             P.DistillConfig(pta_from_block=1, **no_pta).validate()
 
 
-def test_pta_view_clean_changes_the_images_and_is_recorded_only_when_set(data, teacher, tmp_path):
-    every, clean = _option_changes_images_and_identity(data, teacher, tmp_path, "pta_view", "clean")
-    for info in (every, clean):  # the diagnostics score PTA's loss on the images as they are, before and after
-        b = info["diagnostics"]["betti"]
-        assert all(np.isfinite(b[w]["pta"]) and b[w]["pta"] >= 0 for w in ("before", "after"))
-    assert every["diagnostics"]["betti"]["before"]["pta"] == clean["diagnostics"]["betti"]["before"]["pta"]
+def test_pta_default_is_the_clean_view_at_a_balanced_weight_up_to_64_px_and_the_papers_above():
+    cfg = P.DistillConfig()
+    assert (cfg.pta_view_for(32), cfg.pta_balance_for(32)) == ("clean", 0.1)
+    assert (cfg.pta_view_for(64), cfg.pta_view_for(65), cfg.pta_balance_for(224)) == ("clean", "augmented", None)
+    # the paper's PTA where the default's cannot run (compile) and where PTA does not act (nothing to record)
+    for paper in (dict(compile="default"), dict(method="fadrm"), dict(pta=False), dict(lam_topo=0.0), dict(ipc=1)):
+        c = P.DistillConfig(**paper)
+        c.validate()
+        assert (c.pta_view_for(32), c.pta_balance_for(32)) == ("augmented", None), paper
+    assert P.DistillConfig(pta_view="augmented").pta_balance_for(32) is None  # the paper's PTA: one flag
+    assert P.DistillConfig(pta_view="clean").pta_balance_for(224) == 0.1
+    assert P.DistillConfig(pta_balance=0).pta_balance_for(32) is None  # 0: the fixed weight
+    assert (P.DistillConfig(pta_balance=0.3).pta_view_for(224), P.DistillConfig(pta_balance=0.3).pta_balance_for(224)) \
+        == ("augmented", 0.3)
+    assert P.DistillConfig(pta_view="clean", compile="default").pta_balance_for(32) is None
+
+
+def test_pta_view_changes_the_images_is_recorded_and_old_runs_resume_with_the_papers_view(data, teacher, tmp_path):
+    """The default (clean view, balanced weight at digits' size) is recorded; --pta-view augmented is the paper's
+    PTA, whose identity is that of every run made before the default changed."""
+    default = run(data, teacher, tmp_path / "default", method="reta", ipc_per_batch=3)
+    paper = run(data, teacher, tmp_path / "paper", method="reta", ipc_per_batch=3, pta_view="augmented")
+    a, b = png_bytes(tmp_path / "default"), png_bytes(tmp_path / "paper")
+    assert default["written"] == paper["written"] == 30 and a.keys() == b.keys() and any(a[k] != b[k] for k in a)
+    got = json.loads((tmp_path / "default" / "run.json").read_text())["config"]
+    assert (got["pta_view"], got["pta_balance"]) == ("clean", 0.1)
+    assert not {"pta_view", "pta_balance"} & set(json.loads((tmp_path / "paper" / "run.json").read_text())["config"])
+    for info in (default, paper):  # the diagnostics score PTA's loss on the images as they are, before and after
+        bb = info["diagnostics"]["betti"]
+        assert all(np.isfinite(bb[w]["pta"]) and bb[w]["pta"] >= 0 for w in ("before", "after"))
+    assert default["diagnostics"]["betti"]["before"]["pta"] == paper["diagnostics"]["betti"]["before"]["pta"]
+    run(data, teacher, tmp_path / "paper", method="reta", ipc_per_batch=3, pta_view="augmented", pta_balance=0)
+    with pytest.raises(P.RunMismatch, match=r"clean view at a gradient-balanced weight: --pta-view augmented resumes"):
+        run(data, teacher, tmp_path / "paper", method="reta", ipc_per_batch=3)  # a folder made before the change
+    run(data, teacher, tmp_path / "default", method="reta", ipc_per_batch=3, pta_view="clean", pta_balance=0.1)
     with pytest.raises(ValueError, match="pta_view"):
         P.DistillConfig(pta_view="cropped").validate()
     for no_pta in (dict(method="fadrm"), dict(pta=False), dict(lam_topo=0.0)):  # no PTA to point elsewhere: refused
         with pytest.raises(ValueError, match="pta_view chooses PTA's images, which this run does not use"):
             P.DistillConfig(pta_view="clean", **no_pta).validate()
+        P.DistillConfig(pta_view="augmented", **no_pta).validate()  # what such a run records anyway
 
 
 def test_pta_balance_changes_the_images_records_its_weight_and_is_refused_without_pta(data, teacher, tmp_path):
-    _, bal = _option_changes_images_and_identity(data, teacher, tmp_path, "pta_balance", 0.3)
+    bal = run(data, teacher, tmp_path / "bal", method="reta", ipc_per_batch=3)  # the default: 0.1 on the clean view
+    fixed = run(data, teacher, tmp_path / "fixed", method="reta", ipc_per_batch=3, pta_balance=0)
+    a, b = png_bytes(tmp_path / "bal"), png_bytes(tmp_path / "fixed")
+    assert a.keys() == b.keys() and any(a[k] != b[k] for k in a)
+    got = json.loads((tmp_path / "fixed" / "run.json").read_text())["config"]
+    assert got["pta_view"] == "clean" and "pta_balance" not in got  # 0 is the fixed weight: not recorded
     grads = bal["diagnostics"]["grads"]  # PTA's weight, set each step, in the gradient table of every block
     assert grads and all(np.isfinite(r["topo_weight"]) and r["topo_weight"] > 0 for r in grads)
     # rho bounds PTA's gradient against CE's on the features; on the pixels the two are of that order too
     assert all(0 < r["topo_over_ce"] < 3 for r in grads)
-    for bad in (0.0, -0.1, float("nan"), "0.3", True):
-        with pytest.raises(ValueError, match="pta_balance must be a finite number > 0"):
+    assert all("topo_weight" not in r for r in fixed["diagnostics"]["grads"])
+    for bad in (-0.1, float("nan"), "0.3", True):
+        with pytest.raises(ValueError, match="pta_balance must be a finite number >= 0"):
             P.DistillConfig(pta_balance=bad).validate()
     for no_pta in (dict(method="fadrm"), dict(pta=False), dict(lam_topo=0.0)):
         with pytest.raises(ValueError, match="pta_balance weights PTA, which this run does not use"):
             P.DistillConfig(pta_balance=0.3, **no_pta).validate()
+        P.DistillConfig(pta_balance=0, **no_pta).validate()  # the fixed weight: what such a run has anyway
     with pytest.raises(ValueError, match="pta_balance needs the eager teacher"):
         P.DistillConfig(pta_balance=0.3, compile="default").validate()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence
 
-from .._validate import check_choice, check_int_setting, check_number_setting, check_positive_number
+from .._validate import check_choice, check_int_setting, check_number_setting
 from ..recover.loop import COMPILE_MODES, PTA_VIEWS, check_connections, check_engine
 
 __all__ = ["METHODS", "PTA_SETS", "PTA_REAL_VIEWS", "DistillConfig", "EvalConfig", "ENGINE_DEFAULTS"]
@@ -86,10 +86,14 @@ class DistillConfig:
             block); see :class:`RecoverConfig`.
         pta_view: the images PTA's synthetic features come from [ours]: ``"augmented"`` (the step's
             augmented view, the paper's) or ``"clean"`` (the images as they are, one more teacher forward
-            per step); see :class:`RecoverConfig`.
+            per step); see :class:`RecoverConfig`. None (default): :meth:`pta_view_for` the data's size,
+            clean up to 64 px (chosen on the validation split at that size, docs/method.md §4.10) and the
+            paper's augmented view above it, where it is unmeasured.
         pta_balance: PTA's weight from the gradients [ours]: each step PTA's gradient on the teacher's
             penultimate features is this fraction of CE's (:class:`RETALoss` ``topo_balance``), in place of
-            ``lam_topo``; None (default): the fixed weight.
+            ``lam_topo``; 0: the fixed weight. None (default): :meth:`pta_balance_for`, 0.1 on the clean
+            view and the fixed weight on the augmented one. Under ``compile`` (the gradient-balanced weight
+            needs the eager teacher) both defaults are the paper's.
         pool_per_class, pool_candidates: patch pool size per class and RDED's best-of-N crops.
         drc, pta: the RETA ablations (``reta`` only).
         seed: everything random derives from it.
@@ -140,12 +144,14 @@ class DistillConfig:
     pta_real_view: str = _opt("clean", "PTA's real features from the pool patches as they are (clean) or through "
                               "the recover step's augmentation once (augmented, like the synthetic features)",
                               choices=PTA_REAL_VIEWS)
-    pta_view: str = _opt("augmented", "the images PTA's synthetic features come from: the recover step's augmented "
-                         "view (augmented, the paper's: the forward CE and BN use) or the images as they are "
-                         "(clean: one more teacher forward per step)", choices=PTA_VIEWS)
+    pta_view: Optional[str] = _opt(None, "the images PTA's synthetic features come from: the recover step's augmented "
+                                   "view (augmented, the paper's: the forward CE and BN use) or the images as they "
+                                   "are (clean: one more teacher forward per step); default: clean up to 64 px, "
+                                   "augmented above (and under --compile)", choices=PTA_VIEWS)
     pta_balance: Optional[float] = _opt(None, "PTA's weight from the gradients: each recover step PTA's gradient on "
-                                        "the teacher's penultimate features is this fraction of CE's (in place "
-                                        "of lambda_topo; default: the fixed weight)")
+                                        "the teacher's penultimate features is this fraction of CE's, in place of "
+                                        "lambda_topo; 0: the fixed weight lambda_topo (default: 0.1 on the clean "
+                                        "view, the fixed weight on the augmented view and under --compile)")
     pta_from_block: int = _opt(0, "PTA's schedule: its weight acts from this recover block on, 0 before it (0: every "
                                "block, as the paper)")
     topo_refresh: int = _opt(1, "recompute PTA's graphs and pairings every T steps, re-gather lengths in between")
@@ -206,12 +212,14 @@ class DistillConfig:
         check_int_setting(self.topo_ref_batch, "topo_ref_batch", minimum=0)
         check_choice(self.pta_real_view, "pta_real_view", PTA_REAL_VIEWS)
         check_choice(self.pta_set, "pta_set", PTA_SETS)
-        check_choice(self.pta_view, "pta_view", PTA_VIEWS)
-        if self.pta_view != "augmented" and not self.pta_on:
+        if self.pta_view is not None:
+            check_choice(self.pta_view, "pta_view", PTA_VIEWS)
+        if self.pta_view not in (None, "augmented") and not self.pta_on:
             raise ValueError("pta_view chooses PTA's images, which this run does not use (it needs method reta with "
                              "PTA on and lam_topo > 0)")
         if self.pta_balance is not None:
-            check_positive_number(self.pta_balance, "pta_balance", " (or unset for the fixed weight)")
+            check_number_setting(self.pta_balance, "pta_balance")  # 0: the fixed weight lambda_topo
+        if self.pta_balance:  # 0: the fixed weight, as without the option
             if self.compile is not None:
                 raise ValueError("pta_balance needs the eager teacher: it cannot be combined with --compile")
             if not self.pta_on:
@@ -271,6 +279,22 @@ class DistillConfig:
             return 0.5
         return 0.5 if size > 64 else 0.3
 
+    def pta_view_for(self, size: int) -> str:
+        """PTA's synthetic view at ``size``: ``pta_view``, or by default the clean view up to 64 px (chosen on
+        the validation split of CIFAR-10, CIFAR-10 in grayscale and digits at that size) and the paper's
+        augmented view above 64 px (unmeasured there), under ``compile`` (whose head is fused, so the default
+        balanced weight cannot run) and where PTA does not act (the view is then not part of the run)."""
+        if self.pta_view is not None:
+            return self.pta_view
+        return "clean" if self.pta_active and self.compile is None and size <= 64 else "augmented"
+
+    def pta_balance_for(self, size: int) -> Optional[float]:
+        """PTA's gradient balance at ``size`` (None: the fixed weight ``lam_topo``): ``pta_balance`` (0: None),
+        or by default 0.1 where PTA acts on the clean view without ``compile``, the fixed weight elsewhere."""
+        if self.pta_balance is not None:
+            return float(self.pta_balance) or None
+        return 0.1 if self.pta_active and self.compile is None and self.pta_view_for(size) == "clean" else None
+
     @property
     def pta_active(self) -> bool:
         """PTA on and with more points per class than ``k`` (otherwise its term is 0: IPC 1, ...)."""
@@ -306,7 +330,7 @@ class DistillConfig:
     def topo_scaled(self, num_classes: int) -> bool:
         """Whether ``topo_ref_batch`` moves PTA's weight away from ``lam_topo`` for some batch of the run (never
         under ``pta_balance``, whose weight comes from the gradients)."""
-        return (self.uses_recover and self.pta_active and self.topo_ref_batch > 0 and self.pta_balance is None
+        return (self.uses_recover and self.pta_active and self.topo_ref_batch > 0 and not self.pta_balance
                 and any(b != self.topo_ref_batch for b in self.batch_sizes(num_classes)))
 
     def identity(self, num_classes: int) -> dict:

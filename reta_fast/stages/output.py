@@ -115,10 +115,15 @@ def check_run(out: Path, manifest: dict) -> None:
                                if a.get(f) != b.get(f)]
                 else:
                     detail.append(f"{k}: {a!r} -> {b!r}")
-            hint = ""
+            hints = []  # default changes that a run made before them resumes from, with the flag that keeps it
             if any(d.startswith("config.alpha: 0.5 -> 0.3") for d in detail):
-                hint = (" (the default residual weight for images up to 64 px changed from 0.5 to 0.3: --alpha 0.5 "
-                        "resumes a run made before)")
+                hints.append("the default residual weight for images up to 64 px changed from 0.5 to 0.3: --alpha 0.5 "
+                             "resumes a run made before")
+            if "config.pta_view: None -> 'clean'" in detail and "config.pta_balance: None -> 0.1" in detail:
+                hints.append("the default PTA for images up to 64 px changed from the augmented view at the fixed "
+                             "weight to the clean view at a gradient-balanced weight: --pta-view augmented resumes a run "
+                             "made before")
+            hint = f" ({'; '.join(hints)})" if hints else ""
             raise RunMismatch(f"{str(out)!r} holds a run with other settings ({'; '.join(detail[:6])}): refusing to "
                               f"mix them. Use another --out, or the original settings to resume{hint}.")
         return

@@ -63,6 +63,7 @@ class Estimate:
     unit_state_bytes: int = 0
     lam_topo: float = 0.0  # PTA's weight at the reference batch size, and per batch size of the run
     pta_weights: tuple = ()  # ((batch images, weight), ...)
+    pta: str = ""  # PTA's view and how it is weighed, where PTA acts
 
     def table(self) -> str:
         def hms(s: float) -> str:
@@ -74,6 +75,7 @@ class Estimate:
             f"| recover batches | {self.batches} of {self.batch_images} images, {self.steps_per_batch} steps each |",
             *([f"| lockstep units | {self.units} of {self.batches_per_unit} batches (PTA on each class's whole set); "
                f"{self.unit_state_bytes / 2**30:.2f} GiB of unit state per device |"] if self.batches_per_unit > 1 else []),
+            *([f"| PTA | {self.pta} |"] if self.pta else []),
             *(["| PTA weight | " + ", ".join(f"{w:g} in {b}-image batches" for b, w in self.pta_weights)
                + f" (lambda_topo {self.lam_topo:g} scaled by the batch size) |"] if self.pta_weights else []),
             f"| recover step | {1e3 * self.seconds_per_step:.1f} ms |",
@@ -111,6 +113,7 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     C, S = len(data.classes), data.size
+    view, balance = cfg.pta_view_for(S), cfg.pta_balance_for(S)  # as the job resolves them (clean: two forwards)
     bc, ipb = cfg.batch_shape(C)
     res = max(cfg.block_resolutions(S))
     model = teacher.model.to(device).eval()
@@ -132,7 +135,7 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
             per_unit = math.ceil(cfg.ipc / ipb) if cfg.lockstep else 1
             crit = RETALoss(model, lam_topo=cfg.lam_topo, real_feats=real, k=cfg.k(),
                             topo_refresh=cfg.topo_refresh * per_unit, overlap=cfg.topo_overlap,
-                            topo_ref_batch=cfg.loss_ref_batch, **kw)
+                            topo_ref_batch=cfg.loss_ref_batch, topo_balance=balance, **kw)
             # ... and PTA runs on each class's whole set (ipc points), the batch's images among them
             n_cls = min(bc, C)
             set_ids = torch.arange(n_cls * cfg.ipc)
@@ -144,7 +147,8 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            engine = dict(amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile)  # the job's engine
+            engine = dict(amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile,  # the job's engine
+                          pta_view=view if cfg.pta_active else "augmented")
             warm = 3 if cfg.compile else 1  # compilation, and CUDA-graph recording after it
             rc = RecoverConfig(iterations=warm, resolutions=[res], drc=False, mean=data.mean, std=data.std, **engine)
             recover(crit, x, y, ids if cfg.pta_active else None, config=rc)  # warm-up (allocations, kernels)
@@ -186,6 +190,9 @@ def calibrate(data, teacher, cfg, device="cpu", steps: int = 5, pool_sample: int
     if steps_per_batch == 0:
         est.steps_per_batch, est.distill_seconds = 0, 0.0
     if cfg.pta_active:
+        est.pta = (f"{view} view" + (" (a second teacher forward per step)" if view == "clean" else "") + ", "
+                   + (f"weight from the gradients ({balance:g} of CE's)" if balance else "fixed weight"))
+    if cfg.pta_active and balance is None:  # under the balance PTA's weight comes from the gradients each step
         est.lam_topo = cfg.lam_topo
         est.pta_weights = tuple((b, topo_weight(cfg.lam_topo, cfg.loss_ref_batch, b))
                                 for b in cfg.batch_sizes(C))

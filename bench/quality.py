@@ -564,10 +564,11 @@ def _pinned_alpha(name: str) -> bool:
 
 
 def _pinned_pta(name: str) -> bool:
-    """A RETA variant with PTA on the augmented view (the paper's) whose name does not say so."""
+    """A RETA variant measured with PTA as it was before the clean view at a balanced weight became the default
+    up to 64 px (the augmented view, or the clean view at the fixed weight), whose name does not say so."""
     v = VARIANTS.get(name, {})
-    return (v.get("pta_view") == "augmented" and v.get("pta", True) and v.get("lam_topo", 1) > 0
-            and "paper-pta" not in name)
+    return ((v.get("pta_view") == "augmented" or v.get("pta_balance") == 0) and v.get("pta", True)
+            and v.get("lam_topo", 1) > 0 and "paper-pta" not in name)
 
 
 # DistillConfig fields only RETA's parts read: a FADRM row is RETA's partner when the rest of the overrides agree
@@ -655,10 +656,10 @@ def render(meta: dict, rows) -> str:
         L.append("† measured at the residual weight α 0.5 (the default before α's size rule): compare with the "
                  "`alpha 0.5` rows; unmarked rows use this version's defaults (α 0.3 up to 64 px).")
     if any(_pinned_pta(n) for n in names):
-        L.append("‡ measured with PTA on the augmented view (the paper's; at the fixed weight unless the name says "
-                 "`pta-balance`), the default up to 64 px before the clean view at a gradient-balanced weight: compare "
-                 "with the `paper-pta` rows; unmarked RETA rows use this version's PTA (clean view, balance 0.1 up "
-                 "to 64 px).")
+        L.append("‡ measured with PTA as it was before its default up to 64 px became the clean view at a "
+                 "gradient-balanced weight: on the augmented view (the paper's) unless the name says `pta-view "
+                 "clean`, at the fixed weight unless it says `pta-balance`; compare with the `paper-pta` rows. "
+                 "Unmarked RETA rows use this version's PTA (clean view, balance 0.1 up to 64 px).")
     L.append("Peak memory: " + ("CUDA max allocated" if rows and rows[0]["peak_kind"].startswith("cuda")
                                 else "process peak RSS (monotone over the run)") + ".")
     return "\n".join(L) + "\n"

@@ -661,7 +661,8 @@ def test_quality_table_marks_rows_measured_at_the_earlier_residual_weight():
                             dict(row, name="reta paper-pta"), dict(row, name="reta --no-pta")])
     assert "| reta | " in table and "| reta alpha 0.5 ‡ | " in table and "| reta k 5 † ‡ | " in table
     assert "| reta paper-pta | " in table and "| reta --no-pta | " in table  # the name says it / no PTA to view
-    assert "† measured at the residual weight α 0.5" in table and "‡ measured with PTA on the augmented view" in table
+    assert "† measured at the residual weight α 0.5" in table and "‡ measured with PTA as it was before" in table
+    assert "| reta pta-view clean ‡ |" in q.render(meta, [dict(row, name="reta pta-view clean")])  # fixed weight
     assert not {"†", "‡"} & set(q.render(meta, [dict(row, name="reta"), dict(row, name="reta paper-pta")]))
     # the rows measured before the view's size rule keep their sets' identity: the paper's PTA
     for name in ("reta k 5", "reta drc-connections 2", "reta pta-balance 0.1", "reta --no-drc alpha 0.5"):

@@ -353,6 +353,15 @@ def _evaluate_reusing(P, data, teacher, out: Path, ecfg, want: dict, split: str,
     return res
 
 
+def foreign_checkout() -> Optional[Path]:
+    """The other source tree reta_fast is imported from, if any: an editable install of another checkout (or
+    worktree) would make the sets with that tree's code under this tree's variant names."""
+    import reta_fast
+
+    src = Path(reta_fast.__file__).resolve().parents[1]
+    return src if src != ROOT and (src / "bench" / "quality.py").is_file() else None
+
+
 def main(argv=None) -> int:
     from reta_fast import stages as P
     from reta_fast.data.sets import load_data
@@ -385,6 +394,12 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of an existing results.json that this invocation does not recompute")
     args = ap.parse_args(argv)
+    other = foreign_checkout()
+    if other is not None:
+        print(f"quality: reta_fast is imported from another checkout ({other}), not from the one this script is in "
+              f"({ROOT}): its code would make the sets. Run with PYTHONPATH={ROOT} (or install this checkout).",
+              file=sys.stderr)
+        return 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would distil and score the same sets
         ap.error("bench/quality.py runs in one process, not under torchrun; spread a data set over GPUs with "
                  "`torchrun ... reta distill` / `reta evaluate`")

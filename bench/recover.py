@@ -1,5 +1,6 @@
 """One recover step (docs/method.md §2): reta_fast's RETALoss step (CE + BN + PTA, frozen teacher)
-against the same step with PTA on the clean view (``--pta-view clean``), the step without PTA and a plain
+against the same step with PTA on the clean view (``--pta-view clean``), the default up to 64 px (the clean
+view with PTA's weight from the gradients, ``--pta-balance 0.1``), the step without PTA and a plain
 eager SRe2L-style step (CE + BN, teacher parameters still requiring grad, as much published code leaves
 them). Same teacher, batch and augmentation."""
 from __future__ import annotations
@@ -54,6 +55,7 @@ def setup(cfg: dict, device: str) -> Case:
 
     reta = filled(rf.RETALoss(teacher, real_feats=real, k=cfg["k"]))
     reta_clean = filled(rf.RETALoss(teacher, real_feats=real, k=cfg["k"]))
+    reta_small = filled(rf.RETALoss(teacher, real_feats=real, k=cfg["k"], topo_balance=0.1))
     plain = rf.RETALoss(teacher, lam_topo=0.0)
     variants = {}  # the recover engine's options (RecoverConfig amp / channels_last / compile)
     for name, amp, cl, mode, overlap in cfg.get("engine", []):
@@ -85,6 +87,8 @@ def setup(cfg: dict, device: str) -> Case:
         "reta_fast RETA step (CE+BN+PTA)": make_step(reta, y * n),
         "reta_fast RETA step, PTA on the clean view (--pta-view clean: a second teacher forward)":
             make_step(reta_clean, y * n, clean_view=True),
+        "reta_fast RETA step, default PTA up to 64 px (clean view, --pta-balance 0.1)":
+            make_step(reta_small, y * n, clean_view=True),
         "reta_fast step without PTA (CE+BN)": make_step(plain),
         **variants,
         "eager SRe2L-style step (CE+BN, teacher grads)": make_step(sre2l),

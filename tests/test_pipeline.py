@@ -692,6 +692,32 @@ def test_quality_table_marks_rows_measured_at_the_earlier_residual_weight():
         assert q.machine() == f"cpu-intel-xeon-processor-{os.cpu_count()}core"
 
 
+def test_quality_refuses_to_measure_another_checkouts_code(tmp_path, monkeypatch, capsys):
+    """An editable install of another checkout (or git worktree) would make the sets with that tree's code under
+    this tree's variant names: refused by name before anything is read."""
+    import importlib.util
+
+    import reta_fast
+
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "bench" / "quality.py")
+    q = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(q)
+    other = tmp_path / "other"
+    (other / "bench").mkdir(parents=True)
+    (other / "bench" / "quality.py").write_text("")
+    monkeypatch.setattr(reta_fast, "__file__", str(other / "reta_fast" / "__init__.py"))
+    assert q.foreign_checkout() == other.resolve()
+    assert q.main(["--data", str(tmp_path / "nothing"), "--work", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "imported from another checkout" in err and f"PYTHONPATH={q.ROOT}" in err
+    assert not (tmp_path / "w").exists()
+    monkeypatch.setattr(reta_fast, "__file__", str(q.ROOT / "reta_fast" / "__init__.py"))  # this checkout's
+    assert q.foreign_checkout() is None
+    (other / "bench" / "quality.py").unlink()  # an installed package (site-packages): no checkout around it
+    monkeypatch.setattr(reta_fast, "__file__", str(other / "reta_fast" / "__init__.py"))
+    assert q.foreign_checkout() is None
+
+
 def test_quality_reuses_only_students_of_the_same_protocol(tmp_path):
     import importlib.util
     import subprocess

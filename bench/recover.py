@@ -1,6 +1,7 @@
 """One recover step (docs/method.md §2): reta_fast's RETALoss step (CE + BN + PTA, frozen teacher)
-against the same step with PTA on the clean view (``--pta-view clean``), the default up to 64 px (the clean
-view with PTA's weight from the gradients, ``--pta-balance 0.1``), the step without PTA and a plain
+(the paper's PTA: the augmented view at the fixed weight, ``--pta-view augmented``) against the same step with
+PTA on the clean view (``--pta-view clean``), the default up to 64 px (the clean view with PTA's weight from
+the gradients, ``--pta-balance 0.1``), the step without PTA and a plain
 eager SRe2L-style step (CE + BN, teacher parameters still requiring grad, as much published code leaves
 them). Same teacher, batch and augmentation."""
 from __future__ import annotations
@@ -84,8 +85,8 @@ def setup(cfg: dict, device: str) -> Case:
         return F.cross_entropy(eager_teacher(x_aug), yy) + 0.01 * sum(stats), {}
 
     return Case({
-        "reta_fast RETA step (CE+BN+PTA)": make_step(reta, y * n),
-        "reta_fast RETA step, PTA on the clean view (--pta-view clean: a second teacher forward)":
+        "reta_fast RETA step (CE+BN+PTA; the paper's PTA, --pta-view augmented)": make_step(reta, y * n),
+        "reta_fast RETA step, PTA on the clean view at the fixed weight (--pta-view clean: a second teacher forward)":
             make_step(reta_clean, y * n, clean_view=True),
         "reta_fast RETA step, default PTA up to 64 px (clean view, --pta-balance 0.1)":
             make_step(reta_small, y * n, clean_view=True),

@@ -1176,11 +1176,24 @@ def test_pta_default_is_the_clean_view_at_a_balanced_weight_up_to_64_px_and_the_
         c.validate()
         assert (c.pta_view_for(32), c.pta_balance_for(32)) == ("augmented", None), paper
     assert P.DistillConfig(pta_view="augmented").pta_balance_for(32) is None  # the paper's PTA: one flag
-    assert P.DistillConfig(pta_view="clean").pta_balance_for(224) == 0.1
+    # an explicit view keeps the fixed weight it had before the size rule (its folders resume)
+    assert P.DistillConfig(pta_view="clean").pta_balance_for(32) is None
+    assert P.DistillConfig(pta_view="clean").pta_balance_for(224) is None
     assert P.DistillConfig(pta_balance=0).pta_balance_for(32) is None  # 0: the fixed weight
+    assert P.DistillConfig(pta_balance=0).pta_view_for(32) == "clean"
+    r = P.DistillConfig().resolved(32)
+    assert (r.lr, r.alpha, r.pta_view, r.pta_balance) == (0.05, 0.3, "clean", 0.1)
+    r = P.DistillConfig().resolved(224)
+    assert (r.lr, r.alpha, r.pta_view, r.pta_balance) == (0.25, 0.5, "augmented", None)
+    with pytest.raises(ValueError, match=r"identity\(\) needs the size-dependent defaults resolved"):
+        P.DistillConfig().identity(10)
     assert (P.DistillConfig(pta_balance=0.3).pta_view_for(224), P.DistillConfig(pta_balance=0.3).pta_balance_for(224)) \
         == ("augmented", 0.3)
     assert P.DistillConfig(pta_view="clean", compile="default").pta_balance_for(32) is None
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"pta_balance must be a finite number >= 0.0, got .* \(0: PTA's fixed "
+                                             r"weight; unset: the default for the image size\)"):
+            P.DistillConfig(pta_balance=bad).validate()
 
 
 def test_pta_view_changes_the_images_is_recorded_and_old_runs_resume_with_the_papers_view(data, teacher, tmp_path):
@@ -1201,6 +1214,14 @@ def test_pta_view_changes_the_images_is_recorded_and_old_runs_resume_with_the_pa
     with pytest.raises(P.RunMismatch, match=r"clean view at a gradient-balanced weight: --pta-view augmented resumes"):
         run(data, teacher, tmp_path / "paper", method="reta", ipc_per_batch=3)  # a folder made before the change
     run(data, teacher, tmp_path / "default", method="reta", ipc_per_batch=3, pta_view="clean", pta_balance=0.1)
+    # a folder of --pta-view clean from before the size rule (the clean view at the fixed weight) resumes with
+    # the same flag; the default is refused there with the flag that resumes it
+    run(data, teacher, tmp_path / "clean", method="reta", ipc_per_batch=3, pta_view="clean")
+    clean_cfg = json.loads((tmp_path / "clean" / "run.json").read_text())["config"]
+    assert clean_cfg["pta_view"] == "clean" and "pta_balance" not in clean_cfg
+    with pytest.raises(P.RunMismatch, match=r"pta_balance: None -> 0.1.*--pta-balance 0 resumes"):
+        run(data, teacher, tmp_path / "clean", method="reta", ipc_per_batch=3)
+    run(data, teacher, tmp_path / "clean", method="reta", ipc_per_batch=3, pta_balance=0)  # the same images
     with pytest.raises(ValueError, match="pta_view"):
         P.DistillConfig(pta_view="cropped").validate()
     for no_pta in (dict(method="fadrm"), dict(pta=False), dict(lam_topo=0.0)):  # no PTA to point elsewhere: refused
@@ -1271,10 +1292,10 @@ def test_drc_connections_change_the_images_and_record_diagnostics_only_where_drc
         with pytest.raises(ValueError, match=msg):
             P.DistillConfig(**dict(dict(drc_connections=[0]), **bad)).validate()
     # every connection listed is the default's run; numpy indices are plain integers in the identity
-    assert "drc_connections" not in P.DistillConfig(drc_connections=(0, 1, 2)).identity(10)
+    assert "drc_connections" not in P.DistillConfig(drc_connections=(0, 1, 2)).resolved(32).identity(10)
     cfg = P.DistillConfig(drc_connections=list(np.arange(2)))
     cfg.validate()
-    assert json.loads(json.dumps(cfg.identity(10)))["drc_connections"] == [0, 1]
+    assert json.loads(json.dumps(cfg.resolved(32).identity(10)))["drc_connections"] == [0, 1]
 
 
 def test_drc_exclude_anchor_never_reinjects_the_initial_patch(data, teacher, tmp_path):

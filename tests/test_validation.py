@@ -131,8 +131,8 @@ def test_every_settings_field_is_checked_by_name(cls, kw, match):
 
 
 def test_topo_ref_batch_is_in_the_identity_only_where_it_moves_a_batch_weight():
-    def ident(C, **kw):
-        return DistillConfig(**kw).identity(C)
+    def ident(C, size=224, **kw):  # above 64 px PTA's default is the paper's fixed weight, which the scaling moves
+        return DistillConfig(**kw).resolved(size).identity(C)
 
     assert DistillConfig(ipc=10).batch_sizes(10) == [100]  # CIFAR-10: 10 classes x 10 items
     assert DistillConfig(ipc=50).batch_sizes(1000) == [100]  # ImageNet-1K: 100 classes x 1 item
@@ -151,3 +151,6 @@ def test_topo_ref_batch_is_in_the_identity_only_where_it_moves_a_batch_weight():
     # under pta_balance PTA's weight comes from the gradients: the batch scaling does not act, so not in it
     assert "topo_ref_batch" not in ident(10, ipc=10, batch_classes=10, ipc_per_batch=1, pta_balance=0.1)
     assert "topo_ref_batch" not in ident(10, ipc=10, topo_ref_batch=50, pta_balance=0.1)
+    # ... nor under the default up to 64 px, which balances PTA from the gradients; the paper's PTA is scaled there
+    assert "topo_ref_batch" not in ident(10, size=32, ipc=10, batch_classes=10, ipc_per_batch=1)
+    assert ident(10, size=32, ipc=10, batch_classes=10, ipc_per_batch=1, pta_view="augmented")["topo_ref_batch"] == 100

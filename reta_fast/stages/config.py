@@ -2,7 +2,7 @@
 defaults (the CLI's flags are built from these fields)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import List, Optional, Sequence
 
 from .._validate import check_choice, check_int_setting, check_number_setting
@@ -87,13 +87,14 @@ class DistillConfig:
         pta_view: the images PTA's synthetic features come from [ours]: ``"augmented"`` (the step's
             augmented view, the paper's) or ``"clean"`` (the images as they are, one more teacher forward
             per step); see :class:`RecoverConfig`. None (default): :meth:`pta_view_for` the data's size,
-            clean up to 64 px (chosen on the validation split at that size, docs/method.md §4.10) and the
+            clean up to 64 px (chosen on validation splits at that size, docs/method.md §4.11) and the
             paper's augmented view above it, where it is unmeasured.
         pta_balance: PTA's weight from the gradients [ours]: each step PTA's gradient on the teacher's
             penultimate features is this fraction of CE's (:class:`RETALoss` ``topo_balance``), in place of
-            ``lam_topo``; 0: the fixed weight. None (default): :meth:`pta_balance_for`, 0.1 on the clean
-            view and the fixed weight on the augmented one. Under ``compile`` (the gradient-balanced weight
-            needs the eager teacher) both defaults are the paper's.
+            ``lam_topo``; 0: the fixed weight. None (default): :meth:`pta_balance_for`, 0.1 where the view is
+            left to its default and comes out clean, the fixed weight otherwise (an explicit ``pta_view``
+            keeps the fixed weight). Under ``compile`` (the gradient-balanced weight needs the eager teacher)
+            both defaults are the paper's.
         pool_per_class, pool_candidates: patch pool size per class and RDED's best-of-N crops.
         drc, pta: the RETA ablations (``reta`` only).
         seed: everything random derives from it.
@@ -147,11 +148,13 @@ class DistillConfig:
     pta_view: Optional[str] = _opt(None, "the images PTA's synthetic features come from: the recover step's augmented "
                                    "view (augmented, the paper's: the forward CE and BN use) or the images as they "
                                    "are (clean: one more teacher forward per step); default: clean up to 64 px, "
-                                   "augmented above (and under --compile)", choices=PTA_VIEWS)
+                                   "augmented above, under --compile and where PTA does not act",
+                                   choices=PTA_VIEWS)
     pta_balance: Optional[float] = _opt(None, "PTA's weight from the gradients: each recover step PTA's gradient on "
                                         "the teacher's penultimate features is this fraction of CE's, in place of "
-                                        "lambda_topo; 0: the fixed weight lambda_topo (default: 0.1 on the clean "
-                                        "view, the fixed weight on the augmented view and under --compile)")
+                                        "lambda_topo; 0: the fixed weight (lambda_topo scaled by the batch size; "
+                                        "default: 0.1 where the view is left to its default and comes out clean, "
+                                        "the fixed weight otherwise)")
     pta_from_block: int = _opt(0, "PTA's schedule: its weight acts from this recover block on, 0 before it (0: every "
                                "block, as the paper)")
     topo_refresh: int = _opt(1, "recompute PTA's graphs and pairings every T steps, re-gather lengths in between")
@@ -218,7 +221,10 @@ class DistillConfig:
             raise ValueError("pta_view chooses PTA's images, which this run does not use (it needs method reta with "
                              "PTA on and lam_topo > 0)")
         if self.pta_balance is not None:
-            check_number_setting(self.pta_balance, "pta_balance")  # 0: the fixed weight lambda_topo
+            try:
+                check_number_setting(self.pta_balance, "pta_balance")
+            except ValueError as exc:
+                raise ValueError(f"{exc} (0: PTA's fixed weight; unset: the default for the image size)") from None
         if self.pta_balance:  # 0: the fixed weight, as without the option
             if self.compile is not None:
                 raise ValueError("pta_balance needs the eager teacher: it cannot be combined with --compile")
@@ -289,11 +295,18 @@ class DistillConfig:
         return "clean" if self.pta_active and self.compile is None and size <= 64 else "augmented"
 
     def pta_balance_for(self, size: int) -> Optional[float]:
-        """PTA's gradient balance at ``size`` (None: the fixed weight ``lam_topo``): ``pta_balance`` (0: None),
-        or by default 0.1 where PTA acts on the clean view without ``compile``, the fixed weight elsewhere."""
+        """PTA's gradient balance at ``size`` (None: the fixed weight): ``pta_balance`` (0: None), or by default
+        0.1 where the default view is the clean one (``pta_view`` unset, PTA active, no ``compile``, up to 64 px),
+        the fixed weight elsewhere: an explicit ``pta_view`` keeps the fixed weight it always had."""
         if self.pta_balance is not None:
             return float(self.pta_balance) or None
-        return 0.1 if self.pta_active and self.compile is None and self.pta_view_for(size) == "clean" else None
+        return 0.1 if self.pta_view is None and self.pta_view_for(size) == "clean" else None
+
+    def resolved(self, size: int) -> "DistillConfig":
+        """This config with every size-dependent default resolved for images of ``size`` px: what a run records
+        and what :meth:`identity` needs."""
+        return replace(self, lr=self.lr_for(size), alpha=self.alpha_for(size), pta_view=self.pta_view_for(size),
+                       pta_balance=self.pta_balance_for(size))
 
     @property
     def pta_active(self) -> bool:
@@ -335,7 +348,11 @@ class DistillConfig:
 
     def identity(self, num_classes: int) -> dict:
         """The parameters that decide the images (all but the ipc slice) of a run over ``num_classes``
-        classes: a folder written with one identity is refused for another."""
+        classes: a folder written with one identity is refused for another. Needs a :meth:`resolved` config
+        (the size-dependent defaults decide the images too)."""
+        if self.lr is None or self.alpha is None or self.pta_view is None:
+            raise ValueError("DistillConfig.identity() needs the size-dependent defaults resolved: call "
+                             ".resolved(image size) first")
         d = asdict(self)
         d.pop("ipc_start"), d.pop("ipc_end")
         if not self.topo_scaled(num_classes):

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -219,9 +218,7 @@ def distill(data, teachers, out, cfg: DistillConfig, device="cpu", pool_dir=None
     (torchrun). ``on_item(c, i)`` is called after each image is written. Returns the stage info.
     """
     cfg.validate()
-    S = data.size  # the manifest records what is used
-    cfg = replace(cfg, lr=cfg.lr_for(S), alpha=cfg.alpha_for(S), pta_view=cfg.pta_view_for(S),
-                  pta_balance=cfg.pta_balance_for(S))
+    cfg = cfg.resolved(data.size)  # the manifest records what is used
     out = Path(out)
     _start_run(data, teachers, out, cfg, teacher_specs)
     C = len(data.classes)

@@ -119,10 +119,13 @@ def check_run(out: Path, manifest: dict) -> None:
             if any(d.startswith("config.alpha: 0.5 -> 0.3") for d in detail):
                 hints.append("the default residual weight for images up to 64 px changed from 0.5 to 0.3: --alpha 0.5 "
                              "resumes a run made before")
-            if "config.pta_view: None -> 'clean'" in detail and "config.pta_balance: None -> 0.1" in detail:
+            if "config.pta_view: None -> 'clean'" in detail:
                 hints.append("the default PTA for images up to 64 px changed from the augmented view at the fixed "
                              "weight to the clean view at a gradient-balanced weight: --pta-view augmented resumes a run "
                              "made before")
+            elif "config.pta_balance: None -> 0.1" in detail:
+                hints.append("PTA's default weight on the clean view up to 64 px is now set from the gradients: "
+                             "--pta-balance 0 resumes a run made at the fixed weight")
             hint = f" ({'; '.join(hints)})" if hints else ""
             raise RunMismatch(f"{str(out)!r} holds a run with other settings ({'; '.join(detail[:6])}): refusing to "
                               f"mix them. Use another --out, or the original settings to resume{hint}.")

@@ -353,13 +353,25 @@ def _evaluate_reusing(P, data, teacher, out: Path, ecfg, want: dict, split: str,
     return res
 
 
-def foreign_checkout() -> Optional[Path]:
-    """The other source tree reta_fast is imported from, if any: an editable install of another checkout (or
-    worktree) would make the sets with that tree's code under this tree's variant names."""
+def foreign_checkout() -> Optional[str]:
+    """Why the reta_fast this process imports is not this checkout's code, or None: an editable install of
+    another checkout (or worktree), or an install of another version, would make the sets with other code
+    under this checkout's variant names. An install of this very code (``pip install .``) is fine."""
     import reta_fast
+    import reta_fast.kernels
 
-    src = Path(reta_fast.__file__).resolve().parents[1]
-    return src if src != ROOT and (src / "bench" / "quality.py").is_file() else None
+    pkg = Path(reta_fast.__file__).resolve().parent
+    if pkg == ROOT / "reta_fast" and Path(reta_fast.kernels.__file__).resolve().parent == ROOT / "kernels":
+        return None
+    differ = []
+    for mine, theirs in ((ROOT / "reta_fast", pkg), (ROOT / "kernels", Path(reta_fast.kernels.__file__).resolve().parent)):
+        for p in sorted(mine.rglob("*.py")):
+            other = theirs / p.relative_to(mine)
+            if not other.is_file() or other.read_bytes() != p.read_bytes():
+                differ.append(p.relative_to(ROOT).as_posix())
+    if not differ:
+        return None
+    return f"reta_fast is imported from {pkg}, whose code differs from this checkout's ({len(differ)} files, e.g. {differ[0]})"
 
 
 def main(argv=None) -> int:
@@ -394,11 +406,10 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of an existing results.json that this invocation does not recompute")
     args = ap.parse_args(argv)
-    other = foreign_checkout()
-    if other is not None:
-        print(f"quality: reta_fast is imported from another checkout ({other}), not from the one this script is in "
-              f"({ROOT}): its code would make the sets. Run with PYTHONPATH={ROOT} (or install this checkout).",
-              file=sys.stderr)
+    why = foreign_checkout()
+    if why is not None:
+        print(f"quality: {why}: that code would make the sets under this checkout's names. Run with "
+              f"PYTHONPATH={ROOT} (or install this checkout).", file=sys.stderr)
         return 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would distil and score the same sets
         ap.error("bench/quality.py runs in one process, not under torchrun; spread a data set over GPUs with "

@@ -693,28 +693,35 @@ def test_quality_table_marks_rows_measured_at_the_earlier_residual_weight():
 
 
 def test_quality_refuses_to_measure_another_checkouts_code(tmp_path, monkeypatch, capsys):
-    """An editable install of another checkout (or git worktree) would make the sets with that tree's code under
-    this tree's variant names: refused by name before anything is read."""
+    """An editable install of another checkout (or git worktree), or an install of other code, would make the sets
+    with that code under this checkout's variant names: refused by name before anything is read. An install of
+    this very code (CI's ``pip install .``) is accepted."""
     import importlib.util
+    import shutil
 
     import reta_fast
 
     spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "bench" / "quality.py")
     q = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(q)
-    other = tmp_path / "other"
-    (other / "bench").mkdir(parents=True)
-    (other / "bench" / "quality.py").write_text("")
-    monkeypatch.setattr(reta_fast, "__file__", str(other / "reta_fast" / "__init__.py"))
-    assert q.foreign_checkout() == other.resolve()
+    import reta_fast.kernels
+
+    installed = tmp_path / "site" / "reta_fast"  # as pip installs it: kernels/ inside the package
+    shutil.copytree(q.ROOT / "reta_fast", installed, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copytree(q.ROOT / "kernels", installed / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(reta_fast, "__file__", str(installed / "__init__.py"))
+    monkeypatch.setattr(reta_fast.kernels, "__file__", str(installed / "kernels" / "__init__.py"))
+    assert q.foreign_checkout() is None  # the same code installed elsewhere
+    (installed / "kernels" / "knn.py").write_text("# another version\n")
+    assert q.foreign_checkout().endswith("(1 files, e.g. kernels/knn.py)")
+    (installed / "stages" / "config.py").write_text("# another version\n")
+    assert q.foreign_checkout().endswith("(2 files, e.g. reta_fast/stages/config.py)")
     assert q.main(["--data", str(tmp_path / "nothing"), "--work", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
-    assert "imported from another checkout" in err and f"PYTHONPATH={q.ROOT}" in err
+    assert f"imported from {installed.resolve()}, whose code differs" in err and f"PYTHONPATH={q.ROOT}" in err
     assert not (tmp_path / "w").exists()
     monkeypatch.setattr(reta_fast, "__file__", str(q.ROOT / "reta_fast" / "__init__.py"))  # this checkout's
-    assert q.foreign_checkout() is None
-    (other / "bench" / "quality.py").unlink()  # an installed package (site-packages): no checkout around it
-    monkeypatch.setattr(reta_fast, "__file__", str(other / "reta_fast" / "__init__.py"))
+    monkeypatch.setattr(reta_fast.kernels, "__file__", str(q.ROOT / "kernels" / "__init__.py"))
     assert q.foreign_checkout() is None
 
 

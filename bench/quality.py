@@ -158,9 +158,9 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
 }
 for _name, _over in VARIANTS.items():  # the variants measured before the size rule of DistillConfig.pta_view
     if _name not in ("reta", "reta --no-drc") and _over.get("method") == "reta":
-        _over.setdefault("pta_view", PAPER_PTA["pta_view"])  # (where PTA is off the view is not part of the run)
-        if _over["pta_view"] == "clean":
-            _over.setdefault("pta_balance", 0)  # the fixed weight, then the only one on the clean view
+        # (an explicit view keeps the fixed weight unless pta_balance is set; where PTA is off the view is not
+        # part of the run)
+        _over.setdefault("pta_view", PAPER_PTA["pta_view"])
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]
 
@@ -360,11 +360,11 @@ def foreign_checkout() -> Optional[str]:
     import reta_fast
     import reta_fast.kernels
 
-    pkg = Path(reta_fast.__file__).resolve().parent
-    if pkg == ROOT / "reta_fast" and Path(reta_fast.kernels.__file__).resolve().parent == ROOT / "kernels":
+    pkg, kernels = Path(reta_fast.__file__).resolve().parent, Path(reta_fast.kernels.__file__).resolve().parent
+    if pkg == ROOT / "reta_fast" and kernels == ROOT / "kernels":
         return None
     differ = []
-    for mine, theirs in ((ROOT / "reta_fast", pkg), (ROOT / "kernels", Path(reta_fast.kernels.__file__).resolve().parent)):
+    for mine, theirs in ((ROOT / "reta_fast", pkg), (ROOT / "kernels", kernels)):
         for p in sorted(mine.rglob("*.py")):
             other = theirs / p.relative_to(mine)
             if not other.is_file() or other.read_bytes() != p.read_bytes():
@@ -593,7 +593,7 @@ def _pinned_pta(name: str) -> bool:
     """A RETA variant measured with PTA as it was before the clean view at a balanced weight became the default
     up to 64 px (the augmented view, or the clean view at the fixed weight), whose name does not say so."""
     v = VARIANTS.get(name, {})
-    return ((v.get("pta_view") == "augmented" or v.get("pta_balance") == 0) and v.get("pta", True)
+    return ((v.get("pta_view") == "augmented" or "pta_balance" not in v) and "pta_view" in v and v.get("pta", True)
             and v.get("lam_topo", 1) > 0 and "paper-pta" not in name)
 
 

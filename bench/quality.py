@@ -400,12 +400,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--readme", help="also write the table into this file between <!-- quality:begin --> and "
                                      "<!-- quality:end --> (test split) or the validation markers (--split val)")
+    ap.add_argument("--readme-rows", nargs="+", metavar="METHOD",
+                    help="with --readme: only these methods' rows go into the README, in this order (the table "
+                         "file keeps every row)")
     ap.add_argument("--render-only", action="store_true", help="write table/README from results.json, run nothing")
     ap.add_argument("--distill-only", action="store_true",
                     help="distil (or resume) every set and stop: no evaluation, no table (e.g. to compare images)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of an existing results.json that this invocation does not recompute")
     args = ap.parse_args(argv)
+    if args.readme_rows and not args.readme:
+        ap.error("--readme-rows selects the README's rows: give --readme too")
     why = foreign_checkout()
     if why is not None:
         print(f"quality: {why}: that code would make the sets under this checkout's names. Run with "
@@ -418,7 +423,7 @@ def main(argv=None) -> int:
         results = Path(args.results) if args.results else ROOT / "bench" / "results" / f"quality-{args.scale}-{machine()}"
         name = "results.json" if args.split == "test" else "validation.json"
         saved = json.loads((results / name).read_text())
-        _publish(results, name, saved["meta"], saved["rows"], args.readme, args.split)
+        _publish(results, name, saved["meta"], saved["rows"], args.readme, args.split, args.readme_rows)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     unknown = set(args.methods) - set(VARIANTS)
@@ -547,7 +552,7 @@ def main(argv=None) -> int:
         order = {v: i for i, v in enumerate(VARIANTS)}
         rows.sort(key=lambda r: (order.get(r["name"], 99), r["ipc"]))
     write_json(results / res_name, dict(meta=meta, rows=rows))
-    _publish(results, res_name, meta, rows, args.readme, args.split)
+    _publish(results, res_name, meta, rows, args.readme, args.split, args.readme_rows)
     return 0
 
 
@@ -560,22 +565,40 @@ def _seeds_phrase(meta: dict, rows) -> str:
     return f"distillation seeds {list(held.pop()) if held else meta.get('distill_seeds', [0])}"
 
 
-def _publish(results: Path, name: str, meta: dict, rows, readme, split: str) -> None:
+def _publish(results: Path, name: str, meta: dict, rows, readme, split: str, readme_rows=None) -> None:
+    """Write the table next to ``name`` in ``results`` and, with ``readme``, between the README's markers for
+    ``split``; ``readme_rows`` (method names) keeps only those rows there, in that order."""
     from reta_fast.fileio import atomic_write
 
     table = render(meta, rows)
-    atomic_write(results / name.replace(".json", ".md").replace("results.md", "table.md"),
-                 lambda fh: fh.write(table.encode()))
-    print(table)
-    if readme:
-        tag = "quality" if split == "test" else "validation"
+    table_path = results / name.replace(".json", ".md").replace("results.md", "table.md")
+    if readme:  # checked before anything is written: a misspelt name must not leave a half-updated pair
         path = Path(readme)
+        tag = "quality" if split == "test" else "validation"
         text = path.read_text()
         a, b = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
         if a not in text or b not in text:
             raise SystemExit(f"{path} has no {a} ... {b} markers")
+        shown = table
+        if readme_rows:
+            held = list(dict.fromkeys(r["name"] for r in rows))
+            missing = [n for n in readme_rows if n not in held]
+            if missing:
+                raise SystemExit(f"--readme-rows: {missing} not in {results / name} (its rows: {held})")
+            kept = [r for n in dict.fromkeys(readme_rows) for r in rows if r["name"] == n]
+            shown = render(meta, kept)
+            if len(held) > len(dict.fromkeys(readme_rows)):
+                try:
+                    where = table_path.resolve().relative_to(path.resolve().parent)
+                except ValueError:
+                    where = table_path
+                shown += (f"{len(dict.fromkeys(readme_rows))} of the {len(held)} methods measured; every row in "
+                          f"`{where}`.\n")
+    atomic_write(table_path, lambda fh: fh.write(table.encode()))
+    print(table)
+    if readme:
         head, rest = text.split(a, 1)
-        path.write_text(head + a + "\n" + table + b + rest.split(b, 1)[1])
+        atomic_write(path, lambda fh: fh.write((head + a + "\n" + shown + b + rest.split(b, 1)[1]).encode()))
 
 
 def _val_size(meta: dict) -> str:

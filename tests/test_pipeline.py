@@ -692,6 +692,39 @@ def test_quality_table_marks_rows_measured_at_the_earlier_residual_weight():
         assert q.machine() == f"cpu-intel-xeon-processor-{os.cpu_count()}core"
 
 
+def test_quality_readme_rows_select_the_readmes_table(tmp_path):
+    """--readme-rows puts only the named methods, in that order, between the README's markers and says where every
+    row is; the table file keeps them all; a name the results do not hold is refused before anything is written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "bench" / "quality.py")
+    q = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(q)
+    meta = dict(data="d", classes=10, train=100, test=10, scale="cpu", teacher=dict(top1=70.0), distill_seeds=[0],
+                seeds=[0], machine="m", torch="t", git="g", date="today", split="val", val_per_class=3, val_images=30,
+                settings=dict(arch="a", teacher_epochs=1, iterations=4, eval={"10": dict(epochs=1, batch_size=2, lr=0.1)}))
+    row = dict(ipc=10, top1=dict(mean=50.0, std=0.0, runs=[50.0]), distill_seconds=1.0, distill_peak_bytes=2**20,
+               peak_kind="rss")
+    rows = [dict(row, name=n) for n in ("fadrm", "reta", "reta k 5", "rded")]
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- validation:begin -->\nold\n<!-- validation:end -->\nafter\n")
+    res = tmp_path / "res"
+    q._publish(res, "validation.json", meta, rows, str(readme), "val", ["rded", "reta", "fadrm"])
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- validation:begin -->\n") and text.endswith("<!-- validation:end -->\nafter\n")
+    assert "old" not in text and "reta k 5" not in text
+    assert text.index("| rded |") < text.index("| reta |") < text.index("| fadrm |")
+    assert "3 of the 4 methods measured; every row in `res/validation.md`." in text
+    full = (res / "validation.md").read_text()
+    assert "| reta k 5 † ‡ |" in full and "methods measured" not in full
+    before = text
+    with pytest.raises(SystemExit, match=r"--readme-rows: \['reta --no-pta'\] not in"):
+        q._publish(res, "validation.json", meta, rows[:2], str(readme), "val", ["reta --no-pta", "reta"])
+    assert readme.read_text() == before and (res / "validation.md").read_text() == full
+    q._publish(res, "validation.json", meta, rows[:2], str(readme), "val", ["reta", "fadrm"])  # all of them: no note
+    assert "methods measured" not in readme.read_text()
+
+
 def test_quality_refuses_to_measure_another_checkouts_code(tmp_path, monkeypatch, capsys):
     """An editable install of another checkout (or git worktree), or an install of other code, would make the sets
     with that code under this checkout's variant names: refused by name before anything is read. An install of

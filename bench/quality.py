@@ -647,25 +647,42 @@ def paired(a: dict, b: dict) -> tuple[list[float], int] | None:
     return d, sum(x > 0 for x in d)
 
 
+# RETA against its own ablations and against the paper's PTA, paired by seed like the FADRM pairs
+RETA_PAIRS = [("reta", "reta --no-drc"), ("reta", "reta --no-pta"), ("reta", "reta paper-pta"),
+              ("reta --no-drc", "reta --no-drc paper-pta")]
+
+
+def _pair_cells(by, a: str, b: str, ipcs) -> list[str]:
+    cells = []
+    for i in ipcs:
+        pd = paired(by[(a, i)], by[(b, i)]) if (a, i) in by and (b, i) in by else None
+        cells.append("–" if pd is None else
+                     f"{np.mean(pd[0]):+.2f} (ahead on {pd[1]} of {len(pd[0])}; "
+                     + ", ".join(f"{x:+.1f}" for x in pd[0]) + ")")
+    return cells
+
+
 def render_paired(rows, names, ipcs) -> list[str]:
-    """A table of each RETA row minus its FADRM row, seed by seed (empty when no row has a partner)."""
+    """A table of each RETA row minus its FADRM row, seed by seed, and one of RETA minus its ablations and the
+    paper's PTA (each empty when no row has a partner)."""
     by = {(r["name"], r["ipc"]): r for r in rows}
-    L = []
-    for n in names:
-        f = fadrm_partner(n, names)
-        cells = []
-        for i in ipcs:
-            pd = paired(by[(n, i)], by[(f, i)]) if f and (n, i) in by and (f, i) in by else None
-            cells.append("–" if pd is None else
-                         f"{np.mean(pd[0]):+.2f} (ahead on {pd[1]} of {len(pd[0])}; "
-                         + ", ".join(f"{x:+.1f}" for x in pd[0]) + ")")
-        if any(c != "–" for c in cells):
-            L.append(f"| {n} − {f} | " + " | ".join(cells) + " |")
-    if not L:
-        return []
-    return ["Paired with FADRM (each distillation seed: the same pool, initial patches and augmentation streams "
-            "for both): mean difference in top-1 points, the seeds ahead on, each seed's difference.", "",
-            "| rows | " + " | ".join(f"IPC {i}" for i in ipcs) + " |", "|---|" + "---|" * len(ipcs), *L, ""]
+    head = ["", "| rows | " + " | ".join(f"IPC {i}" for i in ipcs) + " |", "|---|" + "---|" * len(ipcs)]
+    out = []
+    for intro, pairs in (
+            ("Paired with FADRM (each distillation seed: the same pool, initial patches and augmentation streams "
+             "for both): mean difference in top-1 points, the seeds ahead on, each seed's difference.",
+             [(n, fadrm_partner(n, names)) for n in names]),
+            ("RETA against its ablations and the paper's PTA, paired the same way.", RETA_PAIRS)):
+        L = []
+        for a, b in pairs:
+            if b is None or a not in names or b not in names:
+                continue
+            cells = _pair_cells(by, a, b, ipcs)
+            if any(c != "–" for c in cells):
+                L.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+        if L:
+            out += [intro, *head, *L, ""]
+    return out
 
 
 def render(meta: dict, rows) -> str:

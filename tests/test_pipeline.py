@@ -685,6 +685,9 @@ def test_quality_table_marks_rows_measured_at_the_earlier_residual_weight():
     assert "| reta k 5 − fadrm alpha 0.5 | +0.67 (ahead on 2 of 3; +1.0, -1.0, +2.0) |" in table  # same alpha
     assert "| reta alpha 0.5 − fadrm alpha 0.5 |" in table
     assert "reta lam 0 −" not in table  # one common seed pairs nothing
+    assert "RETA against its ablations" in table  # the ablation RETA has, paired seed by seed; not the others
+    assert "| reta − reta --no-drc | +0.00 (ahead on 1 of 2; +1.0, -1.0) |" in table and "− reta --no-pta" not in table
+    assert "RETA against its ablations" not in q.render(meta, rows[:1] + rows[2:3])  # no RETA row: no such table
     assert "over each row's distillation seeds (in parentheses, in order: [0] for the fewest, [0, 1, 2]" in table
     assert "over distillation seeds [0, 1, 2] " in q.render(meta, rows[:2])  # merged rows of one seed list
     q.cpu_model = lambda: "Intel(R) Xeon(R) Processor @ 2.10GHz"  # the results folder's name: no odd characters

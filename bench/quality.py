@@ -143,6 +143,8 @@ VARIANTS = {  # name -> DistillConfig overrides (everything else: the defaults o
     "reta pta-balance 0.3": dict(method="reta", pta_balance=0.3),
     # ... on the clean view, where PTA aligns the set itself at IPC 50 (the augmented view's crops do not)
     "reta pta-view clean pta-balance 0.1": dict(method="reta", pta_view="clean", pta_balance=0.1),
+    # ... and three times that share (the default's view and rule at a stronger PTA)
+    "reta pta-view clean pta-balance 0.3": dict(method="reta", pta_view="clean", pta_balance=0.3),
     # DRC's departure from the anchor: with the anchor allowed, 58-75 % of the injections re-inject it, and keeping
     # it more (drc-margin 0.1) scored below the default at alpha 0.3; here it is never re-injected
     "reta drc-exclude-anchor": dict(method="reta", drc_exclude_anchor=True),

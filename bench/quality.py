@@ -583,19 +583,17 @@ def _publish(results: Path, name: str, meta: dict, rows, readme, split: str, rea
             raise SystemExit(f"{path} has no {a} ... {b} markers")
         shown = table
         if readme_rows:
-            held = list(dict.fromkeys(r["name"] for r in rows))
-            missing = [n for n in readme_rows if n not in held]
+            held, want = list(dict.fromkeys(r["name"] for r in rows)), list(dict.fromkeys(readme_rows))
+            missing = [n for n in want if n not in held]
             if missing:
                 raise SystemExit(f"--readme-rows: {missing} not in {results / name} (its rows: {held})")
-            kept = [r for n in dict.fromkeys(readme_rows) for r in rows if r["name"] == n]
-            shown = render(meta, kept)
-            if len(held) > len(dict.fromkeys(readme_rows)):
+            shown = render(meta, [r for n in want for r in rows if r["name"] == n])
+            if len(held) > len(want):
                 try:
                     where = table_path.resolve().relative_to(path.resolve().parent)
                 except ValueError:
                     where = table_path
-                shown += (f"{len(dict.fromkeys(readme_rows))} of the {len(held)} methods measured; every row in "
-                          f"`{where}`.\n")
+                shown += f"{len(want)} of the {len(held)} methods measured; every row in `{where}`.\n"
     atomic_write(table_path, lambda fh: fh.write(table.encode()))
     print(table)
     if readme:

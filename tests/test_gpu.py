@@ -77,7 +77,8 @@ def _recover_on_gpu(**engine):
             t(torch.randn(32, 3, 32, 32, device="cuda") * 2 + 0.5)
     t.eval()
     real = F.normalize(torch.randn(10, 12, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(1)), dim=-1)
-    crit = rf.RETALoss(t, real_feats=real, k=4, overlap=engine.pop("overlap", False))
+    crit = rf.RETALoss(t, real_feats=real, k=4, overlap=engine.pop("overlap", False),
+                       topo_balance=engine.pop("topo_balance", None))
     y = torch.arange(10, device="cuda").repeat(6)
     ids = torch.arange(60, device="cuda")
     x0 = torch.rand(60, 3, 32, 32, generator=torch.Generator().manual_seed(2)).cuda()
@@ -100,6 +101,18 @@ def test_recover_engines_on_gpu():
                                                  for v in h)
         err = float((out - ref).abs().mean()) / moved
         assert err < tol, f"{engine}: mean |difference| {err:.3g} of the mean movement"
+
+
+def test_default_pta_under_cuda_graphs_on_gpu():
+    """The default PTA up to 64 px (clean view: two compiled forwards a step; balanced weight: CE's feature
+    gradient from the head's weights when compiled) under CUDA graphs stays close to the eager run."""
+    ref, x0, hist = _recover_on_gpu(pta_view="clean", topo_balance=0.1)
+    moved = float((ref - x0).abs().mean())
+    assert all(h["topo"] > 0 for h in hist)
+    out, _, h = _recover_on_gpu(pta_view="clean", topo_balance=0.1, compile="reduce-overhead")
+    assert torch.isfinite(out).all() and all(v["topo"] > 0 for v in h)
+    err = float((out - ref).abs().mean()) / moved
+    assert err < 0.02, f"mean |difference| {err:.3g} of the mean movement"
 
 
 def test_overlapped_pta_lag_on_gpu():

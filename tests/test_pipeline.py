@@ -1213,8 +1213,11 @@ def test_pta_default_is_the_clean_view_at_a_balanced_weight_up_to_64_px_and_the_
     cfg = P.DistillConfig()
     assert (cfg.pta_view_for(32), cfg.pta_balance_for(32)) == ("clean", 0.1)
     assert (cfg.pta_view_for(64), cfg.pta_view_for(65), cfg.pta_balance_for(224)) == ("clean", "augmented", None)
-    # the paper's PTA where the default's cannot run (compile) and where PTA does not act (nothing to record)
-    for paper in (dict(compile="default"), dict(method="fadrm"), dict(pta=False), dict(lam_topo=0.0), dict(ipc=1)):
+    # the paper's PTA where PTA does not act (nothing to record); a compiled teacher gets the default
+    c = P.DistillConfig(compile="default")
+    c.validate()
+    assert (c.pta_view_for(32), c.pta_balance_for(32)) == ("clean", 0.1)
+    for paper in (dict(method="fadrm"), dict(pta=False), dict(lam_topo=0.0), dict(ipc=1)):
         c = P.DistillConfig(**paper)
         c.validate()
         assert (c.pta_view_for(32), c.pta_balance_for(32)) == ("augmented", None), paper
@@ -1292,8 +1295,7 @@ def test_pta_balance_changes_the_images_records_its_weight_and_is_refused_withou
         with pytest.raises(ValueError, match="pta_balance weights PTA, which this run does not use"):
             P.DistillConfig(pta_balance=0.3, **no_pta).validate()
         P.DistillConfig(pta_balance=0, **no_pta).validate()  # the fixed weight: what such a run has anyway
-    with pytest.raises(ValueError, match="pta_balance needs the eager teacher"):
-        P.DistillConfig(pta_balance=0.3, compile="default").validate()
+    P.DistillConfig(pta_balance=0.3, compile="default").validate()  # CE's feature gradient from the head
 
 
 def test_report_shows_pta_weight_column_only_under_pta_balance():

@@ -168,8 +168,31 @@ def test_topo_balance_sets_pta_weight_from_the_feature_gradients(view):
             rf.RETALoss(t, real_feats=real, k=2, topo_balance=bad)
     with pytest.raises(ValueError, match="topo_balance weights PTA, which lam_topo=0 switches off"):
         rf.RETALoss(t, lam_topo=0.0, topo_balance=rho)
-    with pytest.raises(ValueError, match="topo_balance needs the eager teacher"):
-        rf.RETALoss(t, real_feats=real, k=2, topo_balance=rho).compile_teacher("default")
+
+
+def test_ces_feature_gradient_from_the_head_equals_autograds_and_refuses_a_head_with_something_after():
+    """A compiled teacher's forward is one graph node: under topo_balance CE's gradient on the penultimate features
+    is computed from the last nn.Linear's weights, (softmax(z) - onehot(y)) W / B; it must be autograd's."""
+    t = teacher()
+    real = F.normalize(torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    crit = rf.RETALoss(t, real_feats=real, k=2, topo_balance=0.3)
+    x = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([2, 0, 1, 3, 3, 1, 0, 2, 1, 1, 0, 3])
+    feats = []
+    head = [m for m in t.modules() if isinstance(m, torch.nn.Linear)][-1]
+    h = head.register_forward_hook(lambda m, i, o: feats.append(i[0]))
+    logits = t(x.requires_grad_())
+    h.remove()
+    (g,) = torch.autograd.grad(F.cross_entropy(logits, y), feats[0])
+    assert_close(crit._ce_feature_grad(logits, y, feats[0]), g, atol=1e-7, what="dCE/df from the head")
+    assert crit._head_checked
+    with pytest.raises(ValueError, match=r"the teacher's logits are not that layer's output \(something follows "
+                                         r"the head\): keep the teacher eager"):
+        rf.RETALoss(t, real_feats=real, k=2, topo_balance=0.3)._ce_feature_grad(2 * logits, y, feats[0])
+    with pytest.raises(ValueError, match=r"needs logits \[B, C\] = the teacher's last nn.Linear"):
+        crit._ce_feature_grad(logits, y, feats[0][:, :, None])
+    crit.compile_teacher("default")  # a new compiled forward is checked again on its first balanced call
+    assert not crit._head_checked and crit.compile_mode == "default"
 
 
 def test_topo_balance_weight_is_zero_where_pta_has_no_gradient_on_the_call():

@@ -152,11 +152,13 @@ class RETALoss(nn.Module):
                                  f"{tuple(real_feats.shape) if isinstance(real_feats, torch.Tensor) else real_feats!r}")
             self.register_buffer("real_feats", real_feats.detach().float())
             self.topo = TopologyAlignmentLoss(k=k, refresh_every=topo_refresh, **topo_kwargs)
+            self._head = linears[-1]  # its input: PTA's features; its weights: CE's gradient there when compiled
             self._handles.append(linears[-1].register_forward_hook(self._feat_hook))
         self.bank = FeatureBank()
         self._real_slices: Dict[tuple, torch.Tensor] = {}
         self._forward_teacher = self.teacher
         self.compile_mode: Optional[str] = None
+        self._head_checked = False  # whether the compiled teacher's logits were checked to be its head's output
         self._layouts: Dict[tuple, tuple] = {}  # (id(y), id(ids), classes) -> (y, version, ids, version, layout)
         self.last_layout: Optional[_Layout] = None  # the point sets of the last call (diagnostics, tests)
         # PTA's weight in the last call under topo_balance (None where that call did not weigh PTA: PTA off or
@@ -175,17 +177,19 @@ class RETALoss(nn.Module):
         ``torch.compile`` (``mode``: ``"default"``, ``"reduce-overhead"`` = CUDA-graph capture of the
         compiled forward and backward on a GPU, ``"max-autotune"``...); the PTA term stays eager (its
         persistence pairing runs on the host). One compilation per input shape (``dynamic=False``).
-        ``mode=None`` goes back to eager. Returns ``self``."""
-        if mode is not None and self.topo_balance is not None:
-            raise ValueError("topo_balance needs the eager teacher: a compiled forward fuses the head into one graph "
-                             "node, so CE's gradient on the penultimate features cannot be taken (compile the teacher "
-                             "without topo_balance, or keep it eager)")
+        ``mode=None`` goes back to eager. Returns ``self``.
+
+        Under ``topo_balance`` the compiled forward is one graph node, through which CE's gradient on the
+        penultimate features cannot be taken; it is then computed from the head instead (:meth:`_ce_feature_grad`),
+        which needs the teacher's logits to be its last ``nn.Linear`` applied to those features (checked on the
+        first balanced call)."""
         if mode is None:
             self._forward_teacher, self.compile_mode = self.teacher, None
         elif mode != self.compile_mode:
             self._forward_teacher = torch.compile(self.teacher, mode=None if mode == "default" else mode,
                                                   dynamic=False, **kwargs)
             self.compile_mode = mode
+            self._head_checked = False
         return self
 
     @classmethod
@@ -352,13 +356,46 @@ class RETALoss(nn.Module):
         """PTA's weight for a call with ``batch_size`` images (:func:`topo_weight`)."""
         return topo_weight(self.lam_topo, self.topo_ref_batch, batch_size)
 
-    def _balanced_topo(self, ce: torch.Tensor, f_ce: torch.Tensor, topo: torch.Tensor) -> torch.Tensor:
+    def _ce_feature_grad(self, logits: torch.Tensor, y: torch.Tensor, f_ce: torch.Tensor) -> torch.Tensor:
+        """``dCE/df`` on the head's input ``f`` without autograd: ``(softmax(z) - onehot(y)) W / B`` for logits
+        ``z = f W^T + b`` of the teacher's last ``nn.Linear`` (CE the batch mean). What a compiled teacher needs,
+        whose forward is a single graph node; refused with a clear error where the logits are not that layer's
+        output (checked on the first call after each compile)."""
+        z = logits.detach().float()
+        f = f_ce.detach().float()
+        w = self._head.weight.detach().float()
+        if f.dim() != 2 or f.shape[0] != z.shape[0] or z.shape[1] != w.shape[0]:
+            raise ValueError(f"topo_balance under compile_teacher needs logits [B, C] = the teacher's last nn.Linear "
+                             f"of its [B, D] input; got features {tuple(f.shape)}, logits {tuple(z.shape)}, head "
+                             f"weight {tuple(w.shape)} (keep the teacher eager: compile_teacher(None))")
+        if not self._head_checked:
+            b = self._head.bias
+            head_z = F.linear(f, w, None if b is None else b.detach().float())
+            tol = 2e-2 * (1.0 + float(z.abs().max()))  # bf16 autocast rounds the compiled head
+            if not bool(((head_z - z).abs() <= tol).all()):
+                raise ValueError("topo_balance under compile_teacher takes CE's gradient on the penultimate features "
+                                 "from the teacher's last nn.Linear, but the teacher's logits are not that layer's "
+                                 "output (something follows the head): keep the teacher eager (compile_teacher(None)) "
+                                 "or drop topo_balance")
+            self._head_checked = True
+        p = torch.softmax(z, dim=1)
+        p[torch.arange(z.shape[0], device=z.device), y] -= 1.0
+        return (p / z.shape[0]) @ w
+
+    def _balanced_topo(self, ce: torch.Tensor, f_ce: torch.Tensor, topo: torch.Tensor, logits: torch.Tensor,
+                       y: torch.Tensor) -> torch.Tensor:
         """PTA weighted by ``topo_balance * ||dCE/df_ce|| / ||dL_topo/df||``: a term whose value is the
         weighted ``L_topo`` and whose gradient is the weight times ``dL_topo/df``, taken here once, so the
-        loop's backward does not run PTA's backward a second time."""
+        loop's backward does not run PTA's backward a second time. ``dCE/df_ce`` by autograd on the eager
+        teacher (any head), from the head's weights on a compiled one."""
         f = self._feats
         (g_topo,) = torch.autograd.grad(topo, f)  # PTA's graph ends here: the surrogate below carries it
-        (g_ce,) = torch.autograd.grad(ce, f_ce, retain_graph=True) if f_ce is not None else (None,)
+        if f_ce is None:
+            raise RuntimeError("topo_balance: the teacher's forward did not reach its last nn.Linear")
+        if self.compile_mode is not None:
+            g_ce = self._ce_feature_grad(logits, y, f_ce)
+        else:
+            (g_ce,) = torch.autograd.grad(ce, f_ce, retain_graph=True, allow_unused=True)
         if g_ce is None:
             raise RuntimeError("topo_balance: the teacher's CE does not depend on its penultimate features")
         g_topo = g_topo.float()
@@ -402,7 +439,7 @@ class RETALoss(nn.Module):
             topo = self._topo_term(lay) if self.topo is not None else ce.new_zeros(())
             lam_topo = self.topo_weight(x.shape[0])
             if self.topo_balance is not None and lam_topo > 0 and topo.requires_grad:
-                weighted = self._balanced_topo(ce, f_ce, topo)
+                weighted = self._balanced_topo(ce, f_ce, topo, logits, y)
             else:
                 weighted = lam_topo * topo
             loss = ce + self.r_bn * bn + weighted

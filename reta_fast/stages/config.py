@@ -93,8 +93,8 @@ class DistillConfig:
             penultimate features is this fraction of CE's (:class:`RETALoss` ``topo_balance``), in place of
             ``lam_topo``; 0: the fixed weight. None (default): :meth:`pta_balance_for`, 0.1 where the view is
             left to its default and comes out clean, the fixed weight otherwise (an explicit ``pta_view``
-            keeps the fixed weight). Under ``compile`` (the gradient-balanced weight needs the eager teacher)
-            both defaults are the paper's.
+            keeps the fixed weight). Under ``compile`` CE's gradient on the features comes from the teacher's
+            head (:meth:`RETALoss._ce_feature_grad`).
         pool_per_class, pool_candidates: patch pool size per class and RDED's best-of-N crops.
         drc, pta: the RETA ablations (``reta`` only).
         seed: everything random derives from it.
@@ -148,7 +148,7 @@ class DistillConfig:
     pta_view: Optional[str] = _opt(None, "the images PTA's synthetic features come from: the recover step's augmented "
                                    "view (augmented, the paper's: the forward CE and BN use) or the images as they "
                                    "are (clean: one more teacher forward per step); default: clean up to 64 px, "
-                                   "augmented above, under --compile and where PTA does not act",
+                                   "augmented above and where PTA does not act",
                                    choices=PTA_VIEWS)
     pta_balance: Optional[float] = _opt(None, "PTA's weight from the gradients: each recover step PTA's gradient on "
                                         "the teacher's penultimate features is this fraction of CE's, in place of "
@@ -226,8 +226,6 @@ class DistillConfig:
             except ValueError as exc:
                 raise ValueError(f"{exc} (0: PTA's fixed weight; unset: the default for the image size)") from None
         if self.pta_balance:  # 0: the fixed weight, as without the option
-            if self.compile is not None:
-                raise ValueError("pta_balance needs the eager teacher: it cannot be combined with --compile")
             if not self.pta_on:
                 raise ValueError("pta_balance weights PTA, which this run does not use (it needs method reta with "
                                  "PTA on and lam_topo > 0)")
@@ -288,15 +286,16 @@ class DistillConfig:
     def pta_view_for(self, size: int) -> str:
         """PTA's synthetic view at ``size``: ``pta_view``, or by default the clean view up to 64 px (chosen on
         the validation split of CIFAR-10, CIFAR-10 in grayscale and digits at that size) and the paper's
-        augmented view above 64 px (unmeasured there), under ``compile`` (whose head is fused, so the default
-        balanced weight cannot run) and where PTA does not act (the view is then not part of the run)."""
+        augmented view above 64 px (unmeasured there) and where PTA does not act (the view is then not part of
+        the run). ``compile`` once gave the augmented view too: its folders from then resume with
+        ``pta_view="augmented"``."""
         if self.pta_view is not None:
             return self.pta_view
-        return "clean" if self.pta_active and self.compile is None and size <= 64 else "augmented"
+        return "clean" if self.pta_active and size <= 64 else "augmented"
 
     def pta_balance_for(self, size: int) -> Optional[float]:
         """PTA's gradient balance at ``size`` (None: the fixed weight): ``pta_balance`` (0: None), or by default
-        0.1 where the default view is the clean one (``pta_view`` unset, PTA active, no ``compile``, up to 64 px),
+        0.1 where the default view is the clean one (``pta_view`` unset, PTA active, up to 64 px),
         the fixed weight elsewhere: an explicit ``pta_view`` keeps the fixed weight it always had."""
         if self.pta_balance is not None:
             return float(self.pta_balance) or None

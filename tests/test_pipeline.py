@@ -728,6 +728,45 @@ def test_quality_readme_rows_select_the_readmes_table(tmp_path):
     assert "methods measured" not in readme.read_text()
 
 
+def test_paired_study_pairs_seeds_across_splits_and_correlates_the_diagnostics(tmp_path):
+    """bench/paired_study.py: each seed's difference on both splits beside A's diagnostics, and Pearson r of the
+    validation difference with each (exactly +1 / -1 where the columns are built to follow it); a seed one split
+    lacks is shown as –; unknown methods and folders without results are refused by name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paired_study",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "paired_study.py")
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+    lead = {"0": 1.0, "1": -0.5, "2": 2.0, "3": 0.25}
+
+    def row(name, split, seeds):
+        base = 50.0 if split == "val" else 48.0
+        top = {k: base + (lead[k] * (1 if split == "val" else 2) if name == "a" else 0.0) for k in seeds}
+        diag = {k: dict(drc=[dict(own_anchor=0.5 - 0.1 * lead[k], fit_retrieved=1.0, fit_anchor=2.0,
+                                  complexity_retrieved=1.0, complexity_anchor=0.0)],
+                        betti=dict(after=dict(pta=0.01 * lead[k] + 0.1))) for k in seeds}
+        return dict(name=name, ipc=10, seeds={k: dict(top1=dict(mean=v)) for k, v in top.items()}, diagnostics=diag)
+
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "validation.json").write_text(json.dumps(dict(rows=[row(n, "val", list(lead)) for n in "ab"])))
+    (res / "results.json").write_text(json.dumps(dict(rows=[row(n, "test", ["0", "1", "2"]) for n in "ab"])))
+    text = ps.study(ps.load(res), "a", "b")
+    assert "| 3 | +0.25 | – | 0.475 | 0.5 | – | 0.1025 | 0.1025 | 50 |" in text  # complexity anchor 0: no ratio
+    assert "- test difference: +1.00 (3 seeds)" in text and "- DRC own anchor: -1.00" in text
+    assert "- PTA distance after: +1.00" in text and "- fit retrieved / anchor: –" in text  # constant: no r
+    with pytest.raises(SystemExit, match=r"no row 'c' in these results \(rows: a, b\)"):
+        ps.study(ps.load(res), "a", "c")
+    with pytest.raises(SystemExit, match="holds neither validation.json nor results.json"):
+        ps.load(tmp_path)
+    with pytest.raises(SystemExit, match="is not a folder"):
+        ps.load(tmp_path / "missing")
+    (res / "results.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a bench/quality.py results file"):
+        ps.load(res)
+
+
 def test_quality_refuses_to_measure_another_checkouts_code(tmp_path, monkeypatch, capsys):
     """An editable install of another checkout (or git worktree), or an install of other code, would make the sets
     with that code under this checkout's variant names: refused by name before anything is read. An install of

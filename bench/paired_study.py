@@ -6,7 +6,7 @@ Reads ``validation.json`` and ``results.json`` (the test split) in ``--results``
 distillation seed (the same pool, initial patches and augmentation streams) and prints, per IPC, each seed's
 difference on both splits beside method A's recorded diagnostics (DRC: the share of injections that re-inject
 the image's own anchor, the retrieved patch's fit term and complexity against the anchor's, means over the
-connections; PTA: the Betti-curve distance to the real features after recovery, A's and B's), then the
+connections; PTA: its loss on the images as they are after recovery, A's and B's), then the
 Pearson correlation of the validation difference with each column and with the test difference. A test
 difference that follows the validation one says the per-seed lead belongs to the set, not to the students
 that score it; a diagnostic that follows it would say what makes a good seed. Nothing is chosen from this: it
@@ -28,7 +28,7 @@ COLUMNS = (
                                                 if b["fit_anchor"])),
     ("complexity retrieved / anchor", lambda d: _mean(b["complexity_retrieved"] / b["complexity_anchor"]
                                                        for b in d.get("drc", []) if b["complexity_anchor"])),
-    ("PTA distance after", lambda d: d.get("betti", {}).get("after", {}).get("pta")),
+    ("PTA loss after", lambda d: d.get("betti", {}).get("after", {}).get("pta")),
 )
 
 
@@ -88,7 +88,7 @@ def study(data: dict, a: str, b: str) -> str:
         diag_a = (rows["val"][0] or rows["test"][0] or {}).get("diagnostics", {})
         diag_b = (rows["val"][1] or rows["test"][1] or {}).get("diagnostics", {})
         cols = [(name, [get(diag_a[k]) if k in diag_a else None for k in seeds]) for name, get in COLUMNS]
-        cols.append((f"{b}: PTA distance after", [COLUMNS[-1][1](diag_b[k]) if k in diag_b else None for k in seeds]))
+        cols.append((f"{b}: PTA loss after", [COLUMNS[-1][1](diag_b[k]) if k in diag_b else None for k in seeds]))
         cols.append((f"{b}: its validation score", [_top1(rows["val"][1], k) for k in seeds]))
         L += [f"## IPC {ipc}", "",
               "| seed | validation difference | test difference | " + " | ".join(c for c, _ in cols) + " |",

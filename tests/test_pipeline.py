@@ -755,7 +755,7 @@ def test_paired_study_pairs_seeds_across_splits_and_correlates_the_diagnostics(t
     text = ps.study(ps.load(res), "a", "b")
     assert "| 3 | +0.25 | – | 0.475 | 0.5 | – | 0.1025 | 0.1025 | 50 |" in text  # complexity anchor 0: no ratio
     assert "- test difference: +1.00 (3 seeds)" in text and "- DRC own anchor: -1.00" in text
-    assert "- PTA distance after: +1.00" in text and "- fit retrieved / anchor: –" in text  # constant: no r
+    assert "- PTA loss after: +1.00" in text and "- fit retrieved / anchor: –" in text  # constant: no r
     with pytest.raises(SystemExit, match=r"no row 'c' in these results \(rows: a, b\)"):
         ps.study(ps.load(res), "a", "c")
     with pytest.raises(SystemExit, match="holds neither validation.json nor results.json"):

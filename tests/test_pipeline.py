@@ -1315,6 +1315,17 @@ def test_pta_view_changes_the_images_is_recorded_and_old_runs_resume_with_the_pa
         P.DistillConfig(pta_view="augmented", **no_pta).validate()  # what such a run records anyway
 
 
+@pytest.mark.slow
+def test_a_compiled_run_records_the_gradient_diagnostics_of_the_eager_one(data, teacher, tmp_path):
+    """--compile once left the gradient table out of the record; now it is there, equal to the eager run's."""
+    eager = run(data, teacher, tmp_path / "eager", method="reta", ipc_per_batch=3)["diagnostics"]["grads"]
+    comp = run(data, teacher, tmp_path / "comp", method="reta", ipc_per_batch=3, compile="default")
+    comp = comp["diagnostics"]["grads"]
+    assert [r["block"] for r in comp] == [r["block"] for r in eager] and len(comp) >= 2
+    for a, b in zip(comp, eager):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-2 * max(abs(b[k]), 1e-6) for k in a), (a, b)
+
+
 def test_pta_balance_changes_the_images_records_its_weight_and_is_refused_without_pta(data, teacher, tmp_path):
     bal = run(data, teacher, tmp_path / "bal", method="reta", ipc_per_batch=3)  # the default: 0.1 on the clean view
     fixed = run(data, teacher, tmp_path / "fixed", method="reta", ipc_per_batch=3, pta_balance=0)

@@ -69,7 +69,7 @@ def test_bad_configuration():
 # ---------------------------------------------------------------------------------------------
 # the recover step's engine: lazy loss parts, bf16 autocast, channels-last, torch.compile
 
-def _engine_run(tmp_path=None, iterations=6, topo_balance=None, **engine):
+def _engine_run(tmp_path=None, iterations=6, topo_balance=None, diagnose=False, grads=None, **engine):
     import torch.nn.functional as F
 
     t = teacher(classes=3)
@@ -82,7 +82,10 @@ def _engine_run(tmp_path=None, iterations=6, topo_balance=None, **engine):
                        torch.arange(6) + 100)
     cfg = rf.RecoverConfig(iterations=iterations, resolutions=(8, 8), drc=False, jitter=1, **engine)
     seen = []
-    out = rf.recover(crit, x0, y, ids, config=cfg, on_step=(lambda s, p: seen.append(p)) if tmp_path else None)
+    out = rf.recover(crit, x0, y, ids, config=cfg, on_step=(lambda s, p: seen.append(p)) if tmp_path else None,
+                     diagnose=diagnose)
+    if grads is not None:
+        grads.extend(h["grads"] for h in cfg.history if "grads" in h)
     return out, [h for h in cfg.history if "ce" in h]
 
 
@@ -147,6 +150,30 @@ def test_compiled_teacher_forward_matches_eager(pta_view, balance):
     assert float((out - ref).abs().mean()) < 1e-5 and float((out - ref).abs().max()) < 1e-3
     for a, b in zip(hist, ref_h):
         assert all(abs(a[k] - b[k]) < 1e-3 * max(1.0, abs(b[k])) for k in ("ce", "bn", "topo")), (a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pta_view,balance", [("augmented", None), ("clean", 0.1)])
+def test_gradient_diagnostics_of_a_compiled_teacher_equal_the_eager_ones_and_leave_the_run_alone(pta_view, balance):
+    """A compiled forward's backward runs once per step (a second pass through it gives wrong BN gradients in
+    torch 2.13's inductor), so under compile each term's gradient is carried through an eager forward: the
+    norms equal the eager run's, and the images are those of the compiled run without diagnostics."""
+    eager_g, comp_g = [], []
+    ref, _ = _engine_run(iterations=4, pta_view=pta_view, topo_balance=balance, diagnose=True, grads=eager_g)
+    plain, _ = _engine_run(iterations=4, compile="default", pta_view=pta_view, topo_balance=balance)
+    out, _ = _engine_run(iterations=4, compile="default", pta_view=pta_view, topo_balance=balance, diagnose=True,
+                         grads=comp_g)
+    assert torch.equal(out, plain)  # the diagnostics change nothing in the run
+    assert float((out - ref).abs().max()) < 1e-3
+    assert len(comp_g) == len(eager_g) == 2 and all(g["bn"] > 0 and g["ce"] > 0 and g["topo"] > 0 for g in comp_g)
+    for a, b in zip(comp_g, eager_g):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-3 * abs(b[k]) for k in a), (a, b)
+
+
+def test_gradient_diagnostics_leave_an_eager_run_alone():
+    got = []
+    assert torch.equal(_engine_run(iterations=4, diagnose=True, grads=got)[0], _engine_run(iterations=4)[0])
+    assert len(got) == 2 and all(set(g) == {"ce", "bn", "topo"} and min(g.values()) > 0 for g in got)
 
 
 def test_bf16_autocast_with_pta_on_the_clean_view_stays_close_to_fp32():

@@ -197,7 +197,8 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
             share of images retrieving their own anchor, fit and complexity of retrieved vs anchor
             patches, distinct patches per class).
         diagnose: at the last step of every block, record the norm of each loss term's gradient on the
-            first micro-batch's pixels (``"grads"`` entries; three extra backward passes per block).
+            first micro-batch's pixels (``"grads"`` entries; three extra backward passes per block, and under
+            ``config.compile`` one more eager forward: :meth:`RETALoss.term_grad_norms`).
 
     Returns:
         ``[B, 3, R, R]`` detached images at the last block's resolution ``R``, rows as in ``x_init``, on
@@ -291,8 +292,10 @@ def _recover_blocks(criterion, xs, ys, idss, gens, micro, anchors, anchor_ids, p
                         loss, parts = criterion.terms(xa, ys[j], idss[j], **extra)
                     else:
                         loss, parts = criterion(xa, ys[j], idss[j], **extra)
-                if diagnose and j == 0 and step == sum(per_block[:b + 1]) - 1 and hasattr(criterion, "last_terms"):
-                    grads = _term_grad_norms(criterion.last_terms, x)
+                if diagnose and j == 0 and step == sum(per_block[:b + 1]) - 1 and hasattr(criterion,
+                                                                                       "term_grad_norms"):
+                    with autocast():  # a compiled teacher's terms are carried through an eager forward
+                        grads = criterion.term_grad_norms(x)
                     if getattr(criterion, "topo_balance", None) is not None:  # PTA's weight, 0 where it was off
                         w = criterion.last_topo_weight
                         grads["topo_weight"] = 0.0 if w is None else float(w)
@@ -345,18 +348,6 @@ def _takes(fn, name: str) -> bool:
     except (TypeError, ValueError):  # no signature to read: let the call itself decide
         return True
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def _term_grad_norms(terms: dict, x: torch.Tensor) -> dict:
-    """The norm of each (weighted) loss term's gradient on the pixels ``x`` (graphs kept for the step)."""
-    out = {}
-    for name, t in terms.items():
-        if not t.requires_grad:
-            out[name] = 0.0
-            continue
-        (g,) = torch.autograd.grad(t, x, retain_graph=True, allow_unused=True)
-        out[name] = 0.0 if g is None else float(g.norm())
-    return out
 
 
 @torch.no_grad()

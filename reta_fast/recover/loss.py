@@ -38,6 +38,14 @@ __all__ = ["RETALoss", "topo_weight"]
 MAX_LAYOUTS = 256
 
 
+def _grad_norm(outputs: List[torch.Tensor], wrt: torch.Tensor, grads: Optional[List[torch.Tensor]]) -> float:
+    """``||d(outputs)/d(wrt)||`` (vector-Jacobian product with ``grads``), the graph kept; 0 where unused."""
+    if not any(o.requires_grad for o in outputs):
+        return 0.0
+    (g,) = torch.autograd.grad(outputs, wrt, grad_outputs=grads, retain_graph=True, allow_unused=True)
+    return 0.0 if g is None else float(g.norm())
+
+
 def _no_autocast(device_type: str):
     """Autocast switched off for the loss terms; a device type without autocast has nothing to switch off."""
     try:
@@ -408,6 +416,56 @@ class RETALoss(nn.Module):
         surrogate = (f.float() * g_topo).sum()
         return w * (topo.detach() + surrogate - surrogate.detach())
 
+    def _teacher_outputs(self, forward, x: torch.Tensor, x_topo: Optional[torch.Tensor]):
+        """Run ``forward`` (the teacher, compiled or not) with the hooks recording: ``(logits, CE's features,
+        the BN-statistic terms, PTA's features)``; PTA's come from a second forward of ``x_topo`` when given
+        (BN hooks silent), else they are CE's and the last entry is None. Leaves ``self._feats`` = PTA's
+        features, ``self._bn_terms`` = the BN terms."""
+        self._bn_terms.clear()
+        self._feats = None
+        self.teacher.eval()
+        self._capturing = True
+        try:
+            logits = forward(x)
+            f_ce = self._feats  # CE's features (a second forward below replaces self._feats with PTA's)
+            f_topo = None
+            if x_topo is not None and self.topo is not None:
+                self._bn_off = True  # a second forward: PTA's features only (CE and BN keep x's)
+                forward(x_topo)
+                f_topo = self._feats
+        finally:
+            self._capturing = self._bn_off = False
+        return logits, f_ce, list(self._bn_terms), f_topo
+
+    def term_grad_norms(self, wrt: torch.Tensor) -> Dict[str, float]:
+        """The norm of the gradient of each weighted term of the last call (``last_terms``) on ``wrt``, a tensor
+        that call's inputs were computed from (the recover loop: the pixels, before augmentation); the call's
+        graph is kept for its own backward. On a compiled teacher each term's gradient is taken on the compiled
+        forward's outputs and carried to ``wrt`` through an eager forward of the same inputs: a compiled
+        forward's backward is taken once per step (a second pass through it, even with ``retain_graph`` and
+        donated buffers off, gave wrong BN gradients with torch 2.13's inductor on the CPU; under CUDA graphs it
+        is not proven)."""
+        out = {}
+        if self.compile_mode is None:
+            for name, t in self.last_terms.items():
+                out[name] = _grad_norm([t], wrt, None)
+            return out
+        x, x_topo, outs = self._last_io
+        eager = self._teacher_outputs(self.teacher, x, x_topo)  # the same tensors as outs, eagerly
+        eager = (eager[0], eager[1], eager[3], *eager[2])
+        if len(eager) != len(outs):
+            raise RuntimeError(f"the eager teacher recorded {len(eager) - 3} BN terms, the compiled one "
+                               f"{len(outs) - 3}")
+        live = [n for n, o in enumerate(outs) if o is not None and o.requires_grad]
+        for name, t in self.last_terms.items():
+            if not t.requires_grad:
+                out[name] = 0.0
+                continue
+            gs = torch.autograd.grad(t, [outs[n] for n in live], retain_graph=True, allow_unused=True)
+            used = [(eager[n], g) for n, g in zip(live, gs) if g is not None]
+            out[name] = _grad_norm([e for e, _ in used], wrt, [g for _, g in used]) if used else 0.0
+        return out
+
     def terms(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None,
               x_topo: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` without its host synchronisation: ``(loss, parts)`` with ``parts`` a
@@ -417,21 +475,12 @@ class RETALoss(nn.Module):
             raise RuntimeError("RETALoss was closed: its teacher hooks are gone")
         if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.shape != (x.shape[0],):
             raise ValueError(f"y must be an integer tensor [B] = [{x.shape[0]}]")
-        self._bn_terms.clear()
-        self._feats = None
+        if x_topo is not None and self.topo is not None and x_topo.shape[0] != x.shape[0]:
+            raise ValueError(f"x_topo must hold the batch's {x.shape[0]} images, got {x_topo.shape[0]}")
         self.last_topo_weight = None  # set again below where this call weighs PTA by topo_balance
-        self.teacher.eval()
-        self._capturing = True
-        try:
-            logits = self._forward_teacher(x)
-            f_ce = self._feats  # CE's features (a second forward below replaces self._feats with PTA's)
-            if x_topo is not None and self.topo is not None:
-                if x_topo.shape[0] != x.shape[0]:
-                    raise ValueError(f"x_topo must hold the batch's {x.shape[0]} images, got {x_topo.shape[0]}")
-                self._bn_off = True  # a second forward: PTA's features only (CE and BN keep x's)
-                self._forward_teacher(x_topo)
-        finally:
-            self._capturing = self._bn_off = False
+        logits, f_ce, bn_terms, f_topo = self._teacher_outputs(self._forward_teacher, x, x_topo)
+        # the teacher's outputs the terms are computed from, and its inputs (term_grad_norms)
+        self._last_io = (x, x_topo, (logits, f_ce, f_topo, *bn_terms))
         lay = self._layout(y, ids, logits.shape[1], self._feats if self._feats is not None else logits)
         with _no_autocast(logits.device.type):  # the loss terms in fp32 under autocast
             ce = F.cross_entropy(logits.float(), y)

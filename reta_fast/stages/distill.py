@@ -434,7 +434,7 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
             x = recover(crit, x0, y, ids, pool=pool if drc else None, config=rc,
                         seeds=[cfg.seed * 1_000_003 + b for b in batch_index], micro_batches=micro,
                         retrieval_teacher=teachers[0].model, retriever=retriever, device=device, anchor_ids=anchors,
-                        diagnose=cfg.compile is None)
+                        diagnose=True)
             diag.unit(rc.history, items, x0, x)
             last = [h for h in rc.history if "ce" in h][-max(1, cfg.iterations // 10) * len(batches):]
             parts = {key: float(np.mean([h[key] for h in last])) for key in ("ce", "bn", "topo")}

@@ -165,6 +165,12 @@ for _name, _over in VARIANTS.items():  # the variants measured before the size r
         # (an explicit view keeps the fixed weight unless pta_balance is set; where PTA is off the view is not
         # part of the run)
         _over.setdefault("pta_view", PAPER_PTA["pta_view"])
+# Measured under this version's PTA (the clean view at a balanced weight up to 64 px): set after the loop above
+VARIANTS.update({
+    # DRC's complexity weight: three times and a third of the paper's lambda (lambda 0 was level at alpha 0.5)
+    "reta lam 0.3": dict(method="reta", lam=0.3),
+    "reta lam 0.03": dict(method="reta", lam=0.03),
+})
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]
 

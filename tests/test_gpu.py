@@ -108,27 +108,23 @@ def test_recover_engines_on_gpu():
 
 def test_default_pta_under_cuda_graphs_on_gpu():
     """The default PTA up to 64 px (clean view: two compiled forwards a step; balanced weight: CE's feature
-    gradient from the head's weights when compiled) under CUDA graphs stays close to the eager run."""
-    ref, x0, hist = _recover_on_gpu(pta_view="clean", topo_balance=0.1)
+    gradient from the head's weights when compiled) under CUDA graphs stays close to the eager run; so do the
+    report's gradient norms (each term carried through an eager forward, no second backward through the
+    CUDA-graphed one), which leave the compiled run as it was."""
+    ref, x0, hist, eager_g = _recover_on_gpu(pta_view="clean", topo_balance=0.1, diagnose=True)
     moved = float((ref - x0).abs().mean())
     assert all(h["topo"] > 0 for h in hist)
     out, _, h = _recover_on_gpu(pta_view="clean", topo_balance=0.1, compile="reduce-overhead")
     assert torch.isfinite(out).all() and all(v["topo"] > 0 for v in h)
     err = float((out - ref).abs().mean()) / moved
     assert err < 0.02, f"mean |difference| {err:.3g} of the mean movement"
-
-
-def test_gradient_diagnostics_under_cuda_graphs_on_gpu():
-    """The report's gradient table under --compile reduce-overhead: each term carried through an eager forward
-    (no second backward through the CUDA-graphed one) equals the eager run's, and leaves the run as it was."""
-    _, _, _, eager = _recover_on_gpu(pta_view="clean", topo_balance=0.1, diagnose=True)
-    plain, x0, _ = _recover_on_gpu(pta_view="clean", topo_balance=0.1, compile="reduce-overhead")
-    out, _, _, comp = _recover_on_gpu(pta_view="clean", topo_balance=0.1, compile="reduce-overhead", diagnose=True)
-    # (cuDNN's backward may add in another order from run to run: equal up to that)
-    assert float((out - plain).abs().mean()) < 1e-3 * float((plain - x0).abs().mean())
-    assert len(comp) == len(eager) == 2
-    for a, b in zip(comp, eager):
-        assert all(abs(a[k] - b[k]) <= 0.02 * abs(b[k]) for k in ("ce", "bn", "topo")), (a, b)
+    diag, _, _, comp_g = _recover_on_gpu(pta_view="clean", topo_balance=0.1, compile="reduce-overhead",
+                                         diagnose=True)
+    err = float((diag - out).abs().mean()) / moved  # (cuDNN may add in another order from run to run)
+    assert err < 0.01, f"diagnostics moved the compiled run: mean |difference| {err:.3g} of the mean movement"
+    assert len(comp_g) == len(eager_g) == 2
+    for a, b in zip(comp_g, eager_g):
+        assert all(abs(a[k] - b[k]) <= 0.05 * abs(b[k]) for k in ("ce", "bn", "topo")), (a, b)
 
 
 def test_overlapped_pta_lag_on_gpu():

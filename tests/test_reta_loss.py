@@ -195,6 +195,37 @@ def test_ces_feature_gradient_from_the_head_equals_autograds_and_refuses_a_head_
     assert not crit._head_checked and crit.compile_mode == "default"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("view,balance,amp", [("augmented", None, False), ("clean", None, False),
+                                              ("clean", 0.3, False), ("clean", 0.3, True)])
+def test_term_grad_norms_of_a_compiled_teacher_equal_the_eager_ones(view, balance, amp):
+    """One call, the same inputs: each weighted term's gradient on the pixels, taken on the compiled forward's
+    outputs and carried through an eager forward, is autograd's on the eager teacher; the call's own backward
+    is untouched by it, and the eager forward's graph and recordings are gone afterwards."""
+    real = F.normalize(torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    x0 = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y, ids = torch.arange(4).repeat_interleave(3), None  # PTA on the call's own 3 images a class
+    got = []
+    for mode in (None, "default"):
+        crit = rf.RETALoss(teacher(), real_feats=real, k=2, topo_balance=balance).compile_teacher(mode)
+        with pytest.raises(RuntimeError, match="call terms\(\) first"):
+            crit.term_grad_norms(x0)
+        x = x0.clone().requires_grad_(True)
+        xa = torch.flip(x, dims=(3,)) * 1.1  # an "augmented view" computed from the pixels
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss, _ = crit.terms(xa, y, ids, **({"x_topo": x} if view == "clean" else {}))
+            norms = crit.term_grad_norms(x)
+        assert crit._feats is None and not crit._bn_terms or mode is None
+        loss.backward()
+        got.append((norms, x.grad.clone()))
+    (eager, g_eager), (comp, g_comp) = got
+    assert set(comp) == {"ce", "bn", "topo"} and min(comp.values()) > 0
+    tol = 2e-2 if amp else 1e-5
+    for k in comp:
+        assert comp[k] == pytest.approx(eager[k], rel=tol), (k, comp, eager)
+    assert_close(g_comp, g_eager, atol=tol * float(g_eager.abs().max()), what="the step's own pixel gradient")
+
+
 def test_topo_balance_weight_is_zero_where_pta_has_no_gradient_on_the_call():
     """A call none of whose images is among its classes' first m points: PTA has a graph but no gradient on
     the features; its weight is 0 (not rho * |CE| / 0), and the pixel gradient is CE's and BN's alone."""

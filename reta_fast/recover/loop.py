@@ -198,7 +198,8 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
             patches, distinct patches per class).
         diagnose: at the last step of every block, record the norm of each loss term's gradient on the
             first micro-batch's pixels (``"grads"`` entries; three extra backward passes per block, and under
-            ``config.compile`` one more eager forward: :meth:`RETALoss.term_grad_norms`).
+            ``config.compile`` one more eager forward, two with the clean view): a criterion with a
+            ``term_grad_norms(x)`` method (:meth:`RETALoss.term_grad_norms`).
 
     Returns:
         ``[B, 3, R, R]`` detached images at the last block's resolution ``R``, rows as in ``x_init``, on

@@ -172,6 +172,10 @@ class RETALoss(nn.Module):
         # PTA's weight in the last call under topo_balance (None where that call did not weigh PTA: PTA off or
         # inactive)
         self.last_topo_weight: Optional[torch.Tensor] = None
+        # the weighted terms of the last completed call, graphs attached, and the teacher's inputs and outputs they
+        # were computed from (term_grad_norms)
+        self.last_terms: Optional[Dict[str, torch.Tensor]] = None
+        self._last_io = None
 
     def compile(self, mode: Optional[str] = "default", **kwargs) -> "RETALoss":
         """Deprecated alias of :meth:`compile_teacher` (it compiles the teacher only, unlike
@@ -440,30 +444,39 @@ class RETALoss(nn.Module):
     def term_grad_norms(self, wrt: torch.Tensor) -> Dict[str, float]:
         """The norm of the gradient of each weighted term of the last call (``last_terms``) on ``wrt``, a tensor
         that call's inputs were computed from (the recover loop: the pixels, before augmentation); the call's
-        graph is kept for its own backward. On a compiled teacher each term's gradient is taken on the compiled
-        forward's outputs and carried to ``wrt`` through an eager forward of the same inputs: a compiled
-        forward's backward is taken once per step (a second pass through it, even with ``retain_graph`` and
-        donated buffers off, gave wrong BN gradients with torch 2.13's inductor on the CPU; under CUDA graphs it
-        is not proven)."""
+        graph is kept for its own backward. Call it after :meth:`terms` and before that call's backward, under
+        the same autocast. On a compiled teacher each term's gradient is taken on the compiled forward's outputs
+        and carried to ``wrt`` through an eager forward of the same inputs (two with ``x_topo``; their graph is
+        freed before this returns, so the peak is about an eager step's): a compiled forward's backward is taken
+        once per step (a second pass through it, even with ``retain_graph`` and donated buffers off, gave wrong
+        BN gradients with torch 2.13's inductor on the CPU; under CUDA graphs it is not proven)."""
+        if self.last_terms is None:
+            raise RuntimeError("term_grad_norms reads the terms of the last completed call: call terms() first")
         out = {}
         if self.compile_mode is None:
             for name, t in self.last_terms.items():
                 out[name] = _grad_norm([t], wrt, None)
             return out
         x, x_topo, outs = self._last_io
-        eager = self._teacher_outputs(self.teacher, x, x_topo)  # the same tensors as outs, eagerly
-        eager = (eager[0], eager[1], eager[3], *eager[2])
-        if len(eager) != len(outs):
-            raise RuntimeError(f"the eager teacher recorded {len(eager) - 3} BN terms, the compiled one "
-                               f"{len(outs) - 3}")
-        live = [n for n, o in enumerate(outs) if o is not None and o.requires_grad]
-        for name, t in self.last_terms.items():
-            if not t.requires_grad:
-                out[name] = 0.0
-                continue
-            gs = torch.autograd.grad(t, [outs[n] for n in live], retain_graph=True, allow_unused=True)
-            used = [(eager[n], g) for n, g in zip(live, gs) if g is not None]
-            out[name] = _grad_norm([e for e, _ in used], wrt, [g for _, g in used]) if used else 0.0
+        try:
+            with torch.enable_grad():
+                eager = self._teacher_outputs(self.teacher, x, x_topo)  # the same tensors as outs, eagerly
+            eager = (eager[0], eager[1], eager[3], *eager[2])
+            if len(eager) != len(outs):
+                raise RuntimeError(f"the eager teacher recorded {len(eager) - 3} BN terms, the compiled one "
+                                   f"{len(outs) - 3}")
+            live = [n for n, o in enumerate(outs) if o is not None and o.requires_grad]
+            for name, t in self.last_terms.items():
+                if not t.requires_grad:
+                    out[name] = 0.0
+                    continue
+                gs = torch.autograd.grad(t, [outs[n] for n in live], retain_graph=True, allow_unused=True)
+                used = [(eager[n], g) for n, g in zip(live, gs) if g is not None]
+                out[name] = _grad_norm([e for e, _ in used], wrt, [g for _, g in used]) if used else 0.0
+        finally:  # the eager forward's graph goes now, before the step's own backward
+            eager = None
+            self._feats = None
+            self._bn_terms.clear()
         return out
 
     def terms(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None,
@@ -479,8 +492,6 @@ class RETALoss(nn.Module):
             raise ValueError(f"x_topo must hold the batch's {x.shape[0]} images, got {x_topo.shape[0]}")
         self.last_topo_weight = None  # set again below where this call weighs PTA by topo_balance
         logits, f_ce, bn_terms, f_topo = self._teacher_outputs(self._forward_teacher, x, x_topo)
-        # the teacher's outputs the terms are computed from, and its inputs (term_grad_norms)
-        self._last_io = (x, x_topo, (logits, f_ce, f_topo, *bn_terms))
         lay = self._layout(y, ids, logits.shape[1], self._feats if self._feats is not None else logits)
         with _no_autocast(logits.device.type):  # the loss terms in fp32 under autocast
             ce = F.cross_entropy(logits.float(), y)
@@ -494,6 +505,7 @@ class RETALoss(nn.Module):
             loss = ce + self.r_bn * bn + weighted
         # the weighted terms, graphs attached, until the next call (the recover loop's gradient diagnostics)
         self.last_terms = dict(ce=ce, bn=self.r_bn * bn, topo=weighted)
+        self._last_io = (x, x_topo, (logits, f_ce, f_topo, *bn_terms))  # what they came from (term_grad_norms)
         return loss, torch.stack([ce.detach(), bn.detach(), topo.detach().float()])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None,

@@ -226,6 +226,42 @@ def test_term_grad_norms_of_a_compiled_teacher_equal_the_eager_ones(view, balanc
     assert_close(g_comp, g_eager, atol=tol * float(g_eager.abs().max()), what="the step's own pixel gradient")
 
 
+def test_a_class_with_too_few_points_is_left_out_of_pta_with_a_warning_not_the_whole_call():
+    """A drop-in loop's class-unbalanced batch: class 2 has 2 images, k = 2. It is left out of PTA (a warning,
+    once); the other classes keep theirs, exactly as in the batch without class 2. Before, class 2 set every
+    class's point count to 2 and PTA was silently 0 for the whole call."""
+    import warnings
+
+    real = F.normalize(torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    x = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2, 0, 1, 3, 1, 0, 2, 1, 3, 3, 3])
+    keep = y != 2
+    for use_ids in (False, True):
+        crit = rf.RETALoss(teacher(), real_feats=real, k=2)
+        ref = rf.RETALoss(teacher(), real_feats=real, k=2)
+        ids = torch.arange(12) if use_ids else None
+        if use_ids:  # each image registered with its initial features: the class's points are its own images
+            with torch.no_grad():
+                f0 = rf.models.teacher_features(crit.teacher, x)[1]
+            crit.seed_bank(f0, y, ids)
+            ref.seed_bank(f0[keep], y[keep], ids[keep])
+        with pytest.warns(UserWarning, match=r"PTA leaves out 1 of the call's 4 classes \(e.g. class 2: 2 "
+                                             r"point\(s\)\): a class needs more than k=2 points"):
+            _, parts = crit(x, y, ids)
+        assert crit.last_layout.classes == [0, 1, 3] and crit.last_layout.m == 3
+        _, want = ref(x[keep], y[keep], None if ids is None else ids[keep])
+        assert parts["topo"] > 0 and parts["topo"] == pytest.approx(want["topo"], rel=1e-6)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per RETALoss
+            crit(x, y + 0, ids)
+    # no class with more than k points: PTA is 0 (no error), on either path
+    for use_ids in (False, True):
+        crit = rf.RETALoss(teacher(), real_feats=real, k=2)
+        with pytest.warns(UserWarning, match="PTA leaves out 4 of the call's 4 classes"):
+            _, parts = crit(x[:8], torch.arange(4).repeat(2), torch.arange(8) if use_ids else None)
+        assert parts["topo"] == 0.0 and crit.last_layout.classes == []
+
+
 def test_topo_balance_weight_is_zero_where_pta_has_no_gradient_on_the_call():
     """A call none of whose images is among its classes' first m points: PTA has a graph but no gradient on
     the features; its weight is 0 (not rho * |CE| / 0), and the pixel gradient is CE's and BN's alone."""

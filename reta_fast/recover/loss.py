@@ -167,6 +167,7 @@ class RETALoss(nn.Module):
         self._forward_teacher = self.teacher
         self.compile_mode: Optional[str] = None
         self._head_checked = False  # whether the compiled teacher's logits were checked to be its head's output
+        self._warned_sparse = False  # PTA left classes with too few points out of a call (warned once)
         self._layouts: Dict[tuple, tuple] = {}  # (id(y), id(ids), classes) -> (y, version, ids, version, layout)
         self.last_layout: Optional[_Layout] = None  # the point sets of the last call (diagnostics, tests)
         # PTA's weight in the last call under topo_balance (None where that call did not weigh PTA: PTA off or
@@ -309,8 +310,9 @@ class RETALoss(nn.Module):
         live = {c: [r for r, k in enumerate(ys) if k == c] for c in classes}  # batch rows per class
         tensor = lambda v: torch.tensor(v, dtype=torch.int64).to(dev)  # noqa: E731  (once per layout)
         if ids is None:  # no identities: only the batch's images, never the bank
-            m = min(min(len(live[c]), n) for c in classes)
-            return _Layout(classes, m, None, tensor([live[c][:m] for c in classes]), None, None, None, None)
+            classes, m = self._pta_classes(live, n, "images in the call (no ids: the bank is not used)")
+            return _Layout(classes, m, None, tensor([live[c][:m] for c in classes]).view(len(classes), m), None,
+                           None, None, None)
         if len(set(ids)) != len(ids):
             raise ValueError("ids must be distinct within a batch (one id per image)")
         if self.bank.register(ids, ys, feats.shape[1], dev):
@@ -321,7 +323,7 @@ class RETALoss(nn.Module):
         # micro-batch of the same set) and must index the same images. A call's images take their own
         # places in that order, with gradient.
         sets = {c: self.bank.members(c) for c in classes}
-        m = min(min(len(sets[c]), n) for c in classes)
+        classes, m = self._pta_classes(sets, n, "registered images (seed_bank registers a whole set)")
         rows, live_flat, live_src, mask = [], [], [], []
         for g, c in enumerate(classes):
             members = sets[c][:m]  # with m below the set's size: the same first m images for every call
@@ -335,8 +337,24 @@ class RETALoss(nn.Module):
                     flags[p] = True
             rows.append(members)
             mask.append(flags)
-        return _Layout(classes, m, tensor(rows), None, tensor(live_flat), tensor(live_src),
-                       torch.tensor(mask, dtype=torch.bool).to(dev), tensor([slot[i] for i in ids]))
+        return _Layout(classes, m, tensor(rows).view(len(classes), m), None, tensor(live_flat), tensor(live_src),
+                       torch.tensor(mask, dtype=torch.bool).to(dev).view(len(classes), m),
+                       tensor([slot[i] for i in ids]))
+
+    def _pta_classes(self, points: Dict[int, list], n: int, what: str) -> Tuple[List[int], int]:
+        """The classes of a call PTA can act on, those with more than ``k`` points (a mutual k-NN graph needs
+        them), and the points each of them takes (the fewest among them, at most ``n``: the real side's). The
+        others are left out of PTA for the call, with a warning the first time."""
+        k = self.topo.k
+        kept = [c for c in sorted(points) if min(len(points[c]), n) > k]
+        if len(kept) < len(points) and not self._warned_sparse:
+            self._warned_sparse = True
+            short = [c for c in sorted(points) if c not in kept]
+            warnings.warn(f"PTA leaves out {len(short)} of the call's {len(points)} classes (e.g. class {short[0]}: "
+                          f"{min(len(points[short[0]]), n)} point(s)): a class needs more than k={k} points, counting "
+                          f"its {what}. Pass ids and seed_bank the whole synthetic set, or batch more images of each "
+                          f"class (warned once per RETALoss)", stacklevel=5)
+        return kept, (min(min(len(points[c]), n) for c in kept) if kept else 0)
 
     def _real_for(self, lay: _Layout, device) -> torch.Tensor:
         key = (tuple(lay.classes), lay.m, device)
@@ -349,15 +367,15 @@ class RETALoss(nn.Module):
         """PTA over the layout's point sets; writes this call's features into the bank (device ops only)."""
         f = self._feats.float()
         self.last_layout = lay
-        if lay.rows is None:
-            pts = f[lay.batch_rows]  # [G, m, D]
-        else:
-            G, m = lay.rows.shape
-            banked = self.bank.feats[lay.rows].reshape(G * m, -1)
-            pts = banked.index_put((lay.live_flat,), f[lay.live_src]).view(G, m, -1)  # live points carry grad
-        if lay.m <= self.topo.k:
+        if lay.m <= self.topo.k:  # no class with enough points (_pta_classes)
             out = f.new_zeros(())
         else:
+            if lay.rows is None:
+                pts = f[lay.batch_rows]  # [G, m, D]
+            else:
+                G, m = lay.rows.shape
+                banked = self.bank.feats[lay.rows].reshape(G * m, -1)
+                pts = banked.index_put((lay.live_flat,), f[lay.live_src]).view(G, m, -1)  # live points carry grad
             out = self.topo(pts, self._real_for(lay, f.device), classes=lay.classes)
         if lay.write_rows is not None:
             self.bank.write(lay.write_rows, f)

@@ -170,6 +170,11 @@ VARIANTS.update({
     # DRC's complexity weight: three times and a third of the paper's lambda (lambda 0 was level at alpha 0.5)
     "reta lam 0.3": dict(method="reta", lam=0.3),
     "reta lam 0.03": dict(method="reta", lam=0.03),
+    # ImageNet-1K's batch structure (one image per class per batch, lockstep) with this version's defaults (alpha
+    # 0.3 and the clean view at a balanced weight up to 64 px): what a Tiny-ImageNet-sized run (64 px, many
+    # classes, class-balanced micro-batches) gets
+    "fadrm imagenet-batch alpha 0.3": dict(method="fadrm", **IMAGENET_BATCH),
+    "reta imagenet-batch alpha 0.3": dict(method="reta", **IMAGENET_BATCH),
 })
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]

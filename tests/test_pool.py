@@ -162,3 +162,16 @@ def test_build_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="dataset item .*1 or 3 channels"):
         rf.PatchPool.build(Rgba(), t, tmp_path / "p", progress=False)
     assert os.listdir(tmp_path) == []  # nothing left behind, not even a temporary folder
+
+
+def test_float_images_outside_0_1_are_refused_by_name():
+    """An already normalised (ToTensor + Normalize) or a [0, 255] float image would be clamped to [0, 1] and
+    normalised again: wrong patches, features and complexities without a word. Refused instead."""
+    from reta_fast.data import to_image_tensor
+
+    ok = torch.rand(3, 8, 8)
+    assert torch.equal(to_image_tensor(ok), ok)
+    assert to_image_tensor(torch.full((8, 8), 255, dtype=torch.uint8)).max() == 1
+    for bad in ((ok - 0.5) / 0.25, ok * 255):
+        with pytest.raises(ValueError, match=r"a float image has values in \[.*\]: images must be in \[0, 1\]"):
+            to_image_tensor(bad)

@@ -89,6 +89,17 @@ def _engine_run(tmp_path=None, iterations=6, topo_balance=None, diagnose=False, 
     return out, [h for h in cfg.history if "ce" in h]
 
 
+def test_x_init_outside_the_normalised_range_is_refused():
+    crit = rf.RETALoss(teacher(classes=3), lam_topo=0.0)
+    cfg = rf.RecoverConfig(iterations=2, resolutions=(8, 8), drc=False)
+    y = torch.arange(3).repeat(2)
+    for bad, msg in ((torch.rand(6, 3, 8, 8) * 255, r"x_init lies in \[0(\.\d+)?, 25\d(\.\d+)?\], outside the "
+                                                    r"normalised range \[-2.12, 2.64\] of config.mean/std"),
+                     (torch.full((6, 3, 8, 8), float("nan")), "x_init holds NaN or inf")):
+        with pytest.raises(ValueError, match=msg):
+            rf.recover(crit, bad, y, config=cfg)
+
+
 def test_loss_parts_read_once_per_block_equal_the_per_step_ones(tmp_path):
     lazy_out, lazy = _engine_run()
     eager_out, eager = _engine_run(tmp_path)  # an on_step callback reads the parts every step

@@ -379,6 +379,50 @@ def test_topo_refresh_reuses_pairings_across_steps():
     assert crit.topo._plan_key == key and crit.topo._plan is plan  # same classes and real tensor: reused
 
 
+def test_without_ids_stored_pairings_serve_only_the_batch_they_were_computed_on():
+    """Two batches of the same classes and size, called in turn without ids: with topo_refresh > 1 each batch
+    keeps its own pairings' reuse; before, batch B's PTA was computed with batch A's pairings."""
+    real = F.normalize(torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    g = torch.Generator().manual_seed(0)
+    xa, xb = torch.randn(10, 3, 8, 8, generator=g), torch.randn(10, 3, 8, 8, generator=g)
+    ya, yb = torch.tensor([0] * 5 + [1] * 5), torch.tensor([0] * 5 + [1] * 5)
+    fresh = rf.RETALoss(teacher(), real_feats=real, k=3)
+    want = fresh(xb, yb)[1]["topo"]
+    crit = rf.RETALoss(teacher(), real_feats=real, k=3, topo_refresh=4)
+    crit(xa, ya)
+    assert crit(xb, yb)[1]["topo"] == pytest.approx(want, rel=1e-6)  # B's own pairings, not A's
+    plan = crit.topo._plan
+    crit(xb + 0.01, yb)
+    assert crit.topo._plan is plan  # the same batch (its label tensor) still reuses them
+
+
+def test_bad_input_to_the_drop_in_loss_is_named():
+    t = teacher(classes=3)
+    real = F.normalize(torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    with pytest.raises(ValueError, match=r"y must hold int64 \(torch.long\) class indices, got torch.int32"):
+        rf.RETALoss(t, real_feats=real, k=2)(torch.randn(6, 3, 8, 8), torch.arange(3, dtype=torch.int32).repeat(2))
+    # a set larger than PTA's point count: the images past it get no PTA gradient, and the user is told
+    crit = rf.RETALoss(t, real_feats=real, k=2)
+    y, ids = torch.arange(3).repeat(6), torch.arange(18)
+    x = torch.randn(18, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        crit.seed_bank(rf.models.teacher_features(t, x)[1], y, ids)
+    with pytest.warns(UserWarning, match=r"PTA takes m=4 points a class \(the fewest among the call's classes, at "
+                                         r"most the 4 real points real_feats holds a class\), but class \d has 6 "
+                                         r"registered images: its images past the first 4 get no PTA gradient"):
+        crit(x[:3], y[:3], ids[:3])
+
+
+def test_from_pool_refuses_a_pool_built_for_another_teacher(tmp_path):
+    from test_pool import TinySet
+
+    t = teacher(classes=3)
+    pool = rf.PatchPool.build(TinySet(per_class=(5, 4, 6)), t, tmp_path / "p", per_class=4, size=8,
+                              resolutions=(8,), progress=False)
+    with pytest.raises(ValueError, match="the pool was built for teacher [0-9a-f]{16}, not for this teacher"):
+        rf.RETALoss.from_pool(teacher(classes=3, seed=1), pool, points_per_class=4, k=2)
+
+
 def test_under_autocast_only_the_teacher_runs_in_bf16():
     import torch.nn.functional as F
 
@@ -387,9 +431,9 @@ def test_under_autocast_only_the_teacher_runs_in_bf16():
     seen = []
     forward = crit.topo.forward
 
-    def spy(syn, real=None, classes=None):
+    def spy(syn, real=None, classes=None, group=None):
         seen.append((torch.is_autocast_enabled("cpu"), syn.dtype))
-        return forward(syn, real, classes=classes)
+        return forward(syn, real, classes=classes, group=group)
 
     crit.topo.forward = spy
     crit.seed_bank(torch.randn(16, 8), torch.arange(4).repeat(4), torch.arange(16) + 100)  # PTA active

@@ -62,7 +62,14 @@ def to_image_tensor(img) -> torch.Tensor:
         t = t.unsqueeze(0)
     if t.dim() != 3:
         raise ValueError(f"image must be [C, H, W], got shape {tuple(t.shape)}")
-    t = t.float() / 255.0 if not t.is_floating_point() else t.float()
+    if t.is_floating_point():
+        t = t.float()
+        if t.numel() and (float(t.min()) < -0.05 or float(t.max()) > 1.05):
+            raise ValueError(f"a float image has values in [{float(t.min()):.3g}, {float(t.max()):.3g}]: images must "
+                             f"be in [0, 1] (ToTensor, no Normalize: reta_fast normalises with its own mean/std) or "
+                             f"uint8 in [0, 255]")
+    else:
+        t = t.float() / 255.0
     if t.shape[0] == 1:
         t = t.expand(3, -1, -1)
     elif t.shape[0] != 3:

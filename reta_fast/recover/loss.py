@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validate import check_int_setting, check_positive_number
+from ..models.features import teacher_fingerprint
 from ..topology.pta import TopologyAlignmentLoss
 from .bank import FeatureBank
 
@@ -36,6 +38,7 @@ __all__ = ["RETALoss", "topo_weight"]
 # Batch layouts kept (one per micro-batch of a lockstep unit; ImageNet IPC 50 with one image per class per
 # batch needs 50).
 MAX_LAYOUTS = 256
+_LAYOUT_SERIALS = itertools.count()
 
 
 def _grad_norm(outputs: List[torch.Tensor], wrt: torch.Tensor, grads: Optional[List[torch.Tensor]]) -> float:
@@ -67,6 +70,7 @@ class _Layout:
     live_mask: Optional[torch.Tensor]  # [G, m] bool (diagnostics)
     write_rows: Optional[torch.Tensor]  # [B] bank rows of the batch's images
     real: Optional[torch.Tensor] = None  # [G, m, D] the real side, one tensor per layout (pairings reuse it)
+    serial: int = field(default_factory=lambda: next(_LAYOUT_SERIALS))  # which batch: PTA's pairings without ids
 
 
 def topo_weight(lam_topo: float, ref_batch: Optional[int], batch_size: int) -> float:
@@ -168,6 +172,7 @@ class RETALoss(nn.Module):
         self.compile_mode: Optional[str] = None
         self._head_checked = False  # whether the compiled teacher's logits were checked to be its head's output
         self._warned_sparse = False  # PTA left classes with too few points out of a call (warned once)
+        self._warned_cut = False  # PTA's point count left some of a class's images out (warned once)
         self._layouts: Dict[tuple, tuple] = {}  # (id(y), id(ids), classes) -> (y, version, ids, version, layout)
         self.last_layout: Optional[_Layout] = None  # the point sets of the last call (diagnostics, tests)
         # PTA's weight in the last call under topo_balance (None where that call did not weigh PTA: PTA off or
@@ -207,7 +212,14 @@ class RETALoss(nn.Module):
 
     @classmethod
     def from_pool(cls, teacher: nn.Module, pool, points_per_class: int = 32, seed: int = 0, **kwargs) -> "RETALoss":
-        """Build with ``points_per_class`` real features per class drawn (seeded) from a PatchPool."""
+        """Build with ``points_per_class`` real features per class drawn (seeded) from a PatchPool (give it as
+        many as the synthetic set has images per class: PTA takes at most that many points a class). The pool
+        must have been built with this teacher: its features are PTA's real side."""
+        built_for = getattr(pool, "manifest", {}).get("teacher")
+        if built_for is not None and teacher_fingerprint(teacher) != built_for:
+            raise ValueError(f"the pool was built for teacher {built_for}, not for this teacher "
+                             f"({teacher_fingerprint(teacher)}): its features are another network's; build a pool "
+                             f"with this teacher (PatchPool.build)")
         feats, labels, _ = pool.retrieval_tensors()
         g = torch.Generator().manual_seed(seed)
         rows = []
@@ -276,6 +288,8 @@ class RETALoss(nn.Module):
     def _check_labels(self, y: torch.Tensor, ids: Optional[torch.Tensor], num_classes: int):
         if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dim() != 1:
             raise ValueError(f"y must be an integer tensor [B], got {getattr(y, 'shape', y)!r}")
+        if y.dtype != torch.int64:  # cross_entropy's targets
+            raise ValueError(f"y must hold int64 (torch.long) class indices, got {y.dtype}: pass y.long()")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(f"y holds labels outside [0, {num_classes})")
         if ids is not None and (not isinstance(ids, torch.Tensor) or ids.shape != y.shape
@@ -310,7 +324,8 @@ class RETALoss(nn.Module):
         live = {c: [r for r, k in enumerate(ys) if k == c] for c in classes}  # batch rows per class
         tensor = lambda v: torch.tensor(v, dtype=torch.int64).to(dev)  # noqa: E731  (once per layout)
         if ids is None:  # no identities: only the batch's images, never the bank
-            classes, m = self._pta_classes(live, n, "images in the call (no ids: the bank is not used)")
+            classes, m = self._pta_classes(live, n, "images in the call",
+                                           "images in the call (no ids: the bank is not used)")
             return _Layout(classes, m, None, tensor([live[c][:m] for c in classes]).view(len(classes), m), None,
                            None, None, None)
         if len(set(ids)) != len(ids):
@@ -323,7 +338,8 @@ class RETALoss(nn.Module):
         # micro-batch of the same set) and must index the same images. A call's images take their own
         # places in that order, with gradient.
         sets = {c: self.bank.members(c) for c in classes}
-        classes, m = self._pta_classes(sets, n, "registered images (seed_bank registers a whole set)")
+        classes, m = self._pta_classes(sets, n, "registered images",
+                                       "registered images (seed_bank registers a whole set)")
         rows, live_flat, live_src, mask = [], [], [], []
         for g, c in enumerate(classes):
             members = sets[c][:m]  # with m below the set's size: the same first m images for every call
@@ -341,7 +357,7 @@ class RETALoss(nn.Module):
                        torch.tensor(mask, dtype=torch.bool).to(dev).view(len(classes), m),
                        tensor([slot[i] for i in ids]))
 
-    def _pta_classes(self, points: Dict[int, list], n: int, what: str) -> Tuple[List[int], int]:
+    def _pta_classes(self, points: Dict[int, list], n: int, noun: str, what: str) -> Tuple[List[int], int]:
         """The classes of a call PTA can act on, those with more than ``k`` points (a mutual k-NN graph needs
         them), and the points each of them takes (the fewest among them, at most ``n``: the real side's). The
         others are left out of PTA for the call, with a warning the first time."""
@@ -354,7 +370,17 @@ class RETALoss(nn.Module):
                           f"{min(len(points[short[0]]), n)} point(s)): a class needs more than k={k} points, counting "
                           f"its {what}. Pass ids and seed_bank the whole synthetic set, or batch more images of each "
                           f"class (warned once per RETALoss)", stacklevel=5)
-        return kept, (min(min(len(points[c]), n) for c in kept) if kept else 0)
+        m = min(min(len(points[c]), n) for c in kept) if kept else 0
+        over = [c for c in kept if len(points[c]) > m]
+        if over and not self._warned_cut:
+            self._warned_cut = True
+            c = max(over, key=lambda c: len(points[c]))
+            warnings.warn(f"PTA takes m={m} points a class (the fewest among the call's classes, at most the {n} real "
+                          f"points real_feats holds a class), but class {c} has {len(points[c])} {noun}: "
+                          f"its images past the first {m} get no PTA gradient. Give real_feats as many points a "
+                          f"class as the synthetic set has images (RETALoss.from_pool(points_per_class=IPC)) "
+                          f"(warned once per RETALoss)", stacklevel=5)
+        return kept, m
 
     def _real_for(self, lay: _Layout, device) -> torch.Tensor:
         key = (tuple(lay.classes), lay.m, device)
@@ -376,7 +402,9 @@ class RETALoss(nn.Module):
                 G, m = lay.rows.shape
                 banked = self.bank.feats[lay.rows].reshape(G * m, -1)
                 pts = banked.index_put((lay.live_flat,), f[lay.live_src]).view(G, m, -1)  # live points carry grad
-            out = self.topo(pts, self._real_for(lay, f.device), classes=lay.classes)
+            # without ids a call's points are its own images: stored pairings serve only the same batch
+            out = self.topo(pts, self._real_for(lay, f.device), classes=lay.classes,
+                            group=lay.serial if lay.rows is None else None)
         if lay.write_rows is not None:
             self.bank.write(lay.write_rows, f)
             self.bank.tick()

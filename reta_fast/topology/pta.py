@@ -274,11 +274,13 @@ class TopologyAlignmentLoss(nn.Module):
                 self._real_images = (self._real_token, self._grid_version) + tuple(self._images(h0, h1, plan, n))
         return self._real_images[2], self._real_images[3]
 
-    def forward(self, syn: torch.Tensor, real: Optional[torch.Tensor] = None, classes=None) -> torch.Tensor:
+    def forward(self, syn: torch.Tensor, real: Optional[torch.Tensor] = None, classes=None,
+                group=None) -> torch.Tensor:
         """Loss of ``syn`` ``[C, n, d]`` against ``real`` (or the reference). With
         ``refresh_every > 1`` or ``overlap``, pass ``classes`` (the ``C`` class ids of this call, a
-        sequence of ints) whenever the classes can change between calls: stored pairings are only reused
-        for the same classes, shape and real side."""
+        sequence of ints) whenever the classes can change between calls, and ``group`` (any hashable) when
+        calls of the same classes and shape can hold other points (e.g. several batches): stored pairings
+        are only reused for the same classes, group, shape and real side."""
         xs = self._prep(syn, "syn", False)  # its NaN/inf check rides with the next graph transfer
         C, n = xs.shape[0], xs.shape[1]
         if classes is not None:
@@ -302,7 +304,7 @@ class TopologyAlignmentLoss(nn.Module):
         elif self._ref is None:
             raise ValueError("real features are required (or call set_reference(real) first)")
         h0r, h1r, plan_r = self._real_side(real, C)  # also fixes the grids before any synthetic image
-        key = (tuple(xs.shape), xs.device, classes, self._real_token)
+        key = (tuple(xs.shape), xs.device, classes, group, self._real_token)
         if self.overlap and self._job is not None:  # the pairings launched at the previous refresh
             future, job_key = self._job
             self._job = None

@@ -114,6 +114,10 @@ def test_best_of_n_crops_are_deterministic_and_retrieval_accepts_a_pool(tmp_path
     assert torch.equal(got, rf.retrieve_ref(q, ql, feats, labels, comp))
     with pytest.raises(ValueError, match="resolution 16 not in"):
         a.retrieval_tensors(16)
+    # raw (unnormalised) features against the pool's unit-norm ones: the fit term would swamp lam's
+    with pytest.raises(ValueError, match=r"query_feats are not L2-normalised \(\|‖q‖² − 1\| up to [0-9.e+]+\) "
+                                         r"while the PatchPool's features are"):
+        rf.retrieve(q * 7, ql, a)
 
 
 def test_image_folder_with_a_corrupt_file(tmp_path):

@@ -197,7 +197,8 @@ def retrieve(
         ``[B]`` int64 indices into the pool, on the device of ``query_feats``; exactly
         :func:`retrieve_ref`'s answer.
     """
-    if hasattr(pool_feats, "retrieval_tensors"):
+    from_pool = hasattr(pool_feats, "retrieval_tensors")
+    if from_pool:
         if pool_labels is not None or pool_complexity is not None:
             raise ValueError("pass either a PatchPool or the three pool tensors, not both")
         dev = query_feats.device if isinstance(query_feats, torch.Tensor) else "cpu"
@@ -212,6 +213,11 @@ def retrieve(
     B, D = q.shape
     if B == 0:
         return torch.zeros(0, dtype=torch.int64, device=q.device)
+    if from_pool:  # a PatchPool's features are L2-normalised: raw queries would make lam meaningless
+        n2 = float(q.detach().float().pow(2).sum(1).sub(1).abs().max())  # host sync, once per call
+        if not n2 <= 0.05:
+            raise ValueError(f"query_feats are not L2-normalised (|‖q‖² − 1| up to {n2:.3g}) while the PatchPool's "
+                             f"features are: pass torch.nn.functional.normalize(feats, dim=1)")
     if exclusive:
         with torch.no_grad():
             return _retrieve_exclusive(q, ql, z, pl, c, lam)

@@ -175,6 +175,7 @@ VARIANTS.update({
     # classes, class-balanced micro-batches) gets
     "fadrm imagenet-batch alpha 0.3": dict(method="fadrm", **IMAGENET_BATCH),
     "reta imagenet-batch alpha 0.3": dict(method="reta", **IMAGENET_BATCH),
+    "reta imagenet-batch alpha 0.3 paper-pta": dict(method="reta", **IMAGENET_BATCH, **PAPER_PTA),
 })
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]

@@ -93,11 +93,13 @@ def test_x_init_outside_the_normalised_range_is_refused():
     crit = rf.RETALoss(teacher(classes=3), lam_topo=0.0)
     cfg = rf.RecoverConfig(iterations=2, resolutions=(8, 8), drc=False)
     y = torch.arange(3).repeat(2)
-    for bad, msg in ((torch.rand(6, 3, 8, 8) * 255, r"x_init lies in \[0(\.\d+)?, 25\d(\.\d+)?\], outside the "
-                                                    r"normalised range \[-2.12, 2.64\] of config.mean/std"),
+    for bad, msg in ((torch.rand(6, 3, 8, 8) * 255, r"x_init lies in \[0(\.\d+)?, 25\d(\.\d+)?\], far outside "
+                                                    r"the normalised range \[-2.12, 2.64\] of config.mean/std"),
                      (torch.full((6, 3, 8, 8), float("nan")), "x_init holds NaN or inf")):
         with pytest.raises(ValueError, match=msg):
             rf.recover(crit, bad, y, config=cfg)
+    noise = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.5  # an SRe2L start: accepted
+    assert torch.isfinite(rf.recover(crit, noise, y, config=cfg)).all()
 
 
 def test_loss_parts_read_once_per_block_equal_the_per_step_ones(tmp_path):

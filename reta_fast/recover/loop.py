@@ -238,10 +238,14 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
         x_lo, x_hi = float(x_init.min()), float(x_init.max())  # one host sync per call
         if not (math.isfinite(x_lo) and math.isfinite(x_hi)):
             raise ValueError("x_init holds NaN or inf")
-        if x_lo < float(lo.min()) - 0.05 or x_hi > float(hi.max()) + 0.05:
-            raise ValueError(f"x_init lies in [{x_lo:.3g}, {x_hi:.3g}], outside the normalised range "
-                             f"[{float(lo.min()):.3g}, {float(hi.max()):.3g}] of config.mean/std: pass "
-                             f"(images_in_0_1 - mean) / std (every step clamps the pixels to that range)")
+        # noise starts (SRe2L) reach a few units past the range and are clamped by the first step; pixels in
+        # [0, 255] (an unnormalised image) reach far beyond it
+        reach = 4.0 * max(float(lo.abs().max()), float(hi.abs().max()))
+        if max(-x_lo, x_hi) > reach:
+            raise ValueError(f"x_init lies in [{x_lo:.3g}, {x_hi:.3g}], far outside the normalised range "
+                             f"[{float(lo.min()):.3g}, {float(hi.max()):.3g}] of config.mean/std (pixels in "
+                             f"[0, 255]?): pass (images_in_0_1 - mean) / std (every step clamps the pixels to that "
+                             f"range)")
     blocks = list(cfg.resolutions)
     per_block = [cfg.iterations // len(blocks) + (1 if b < cfg.iterations % len(blocks) else 0) for b in range(len(blocks))]
     anchors = [x_init[mb.to(x_init.device)].detach().to(dev) for mb in micro]

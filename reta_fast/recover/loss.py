@@ -468,8 +468,8 @@ class RETALoss(nn.Module):
 
     def _teacher_outputs(self, forward, x: torch.Tensor, x_topo: Optional[torch.Tensor]):
         """Run ``forward`` (the teacher, compiled or not) with the hooks recording: ``(logits, CE's features,
-        the BN-statistic terms, PTA's features)``; PTA's come from a second forward of ``x_topo`` when given
-        (BN hooks silent), else they are CE's and the last entry is None. Leaves ``self._feats`` = PTA's
+        PTA's features, *the BN-statistic terms)``; PTA's come from a second forward of ``x_topo`` when given
+        (BN hooks silent), else they are CE's and that entry is None. Leaves ``self._feats`` = PTA's
         features, ``self._bn_terms`` = the BN terms."""
         self._bn_terms.clear()
         self._feats = None
@@ -485,7 +485,7 @@ class RETALoss(nn.Module):
                 f_topo = self._feats
         finally:
             self._capturing = self._bn_off = False
-        return logits, f_ce, list(self._bn_terms), f_topo
+        return (logits, f_ce, f_topo, *self._bn_terms)
 
     def term_grad_norms(self, wrt: torch.Tensor) -> Dict[str, float]:
         """The norm of the gradient of each weighted term of the last call (``last_terms``) on ``wrt``, a tensor
@@ -507,7 +507,6 @@ class RETALoss(nn.Module):
         try:
             with torch.enable_grad():
                 eager = self._teacher_outputs(self.teacher, x, x_topo)  # the same tensors as outs, eagerly
-            eager = (eager[0], eager[1], eager[3], *eager[2])
             if len(eager) != len(outs):
                 raise RuntimeError(f"the eager teacher recorded {len(eager) - 3} BN terms, the compiled one "
                                    f"{len(outs) - 3}")
@@ -537,7 +536,8 @@ class RETALoss(nn.Module):
         if x_topo is not None and self.topo is not None and x_topo.shape[0] != x.shape[0]:
             raise ValueError(f"x_topo must hold the batch's {x.shape[0]} images, got {x_topo.shape[0]}")
         self.last_topo_weight = None  # set again below where this call weighs PTA by topo_balance
-        logits, f_ce, bn_terms, f_topo = self._teacher_outputs(self._forward_teacher, x, x_topo)
+        outs = self._teacher_outputs(self._forward_teacher, x, x_topo)
+        logits, f_ce = outs[0], outs[1]
         lay = self._layout(y, ids, logits.shape[1], self._feats if self._feats is not None else logits)
         with _no_autocast(logits.device.type):  # the loss terms in fp32 under autocast
             ce = F.cross_entropy(logits.float(), y)
@@ -551,7 +551,7 @@ class RETALoss(nn.Module):
             loss = ce + self.r_bn * bn + weighted
         # the weighted terms, graphs attached, until the next call (the recover loop's gradient diagnostics)
         self.last_terms = dict(ce=ce, bn=self.r_bn * bn, topo=weighted)
-        self._last_io = (x, x_topo, (logits, f_ce, f_topo, *bn_terms))  # what they came from (term_grad_norms)
+        self._last_io = (x, x_topo, outs)  # what they came from (term_grad_norms)
         return loss, torch.stack([ce.detach(), bn.detach(), topo.detach().float()])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ids: Optional[torch.Tensor] = None,

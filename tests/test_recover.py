@@ -401,3 +401,25 @@ def test_pta_schedule_weighs_pta_only_from_its_block_on_and_restores_the_weight(
     with pytest.raises(ValueError, match="pta_from_block needs a criterion with a lam_topo weight"):
         rf.recover(lambda x, y, ids=None: (x.pow(2).mean(), dict(ce=0.0, bn=0.0, topo=0.0)), x0, y,
                    config=rf.RecoverConfig(iterations=8, resolutions=(8,) * 4, drc=False, pta_from_block=1))
+
+
+def test_the_history_holds_the_latest_call_and_a_reused_criterion_keeps_its_bank_until_reset():
+    """Successive recover() calls may continue one set (the bank's other members are its images as they are now),
+    so nothing is dropped between them; reset() forgets it, and a new set that reuses ids is refused by name."""
+    t = teacher(classes=4)
+    real = torch.nn.functional.normalize(torch.randn(4, 6, 8), dim=-1)
+    crit = rf.RETALoss(t, real_feats=real, k=2)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat(3)
+    cfg = rf.RecoverConfig(iterations=2, resolutions=(8,), drc=False, jitter=1)
+    rf.recover(crit, normalised(torch.rand(12, 3, 8, 8, generator=g)), y, torch.arange(12), config=cfg)
+    assert len([h for h in cfg.history if "ce" in h]) == 2
+    rf.recover(crit, normalised(torch.rand(12, 3, 8, 8, generator=g)), y, torch.arange(12, 24), config=cfg)
+    assert len([h for h in cfg.history if "ce" in h]) == 2  # the latest call's record, not both
+    assert sorted(crit.bank.ids) == list(range(24))  # the first call's images stay among their classes' points
+    with pytest.raises(ValueError, match="call reset\\(\\) on the RETALoss first"):  # same ids, other classes
+        rf.recover(crit, normalised(torch.rand(12, 3, 8, 8, generator=g)), y.roll(1), torch.arange(12), config=cfg)
+    crit.reset()
+    assert len(crit.bank) == 0
+    rf.recover(crit, normalised(torch.rand(12, 3, 8, 8, generator=g)), y.roll(1), torch.arange(12), config=cfg)
+    assert sorted(crit.bank.ids) == list(range(12))

@@ -189,7 +189,7 @@ def test_ces_feature_gradient_from_the_head_equals_autograds_and_refuses_a_head_
     with pytest.raises(ValueError, match=r"the teacher's logits are not that layer's output \(something follows "
                                          r"the head\): keep the teacher eager"):
         rf.RETALoss(t, real_feats=real, k=2, topo_balance=0.3)._ce_feature_grad(2 * logits, y, feats[0])
-    with pytest.raises(ValueError, match=r"needs logits \[B, C\] = the teacher's last nn.Linear"):
+    with pytest.raises(ValueError, match=r"needs logits \[B, C\] = the teacher's head \(nn.Linear\)"):
         crit._ce_feature_grad(logits, y, feats[0][:, :, None])
     crit.compile_teacher("default")  # a new compiled forward is checked again on its first balanced call
     assert not crit._head_checked and crit.compile_mode == "default"
@@ -208,7 +208,7 @@ def test_term_grad_norms_of_a_compiled_teacher_equal_the_eager_ones(view, balanc
     got = []
     for mode in (None, "default"):
         crit = rf.RETALoss(teacher(), real_feats=real, k=2, topo_balance=balance).compile_teacher(mode)
-        with pytest.raises(RuntimeError, match="call terms\(\) first"):
+        with pytest.raises(RuntimeError, match=r"call terms\(\) first"):
             crit.term_grad_norms(x0)
         x = x0.clone().requires_grad_(True)
         xa = torch.flip(x, dims=(3,)) * 1.1  # an "augmented view" computed from the pixels
@@ -465,3 +465,53 @@ def test_micro_batches_of_one_set_share_its_pairings_on_the_same_points(overlap)
         values[refresh] = [float(crit.terms(x[m], y[m], ids[m])[1][2]) for _ in range(2) for m in micro]
     assert values[1][0] > 0 and len(set(round(v, 6) for v in values[1])) == 1
     assert values[4] == pytest.approx(values[1], rel=1e-5, abs=1e-7)
+
+
+class HeadFirst(torch.nn.Module):
+    """A classifier that registers its head before an MLP block: its last nn.Linear is not the head."""
+
+    def __init__(self, classes=4, width=8):
+        super().__init__()
+        self.fc = torch.nn.Linear(width, classes)
+        self.conv = torch.nn.Conv2d(3, width, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.ReLU(),
+                                       torch.nn.Linear(2 * width, width))
+
+    def forward(self, x):
+        f = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.fc(f + self.mlp(f))
+
+
+def test_a_head_that_is_not_the_last_linear_is_refused_until_named():
+    torch.manual_seed(0)
+    t = HeadFirst().eval()
+    x = torch.randn(8, 3, 6, 6)
+    y = torch.arange(4).repeat(2)
+    real = F.normalize(torch.randn(4, 6, 8), dim=-1)
+    with pytest.raises(ValueError, match="'mlp.2'.*set_feature_head"):
+        rf.models.teacher_features(t, x)
+    crit = rf.RETALoss(t, real_feats=real, k=3)
+    with pytest.raises(ValueError, match="'mlp.2'.*not the logits"):
+        crit(x, y, torch.arange(8))
+    crit.close()
+    before = rf.models.teacher_fingerprint(t)
+    assert rf.models.set_feature_head(t, "fc") is t
+    assert rf.models.feature_head(t) is t.fc and rf.models.teacher_fingerprint(t) != before
+    seen = {}
+    h = t.fc.register_forward_hook(lambda m, inp, out: seen.__setitem__("f", inp[0]))
+    logits, feats = rf.models.teacher_features(t, x)
+    h.remove()
+    assert torch.equal(feats, seen["f"]) and logits.shape == (8, 4)
+    crit = rf.RETALoss(t, real_feats=real, k=3)
+    crit(x, y, torch.arange(8))  # accepted now; PTA's points are the head's input
+    assert_close(crit.bank.feats[[crit.bank.slot[i] for i in range(8)]], seen["f"], atol=1e-6, what="PTA's points")
+    crit.close()
+    rf.models.set_feature_head(t, t.mlp[0])  # a module given itself is found by name
+    assert rf.models.feature_head(t) is t.mlp[0]
+    rf.models.set_feature_head(t, t.mlp[2])  # naming the default head changes no fingerprint
+    assert rf.models.teacher_fingerprint(t) == before
+    for bad, match in (("nope", "no module named 'nope'"), ("bn", "must be an nn.Linear.*BatchNorm2d"),
+                       (torch.nn.Linear(2, 2), "not a module of the teacher"), (3, "nn.Linear of the teacher or")):
+        with pytest.raises(ValueError, match=match):
+            rf.models.set_feature_head(t, bad)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..fileio import save_torch
 from .arch import build_arch
+from .features import feature_head
 
 __all__ = ["Teacher", "load_teacher", "save_teacher", "TEACHER_FORMAT"]
 
@@ -133,9 +134,9 @@ def _named_teacher(spec, data, device, weights) -> Teacher:
             model.load_state_dict(sd)
         except (OSError, RuntimeError, ValueError, KeyError) as exc:
             raise ValueError(f"teacher weights {weights!r} could not be loaded into {spec}: {exc}") from None
-    head = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if head and head[-1].out_features != len(data.classes):
-        raise ValueError(f"teacher {spec} predicts {head[-1].out_features} classes, the data set has "
+    head = feature_head(model) if any(isinstance(m, nn.Linear) for m in model.modules()) else None
+    if head is not None and head.out_features != len(data.classes):
+        raise ValueError(f"teacher {spec} predicts {head.out_features} classes, the data set has "
                          f"{len(data.classes)}")
     return Teacher(model.to(device).eval(), spec, data.classes, data.size, data.mean, data.std, None, None)
 

@@ -55,7 +55,8 @@ class FeatureBank:
             if i in self.slot:
                 if self.cls[self.slot[i]] != c:
                     raise ValueError(f"image id {i} was registered with class {self.cls[self.slot[i]]}, now seen "
-                                     f"with class {c}: ids must identify images")
+                                     f"with class {c}: ids must identify images (a new set of images: call reset() on "
+                                     f"the RETALoss first)")
                 continue
             self.slot[i] = len(self.ids)
             self.ids.append(i)

@@ -64,6 +64,7 @@ class RecoverConfig:
             eager. Compilation happens once per block shape (the first steps are slow).
         amp, channels_last and compile change the images only at rounding level, but they do change
         them: the pipeline records them in the run manifest.
+        history: the record of the latest :func:`recover` call with this config (emptied when a call starts).
     """
 
     iterations: int = 1000
@@ -173,9 +174,9 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
         y: ``[B]`` classes; ``ids``: ``[B]`` stable image ids (for the PTA bank).
         pool: a :class:`reta_fast.PatchPool` with ``config.resolutions[1:]`` among its resolutions;
             required when ``config.drc`` and there is more than one block.
-        config: :class:`RecoverConfig`; ``config.history`` receives one dict per criterion call
-            (step, block, lr, ce, bn, topo, and ``micro`` with several micro-batches) and one per
-            injection (retrieved pool indices).
+        config: :class:`RecoverConfig`; ``config.history`` is emptied, then receives one dict per criterion
+            call (step, block, lr, ce, bn, topo, and ``micro`` with several micro-batches) and one per
+            injection (retrieved pool indices): it holds the record of the latest call.
         seed: seeds the augmentation (of the first micro-batch; see ``seeds``).
         on_step: optional callback ``(step, parts)``, once per criterion call.
         retrieval_teacher: the network whose features the pool holds (default ``criterion.teacher``;
@@ -267,6 +268,7 @@ def recover(criterion, x_init: torch.Tensor, y: torch.Tensor, ids: Optional[torc
         raise ValueError(f"config.pta_view={cfg.pta_view!r} needs a criterion that takes x_topo (RETALoss)")
     if cfg.drc and cfg.drc_margin > 0 and anchor_ids is None and len(blocks) > 1:
         raise ValueError("config.drc_margin needs the anchors' pool indices (anchor_ids)")
+    cfg.history.clear()  # the record of this call only: a config reused over many calls does not grow
     try:
         xs = _recover_blocks(criterion, xs, ys, idss, gens, micro, anchors, anchor_ids, pool, cfg, blocks, per_block,
                              lo, hi, dev, fmt, lazy, lam_topo, on_step, retrieval_teacher, retriever, diagnose)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validate import check_int_setting, check_positive_number
-from ..models.features import teacher_fingerprint
+from ..models.features import check_head_output, feature_head, teacher_fingerprint
 from ..topology.pta import TopologyAlignmentLoss
 from .bank import FeatureBank
 
@@ -151,21 +151,21 @@ class RETALoss(nn.Module):
             for i, m in enumerate(bns):
                 w = float(first_bn_weight) if i == 0 else 1.0
                 self._handles.append(m.register_forward_hook(self._bn_hook(w)))
-        linears = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
         self._feats = None
+        self._head_out = None  # the head's output in the last forward (checked once against the logits)
+        self._head_shape_ok = False
         self.topo = None
         if self.lam_topo > 0:
             if real_feats is None:
                 raise ValueError("lam_topo > 0 needs real_feats [C, n, D] (see RETALoss.from_pool)")
-            if not linears:
-                raise ValueError("the teacher has no nn.Linear head: cannot take penultimate features for PTA")
+            head = feature_head(teacher)
             if not isinstance(real_feats, torch.Tensor) or real_feats.dim() != 3 or real_feats.shape[1] <= k:
                 raise ValueError(f"real_feats must be [C, n, D] with n > k={k}, got "
                                  f"{tuple(real_feats.shape) if isinstance(real_feats, torch.Tensor) else real_feats!r}")
             self.register_buffer("real_feats", real_feats.detach().float())
             self.topo = TopologyAlignmentLoss(k=k, refresh_every=topo_refresh, **topo_kwargs)
-            self._head = linears[-1]  # its input: PTA's features; its weights: CE's gradient there when compiled
-            self._handles.append(linears[-1].register_forward_hook(self._feat_hook))
+            self._head = head  # its input: PTA's features; its weights: CE's gradient there when compiled
+            self._handles.append(head.register_forward_hook(self._feat_hook))
         self.bank = FeatureBank()
         self._real_slices: Dict[tuple, torch.Tensor] = {}
         self._forward_teacher = self.teacher
@@ -199,7 +199,7 @@ class RETALoss(nn.Module):
 
         Under ``topo_balance`` the compiled forward is one graph node, through which CE's gradient on the
         penultimate features cannot be taken; it is then computed from the head instead (:meth:`_ce_feature_grad`),
-        which needs the teacher's logits to be its last ``nn.Linear`` applied to those features (checked on the
+        which needs the teacher's logits to be its head (``nn.Linear``) applied to those features (checked on the
         first balanced call)."""
         if mode is None:
             self._forward_teacher, self.compile_mode = self.teacher, None
@@ -261,6 +261,7 @@ class RETALoss(nn.Module):
     def _feat_hook(self, mod, inp, out):
         if self._capturing:
             self._feats = inp[0]
+            self._head_out = out  # unconditional: a compiled forward is not re-traced when the check is done
 
     def train(self, mode: bool = True):
         """The teacher stays in eval mode whatever the mode of this module (its running statistics
@@ -416,14 +417,14 @@ class RETALoss(nn.Module):
 
     def _ce_feature_grad(self, logits: torch.Tensor, y: torch.Tensor, f_ce: torch.Tensor) -> torch.Tensor:
         """``dCE/df`` on the head's input ``f`` without autograd: ``(softmax(z) - onehot(y)) W / B`` for logits
-        ``z = f W^T + b`` of the teacher's last ``nn.Linear`` (CE the batch mean). What a compiled teacher needs,
+        ``z = f W^T + b`` of the teacher's head (:func:`reta_fast.models.feature_head`; CE the batch mean). What a compiled teacher needs,
         whose forward is a single graph node; refused with a clear error where the logits are not that layer's
         output (checked on the first call after each compile)."""
         z = logits.detach().float()
         f = f_ce.detach().float()
         w = self._head.weight.detach().float()
         if f.dim() != 2 or f.shape[0] != z.shape[0] or z.shape[1] != w.shape[0]:
-            raise ValueError(f"topo_balance under compile_teacher needs logits [B, C] = the teacher's last nn.Linear "
+            raise ValueError(f"topo_balance under compile_teacher needs logits [B, C] = the teacher's head (nn.Linear) "
                              f"of its [B, D] input; got features {tuple(f.shape)}, logits {tuple(z.shape)}, head "
                              f"weight {tuple(w.shape)} (keep the teacher eager: compile_teacher(None))")
         if not self._head_checked:
@@ -432,7 +433,7 @@ class RETALoss(nn.Module):
             tol = 2e-2 * (1.0 + float(z.abs().max()))  # bf16 autocast rounds the compiled head
             if not bool(((head_z - z).abs() <= tol).all()):
                 raise ValueError("topo_balance under compile_teacher takes CE's gradient on the penultimate features "
-                                 "from the teacher's last nn.Linear, but the teacher's logits are not that layer's "
+                                 "from the teacher's head (nn.Linear), but the teacher's logits are not that layer's "
                                  "output (something follows the head): keep the teacher eager (compile_teacher(None)) "
                                  "or drop topo_balance")
             self._head_checked = True
@@ -449,7 +450,7 @@ class RETALoss(nn.Module):
         f = self._feats
         (g_topo,) = torch.autograd.grad(topo, f)  # PTA's graph ends here: the surrogate below carries it
         if f_ce is None:
-            raise RuntimeError("topo_balance: the teacher's forward did not reach its last nn.Linear")
+            raise RuntimeError("topo_balance: the teacher's forward did not reach its head (nn.Linear)")
         if self.compile_mode is not None:
             g_ce = self._ce_feature_grad(logits, y, f_ce)
         else:
@@ -520,7 +521,7 @@ class RETALoss(nn.Module):
                 out[name] = _grad_norm([e for e, _ in used], wrt, [g for _, g in used]) if used else 0.0
         finally:  # the eager forward's graph goes now, before the step's own backward
             eager = None
-            self._feats = None
+            self._feats = self._head_out = None
             self._bn_terms.clear()
         return out
 
@@ -538,6 +539,10 @@ class RETALoss(nn.Module):
         self.last_topo_weight = None  # set again below where this call weighs PTA by topo_balance
         outs = self._teacher_outputs(self._forward_teacher, x, x_topo)
         logits, f_ce = outs[0], outs[1]
+        head_out, self._head_out = self._head_out, None
+        if self.topo is not None and not self._head_shape_ok:  # once: the hooked layer is the classifier
+            check_head_output(self.teacher, head_out, logits)
+            self._head_shape_ok = True
         lay = self._layout(y, ids, logits.shape[1], self._feats if self._feats is not None else logits)
         with _no_autocast(logits.device.type):  # the loss terms in fp32 under autocast
             ce = F.cross_entropy(logits.float(), y)

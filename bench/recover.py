@@ -49,9 +49,10 @@ def setup(cfg: dict, device: str) -> Case:
         return t.to(memory_format=torch.channels_last) if channels_last else t
 
     def filled(crit):
-        with torch.no_grad():  # fill the PTA bank: n distinct images per class already seen
-            for b in range(n):
-                crit(torch.randn(C, 3, res, res, device=device), y, y * n + b)
+        with torch.no_grad():  # register n distinct images per class in the PTA bank (the step's are among them)
+            feats = torch.cat([rf.models.teacher_features(crit.teacher, torch.randn(
+                C, 3, res, res, device=device))[1].float() for _ in range(n)])  # row b * C + c: image (c, b)
+            crit.seed_bank(feats, y.repeat(n), y.repeat(n) * n + torch.arange(n, device=device).repeat_interleave(C))
         return crit
 
     reta = filled(rf.RETALoss(teacher, real_feats=real, k=cfg["k"]))

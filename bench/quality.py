@@ -176,6 +176,10 @@ VARIANTS.update({
     "fadrm imagenet-batch alpha 0.3": dict(method="fadrm", **IMAGENET_BATCH),
     "reta imagenet-batch alpha 0.3": dict(method="reta", **IMAGENET_BATCH),
     "reta imagenet-batch alpha 0.3 paper-pta": dict(method="reta", **IMAGENET_BATCH, **PAPER_PTA),
+    # ... and RETA's two ablations there: which part (if either) carries RETA's IPC 10 lead of the 100-image
+    # batches into ImageNet-1K's structure
+    "reta --no-drc imagenet-batch alpha 0.3": dict(method="reta", drc=False, **IMAGENET_BATCH),
+    "reta --no-pta imagenet-batch alpha 0.3": dict(method="reta", pta=False, **IMAGENET_BATCH),
 })
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]

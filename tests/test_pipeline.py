@@ -669,11 +669,16 @@ def test_quality_table_marks_rows_measured_at_the_earlier_residual_weight():
         assert P.DistillConfig(**q.VARIANTS[name]).pta_view_for(32) == "augmented", name
     cfg = P.DistillConfig(**q.VARIANTS["reta pta-view clean"])
     assert (cfg.pta_view_for(32), cfg.pta_balance_for(32)) == ("clean", None)
-    for name in ("reta lam 0.3", "reta lam 0.03", "reta imagenet-batch alpha 0.3"):  # added after the rule: unmarked
+    for name in ("reta lam 0.3", "reta lam 0.03", "reta imagenet-batch alpha 0.3",
+                 "reta --no-drc imagenet-batch alpha 0.3"):  # added after the rule: unmarked
         cfg = P.DistillConfig(**q.VARIANTS[name])
         assert (cfg.pta_view_for(32), cfg.pta_balance_for(32)) == ("clean", 0.1), name
         assert f"| {name} | " in q.render(meta, [dict(row, name=name)])
-    assert q.fadrm_partner("reta imagenet-batch alpha 0.3", list(q.VARIANTS)) == "fadrm imagenet-batch alpha 0.3"
+    for name in ("reta imagenet-batch alpha 0.3", "reta --no-drc imagenet-batch alpha 0.3",
+                 "reta --no-pta imagenet-batch alpha 0.3"):
+        assert q.fadrm_partner(name, list(q.VARIANTS)) == "fadrm imagenet-batch alpha 0.3", name
+    assert "| reta --no-pta imagenet-batch alpha 0.3 | " in q.render(
+        meta, [dict(row, name="reta --no-pta imagenet-batch alpha 0.3")])
     assert "Paired with FADRM" not in table  # no FADRM row, nothing to pair with
 
     def seeded(name, *means):

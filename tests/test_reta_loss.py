@@ -495,9 +495,14 @@ def test_a_head_that_is_not_the_last_linear_is_refused_until_named():
     with pytest.raises(ValueError, match="'mlp.2'.*not the logits"):
         crit(x, y, torch.arange(8))
     crit.close()
-    before = rf.models.teacher_fingerprint(t)
+    before = rf.models.teacher_fingerprint(t, features=True)
+    weights = rf.models.teacher_fingerprint(t)
     assert rf.models.set_feature_head(t, "fc") is t
-    assert rf.models.feature_head(t) is t.fc and rf.models.teacher_fingerprint(t) != before
+    assert rf.models.feature_head(t) is t.fc and rf.models.teacher_fingerprint(t, features=True) != before
+    assert rf.models.teacher_fingerprint(t) == weights  # the same network (run records, soft labels)
+    wrapped = torch.compile(t)  # a compiled wrapper (never run here) names its layers "_orig_mod.*"
+    assert rf.models.feature_head(wrapped) is t.fc and rf.models.set_feature_head(wrapped, "fc") is wrapped
+    assert rf.models.teacher_fingerprint(wrapped, features=True) == rf.models.teacher_fingerprint(t, features=True)
     seen = {}
     h = t.fc.register_forward_hook(lambda m, inp, out: seen.__setitem__("f", inp[0]))
     logits, feats = rf.models.teacher_features(t, x)
@@ -510,7 +515,7 @@ def test_a_head_that_is_not_the_last_linear_is_refused_until_named():
     rf.models.set_feature_head(t, t.mlp[0])  # a module given itself is found by name
     assert rf.models.feature_head(t) is t.mlp[0]
     rf.models.set_feature_head(t, t.mlp[2])  # naming the default head changes no fingerprint
-    assert rf.models.teacher_fingerprint(t) == before
+    assert rf.models.teacher_fingerprint(t, features=True) == before
     for bad, match in (("nope", "no module named 'nope'"), ("bn", "must be an nn.Linear.*BatchNorm2d"),
                        (torch.nn.Linear(2, 2), "not a module of the teacher"), (3, "nn.Linear of the teacher or")):
         with pytest.raises(ValueError, match=match):

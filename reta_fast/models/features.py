@@ -14,6 +14,11 @@ __all__ = ["feature_head", "set_feature_head", "teacher_features", "teacher_fing
 _HEAD_ATTR = "_reta_feature_head"
 
 
+def _unwrapped(teacher: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a ``torch.compile`` wrapper (whose module names gain an ``_orig_mod.`` prefix)."""
+    return getattr(teacher, "_orig_mod", teacher)
+
+
 def set_feature_head(teacher: torch.nn.Module, head: Union[str, torch.nn.Linear]) -> torch.nn.Module:
     """Name the teacher's classifier head: the ``nn.Linear`` whose output are the logits and whose input are
     the penultimate features everything in reta_fast reads (the pool's and DRC's retrieval features, PTA's
@@ -22,7 +27,10 @@ def set_feature_head(teacher: torch.nn.Module, head: Union[str, torch.nn.Linear]
     ``teacher.modules()`` order, which is right for torchvision and timm classifiers; a network that
     registers its classifier before other ``nn.Linear`` layers (say, an MLP block defined after the head)
     needs this. Call it before building a pool or a :class:`reta_fast.RETALoss` with the teacher; the name
-    enters :func:`teacher_fingerprint`, so a pool built with another head is refused. Returns ``teacher``."""
+    enters the pool's fingerprint (:func:`teacher_fingerprint` with ``features=True``), so a pool built with
+    another head is refused. It lives on the module (copies and ``torch.save`` of the module keep it;
+    :func:`reta_fast.models.save_teacher`, which stores the weights, does not). Returns ``teacher``."""
+    wrapper, teacher = teacher, _unwrapped(teacher)
     names = {m: n for n, m in teacher.named_modules()}
     if isinstance(head, str):
         mod = dict(teacher.named_modules()).get(head)
@@ -39,11 +47,12 @@ def set_feature_head(teacher: torch.nn.Module, head: Union[str, torch.nn.Linear]
         raise ValueError(f"the head must be an nn.Linear (its input: the penultimate features [N, D]), but "
                          f"{name or 'the teacher itself'!r} is a {type(mod).__name__}")
     object.__setattr__(teacher, _HEAD_ATTR, name)
-    return teacher
+    return wrapper
 
 
 def feature_head(teacher: torch.nn.Module) -> torch.nn.Linear:
     """The teacher's classifier head: the layer :func:`set_feature_head` named, else its last ``nn.Linear``."""
+    teacher = _unwrapped(teacher)
     name = getattr(teacher, _HEAD_ATTR, None)
     if name is not None:
         mod = dict(teacher.named_modules()).get(name)
@@ -64,6 +73,7 @@ def check_head_output(teacher: torch.nn.Module, head_out, logits) -> None:
         raise ValueError(f"the teacher must return logits [N, K], got "
                          f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
     if head_out is None or tuple(head_out.shape) != tuple(logits.shape):
+        teacher = _unwrapped(teacher)
         names = {m: n for n, m in teacher.named_modules()}
         head = feature_head(teacher)
         got = "did not run" if head_out is None else f"outputs {tuple(head_out.shape)}"
@@ -73,16 +83,19 @@ def check_head_output(teacher: torch.nn.Module, head_out, logits) -> None:
                          f"name the classifier layer with reta_fast.models.set_feature_head(teacher, name)")
 
 
-def teacher_fingerprint(teacher: torch.nn.Module) -> str:
-    """sha256 over the teacher's parameter and buffer names, shapes and values (hex, 16 chars), and the head
-    :func:`set_feature_head` named where it is not the default (the last ``nn.Linear``)."""
+def teacher_fingerprint(teacher: torch.nn.Module, features: bool = False) -> str:
+    """sha256 over the teacher's parameter and buffer names, shapes and values (hex, 16 chars): which network
+    it is (the run record, stored soft labels). ``features=True``: which features it gives, i.e. with the head
+    :func:`set_feature_head` named where it is not the default (the last ``nn.Linear``): what a patch pool is
+    built for."""
+    teacher = _unwrapped(teacher)
     h = hashlib.sha256()
     for name, t in sorted(teacher.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16
                  else t.detach().float().cpu().numpy().tobytes())
-    head = getattr(teacher, _HEAD_ATTR, None)
+    head = getattr(teacher, _HEAD_ATTR, None) if features else None
     linears = [n for n, m in teacher.named_modules() if isinstance(m, torch.nn.Linear)]
     if head is not None and head != (linears[-1] if linears else None):  # naming the default changes nothing
         h.update(f"feature head {head}".encode())

@@ -116,9 +116,9 @@ class PatchPool:
             raise ValueError(f"pool manifest {str(mpath)!r} is unreadable or incomplete: {exc!r}") from None
         if manifest.get("format") != POOL_FORMAT:
             raise ValueError(f"pool {str(path)!r} has format {manifest.get('format')!r}, expected {POOL_FORMAT}")
-        if teacher is not None and teacher_fingerprint(teacher) != manifest["teacher"]:
+        if teacher is not None and teacher_fingerprint(teacher, features=True) != manifest["teacher"]:
             raise ValueError(f"pool {str(path)!r} was built for teacher {manifest['teacher']}, not for this teacher "
-                             f"({teacher_fingerprint(teacher)}): build a new pool for it")
+                             f"({teacher_fingerprint(teacher, features=True)}): build a new pool for it")
         if classes is not None and list(map(str, classes)) != manifest["classes"]:
             raise ValueError(f"pool {str(path)!r} was built with another class order: {manifest['classes'][:5]}... "
                              f"vs {list(map(str, classes))[:5]}...")
@@ -199,7 +199,7 @@ class PatchPool:
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale!r}")
         targets = dataset_targets(dataset)
         class_names = list(map(str, classes)) if classes is not None else dataset_classes(dataset, targets)
-        fp = teacher_fingerprint(teacher)
+        fp = teacher_fingerprint(teacher, features=True)
         mean, std = [float(m) for m in mean], [float(v) for v in std]
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std must hold 3 values (std > 0), got {mean}, {std}")

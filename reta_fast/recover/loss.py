@@ -216,10 +216,10 @@ class RETALoss(nn.Module):
         many as the synthetic set has images per class: PTA takes at most that many points a class). The pool
         must have been built with this teacher: its features are PTA's real side."""
         built_for = getattr(pool, "manifest", {}).get("teacher")
-        if built_for is not None and teacher_fingerprint(teacher, features=True) != built_for:
-            raise ValueError(f"the pool was built for teacher {built_for}, not for this teacher "
-                             f"({teacher_fingerprint(teacher, features=True)}): its features are another network's; build a pool "
-                             f"with this teacher (PatchPool.build)")
+        fp = teacher_fingerprint(teacher, features=True)
+        if built_for is not None and fp != built_for:
+            raise ValueError(f"the pool was built for teacher {built_for}, not for this teacher ({fp}): its features "
+                             f"are another network's; build a pool with this teacher (PatchPool.build)")
         feats, labels, _ = pool.retrieval_tensors()
         g = torch.Generator().manual_seed(seed)
         rows = []

@@ -167,7 +167,8 @@ def _pool_path(data, teacher, cfg: DistillConfig, pool_dir) -> Path:
     if pool_dir is not None:
         return Path(pool_dir)
 
-    key = f"{data.fingerprint}|{teacher_fingerprint(teacher.model, features=True)}|{cfg.pool_per_class}|{cfg.pool_candidates}|" \
+    fp = teacher_fingerprint(teacher.model, features=True)
+    key = f"{data.fingerprint}|{fp}|{cfg.pool_per_class}|{cfg.pool_candidates}|" \
           f"{data.size}|{cfg.seed}|{sorted(set(cfg.block_resolutions(data.size)))}"
     return cache_dir() / "pools" / f"pool-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 

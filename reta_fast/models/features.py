@@ -31,9 +31,10 @@ def set_feature_head(teacher: torch.nn.Module, head: Union[str, torch.nn.Linear]
     another head is refused. It lives on the module (copies and ``torch.save`` of the module keep it;
     :func:`reta_fast.models.save_teacher`, which stores the weights, does not). Returns ``teacher``."""
     wrapper, teacher = teacher, _unwrapped(teacher)
-    names = {m: n for n, m in teacher.named_modules()}
+    by_name = dict(teacher.named_modules())
+    names = {m: n for n, m in by_name.items()}
     if isinstance(head, str):
-        mod = dict(teacher.named_modules()).get(head)
+        mod = by_name.get(head)
         if mod is None:
             raise ValueError(f"the teacher has no module named {head!r}")
         name = head
@@ -96,9 +97,10 @@ def teacher_fingerprint(teacher: torch.nn.Module, features: bool = False) -> str
         h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16
                  else t.detach().float().cpu().numpy().tobytes())
     head = getattr(teacher, _HEAD_ATTR, None) if features else None
-    linears = [n for n, m in teacher.named_modules() if isinstance(m, torch.nn.Linear)]
-    if head is not None and head != (linears[-1] if linears else None):  # naming the default changes nothing
-        h.update(f"feature head {head}".encode())
+    if head is not None:
+        linears = [n for n, m in teacher.named_modules() if isinstance(m, torch.nn.Linear)]
+        if head != (linears[-1] if linears else None):  # naming the default changes nothing
+            h.update(f"feature head {head}".encode())
     return h.hexdigest()[:16]
 
 

@@ -180,6 +180,10 @@ VARIANTS.update({
     # batches into ImageNet-1K's structure
     "reta --no-drc imagenet-batch alpha 0.3": dict(method="reta", drc=False, **IMAGENET_BATCH),
     "reta --no-pta imagenet-batch alpha 0.3": dict(method="reta", pta=False, **IMAGENET_BATCH),
+    # DRC alone is below the static anchor there on every seed, and its retrieved patches sit on average at place
+    # 3-6 of the image's 30-patch share (half of them at place 0, the anchor): DRC searching only the three best
+    # RDED ranks of the share (the anchor and the next two)
+    "reta drc-depth 3 imagenet-batch alpha 0.3": dict(method="reta", drc_depth=3, **IMAGENET_BATCH),
 })
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]
@@ -639,7 +643,8 @@ def _pinned_pta(name: str) -> bool:
 
 
 # DistillConfig fields only RETA's parts read: a FADRM row is RETA's partner when the rest of the overrides agree
-RETA_ONLY = {"drc", "pta", "lam", "lam_topo", "drc_margin", "drc_exclude_anchor", "drc_connections", "partition",
+RETA_ONLY = {"drc", "pta", "lam", "lam_topo", "drc_margin", "drc_exclude_anchor", "drc_connections", "drc_depth",
+             "partition",
              "topo_k",
              "topo_ref_batch", "pta_set", "pta_real_view", "pta_from_block", "pta_view", "pta_balance"}
 

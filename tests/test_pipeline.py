@@ -670,12 +670,13 @@ def test_quality_table_marks_rows_measured_at_the_earlier_residual_weight():
     cfg = P.DistillConfig(**q.VARIANTS["reta pta-view clean"])
     assert (cfg.pta_view_for(32), cfg.pta_balance_for(32)) == ("clean", None)
     for name in ("reta lam 0.3", "reta lam 0.03", "reta imagenet-batch alpha 0.3",
-                 "reta --no-drc imagenet-batch alpha 0.3"):  # added after the rule: unmarked
+                 "reta --no-drc imagenet-batch alpha 0.3",
+                 "reta drc-depth 3 imagenet-batch alpha 0.3"):  # added after the rule: unmarked
         cfg = P.DistillConfig(**q.VARIANTS[name])
         assert (cfg.pta_view_for(32), cfg.pta_balance_for(32)) == ("clean", 0.1), name
         assert f"| {name} | " in q.render(meta, [dict(row, name=name)])
     for name in ("reta imagenet-batch alpha 0.3", "reta --no-drc imagenet-batch alpha 0.3",
-                 "reta --no-pta imagenet-batch alpha 0.3"):
+                 "reta --no-pta imagenet-batch alpha 0.3", "reta drc-depth 3 imagenet-batch alpha 0.3"):
         assert q.fadrm_partner(name, list(q.VARIANTS)) == "fadrm imagenet-batch alpha 0.3", name
     assert "| reta --no-pta imagenet-batch alpha 0.3 | " in q.render(
         meta, [dict(row, name="reta --no-pta imagenet-batch alpha 0.3")])
@@ -1366,6 +1367,44 @@ def test_report_shows_pta_weight_column_only_under_pta_balance():
     balanced = "\n".join(_diagnostics_markdown(dict(grads=[dict(row, topo_weight=0.0123)])))
     assert "PTA weight" not in fixed and "| 0 | 0.1 | 0.01 | 0.03 | 0.300 | 3.000 |" in fixed
     assert "| PTA / BN | PTA weight |" in balanced and "| 0 | 0.1 | 0.01 | 0.03 | 0.300 | 3.000 | 0.0123 |" in balanced
+
+
+def test_drc_depth_searches_only_the_best_ranks_of_each_share_and_the_record_says_where_drc_picked(
+        data, teacher, tmp_path):
+    """--drc-depth d: each image's search holds only the first d patches of its share (the anchor and the next
+    d - 1 RDED ranks); every DRC record gives the retrieved patches' mean place in the share, and the report
+    shows it (records made before it existed: a dash)."""
+    base = run(data, teacher, tmp_path / "base", method="reta", ipc_per_batch=1)
+    deep = run(data, teacher, tmp_path / "deep", method="reta", ipc_per_batch=1, drc_depth=2)
+    assert deep["written"] == 30
+    # TINY: 8 patches per class at IPC 3, so the shares hold 3, 3 and 2 patches (places 0..2)
+    assert all(0 <= d["share_place"] <= 2 for d in base["diagnostics"]["drc"])
+    assert all(0 <= d["share_place"] <= 1 for d in deep["diagnostics"]["drc"])
+    assert json.loads((tmp_path / "deep" / "run.json").read_text())["config"]["drc_depth"] == 2
+    assert "drc_depth" not in json.loads((tmp_path / "base" / "run.json").read_text())["config"]
+    from reta_fast.stages.distill import _partitioned_retriever
+    from reta_fast.stages.report import _diagnostics_markdown
+
+    class Pool:
+        labels = np.repeat(np.arange(2), 6)
+    ranking = [np.array([5, 3, 1, 0, 2, 4]), np.array([11, 6, 9, 7, 8, 10])]
+    groups = _partitioned_retriever(Pool, ranking, P.DistillConfig(ipc=2, drc_depth=2), 2, "cpu").groups.tolist()
+    # class 0: item 0 owns ranks 0, 2, 4 (patches 5, 1, 2), item 1 ranks 1, 3, 5 (3, 0, 4); depth 2 keeps ranks < 4
+    assert [groups[p] for p in (5, 1, 3, 0)] == [0, 0, 1, 1] and [groups[p] for p in (2, 4, 8, 10)] == [4] * 4
+    assert [groups[p] for p in (11, 9, 6, 7)] == [2, 2, 3, 3]
+    both = _partitioned_retriever(Pool, ranking, P.DistillConfig(ipc=2, drc_depth=2, drc_exclude_anchor=True), 2,
+                                  "cpu").groups.tolist()
+    assert [both[p] for p in (1, 0, 9, 7)] == [0, 1, 2, 3] and both.count(4) == 8  # one candidate per item
+    row = dict(block=1, own_anchor=0.5, fit_retrieved=0.1, fit_anchor=0.2, complexity_retrieved=0.1,
+               complexity_anchor=0.2, distinct_per_class=1.0)
+    assert "| 1 | 50% | 0.1000 / 0.2000 | 0.100 / 0.200 | 1.00 | 4.2 |" in "\n".join(
+        _diagnostics_markdown(dict(drc=[dict(row, share_place=4.2)])))
+    assert "| 1.00 | – |" in "\n".join(_diagnostics_markdown(dict(drc=[row])))
+    for bad, msg in ((dict(method="fadrm"), "which this run does not use"), (dict(drc=False), "does not use"),
+                     (dict(partition=False), "does not use"), (dict(drc_depth=1), r"static anchor \(--no-drc\)"),
+                     (dict(drc_depth=0), "drc_depth"), (dict(drc_depth=2.5), "drc_depth")):
+        with pytest.raises(ValueError, match=msg):
+            P.DistillConfig(**dict(dict(drc_depth=2), **bad)).validate()
 
 
 def test_every_reta_ablation_runs_with_the_partitioned_retrieval(data, teacher, tmp_path):

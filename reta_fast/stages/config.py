@@ -29,7 +29,7 @@ def _opt(default, help: str, **cli):
 # Settings left out of a run's identity while at their default, so that folders written before they existed
 # still resume: the recover engine's options, and settings added later.
 ENGINE_DEFAULTS = dict(amp=None, channels_last=False, compile=None, topo_overlap=False, drc_margin=0.0,
-                       drc_exclude_anchor=False, drc_connections=None,
+                       drc_exclude_anchor=False, drc_connections=None, drc_depth=None,
                        pta_real_view="clean", pta_from_block=0, pta_view="augmented", pta_balance=None)
 
 
@@ -56,6 +56,9 @@ class DistillConfig:
         drc_exclude_anchor: DRC's search leaves out each image's own initial patch (rank ``i`` of its share),
             so every connection injects another real patch [ours, a study option, docs/method.md §3.7]:
             with the anchor allowed, 58-75 % of CIFAR-10 injections re-inject it (CPU scale).
+        drc_depth: DRC searches only the first ``d`` patches of the image's share, i.e. its ``d`` best RDED
+            ranks (the anchor and the next ``d - 1``) [ours, a study option, docs/method.md §3.7]; None: the
+            whole share.
         drc_connections: which residual connections retrieve (:class:`RecoverConfig`) [ours, a study
             option]: the others re-inject the static anchor. None: all (the paper's).
         lr: Adam's pixel learning rate. None: 0.25 above 64 px ([pred], the ImageNet setting) and 0.05 up to
@@ -127,6 +130,8 @@ class DistillConfig:
     drc_exclude_anchor: bool = _opt(False, "DRC never re-injects an image's own initial patch: every connection injects "
                                     "the best-scoring other patch of the image's share (needs the partition; a study "
                                     "option, the converse of --drc-margin)")
+    drc_depth: Optional[int] = _opt(None, "DRC searches only the best d RDED ranks of the image's share (its anchor "
+                                    "and the next d-1; default: the whole share; a study option)")
     drc_connections: Optional[Sequence[int]] = _opt(None, "the residual connections where DRC retrieves, comma-"
                                                     "separated (connection b joins block b to b+1); the others "
                                                     "re-inject the static anchor (default: all, the paper's)",
@@ -198,6 +203,14 @@ class DistillConfig:
             if self.drc_connections is not None:
                 raise ValueError("drc_exclude_anchor and drc_connections contradict each other: the connections "
                                  "without DRC re-inject the image's own anchor, the exclusion never injects it")
+        if self.drc_depth is not None:
+            check_int_setting(self.drc_depth, "drc_depth")
+            if not (self.method == "reta" and self.drc and self.partition):
+                raise ValueError("drc_depth limits DRC's partitioned search, which this run does not use (it needs "
+                                 "method reta with DRC and the partition on)")
+            if self.drc_depth < 2:
+                raise ValueError(f"drc_depth {self.drc_depth} leaves each image only its own anchor: that is the "
+                                 f"static anchor (--no-drc); use 2 or more")
         if self.drc_connections is not None:
             check_connections(self.drc_connections, self.n_blocks, self.method == "reta" and self.drc,
                               "it needs method reta with DRC on")

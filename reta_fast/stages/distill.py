@@ -114,9 +114,15 @@ class _Diagnostics:
     each loss term's gradient norm; and for every class recovered whole in this call, the Betti-curve
     distance of its set to real features before and after recovery."""
 
-    def __init__(self, teacher, pool, cfg: DistillConfig, device):
+    def __init__(self, teacher, pool, cfg: DistillConfig, device, ranking=None):
         self.teacher, self.cfg, self.device = teacher, cfg, device
-        self.drc, self.grads = {}, {}
+        self.drc, self.grads, self.position = {}, {}, {}
+        # each pool patch's place in its item's share (RDED rank // ipc; 0: the first, the anchor's place)
+        self.share_place = None
+        if ranking is not None:
+            self.share_place = np.zeros(len(pool.labels), dtype=np.int64)
+            for ranked in ranking:
+                self.share_place[np.asarray(ranked)] = np.arange(len(ranked)) // cfg.ipc
         self.before, self.after = {}, {}
         self.real = None
         if pool is not None and cfg.uses_recover:
@@ -132,6 +138,8 @@ class _Diagnostics:
         for h in history:
             if "drc" in h:
                 self.drc.setdefault(h["block"], []).append(h["drc"])
+            if "retrieved" in h and self.share_place is not None:
+                self.position.setdefault(h["block"], []).extend(self.share_place[h["retrieved"]].tolist())
             if "grads" in h:
                 self.grads.setdefault(h["block"], []).append(h["grads"])
         if self.real is not None:
@@ -142,7 +150,9 @@ class _Diagnostics:
     def summary(self) -> dict:
         mean = lambda rows, key: float(np.mean([r[key] for r in rows]))  # noqa: E731
         out = dict(
-            drc=[dict(block=b, **{k: mean(v, k) for k in v[0]}) for b, v in sorted(self.drc.items())],
+            drc=[dict(block=b, **{k: mean(v, k) for k in v[0]},
+                      **({"share_place": float(np.mean(self.position[b]))} if self.position.get(b) else {}))
+                 for b, v in sorted(self.drc.items())],
             grads=[dict(block=b, **{k: mean(v, k) for k in v[0]},
                         topo_over_ce=mean(v, "topo") / max(mean(v, "ce"), 1e-12),
                         topo_over_bn=mean(v, "topo") / max(mean(v, "bn"), 1e-12)) for b, v in sorted(self.grads.items())],
@@ -355,18 +365,22 @@ def _criteria(teachers, pool, cfg: DistillConfig, batches_per_unit: int, device)
 
 
 def _partitioned_retriever(pool, ranking, cfg: DistillConfig, C: int, device) -> PartitionedRetriever:
-    """Item ``(c, i)`` searches the class-``c`` patches whose RDED rank ``r`` has ``r % ipc == i``."""
+    """Item ``(c, i)`` searches the class-``c`` patches whose RDED rank ``r`` has ``r % ipc == i``; with
+    ``drc_depth`` d only those with ``r < d * ipc`` (the first d of its share); with ``drc_exclude_anchor``
+    not its anchor ``r == i``."""
     labels = torch.tensor(np.asarray(pool.labels))  # a copy: pool arrays are read-only memory maps
     share = torch.empty(len(labels), dtype=torch.int64)
-    anchors = []
+    left_out = []
     for c in range(C):
         ranked = torch.as_tensor(ranking[c], dtype=torch.int64)
         share[ranked] = torch.arange(ranked.numel()) % cfg.ipc
+        if cfg.drc_depth is not None:
+            left_out.append(ranked[cfg.drc_depth * cfg.ipc:])  # below the first d patches of every share
         if cfg.drc_exclude_anchor:  # the pool holds >= 2 x ipc patches of every class (checked in distill)
-            anchors.append(ranked[:cfg.ipc])  # item (c, i)'s initial patch is rank i, the first of its share
+            left_out.append(ranked[:cfg.ipc])  # item (c, i)'s initial patch is rank i, the first of its share
     groups = labels * cfg.ipc + share
-    if anchors:
-        groups[torch.cat(anchors)] = C * cfg.ipc  # a group no item searches
+    if left_out:
+        groups[torch.cat(left_out)] = C * cfg.ipc  # a group no item searches
     return PartitionedRetriever(pool, groups.to(device), cfg.lam, device)
 
 
@@ -393,7 +407,7 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
                        pta_from_block=cfg.pta_from_block, pta_view=cfg.pta_view)  # validate() refuses both where PTA is off
     in_slice = {(c, i) for i in range(cfg.ipc_start, cfg.end) for c in range(C)}
     parts_log: List[dict] = []
-    diag = _Diagnostics(teachers[0].model, pool, cfg, device)
+    diag = _Diagnostics(teachers[0].model, pool, cfg, device, ranking if drc else None)
     bar = None
     if progress:
         from tqdm.auto import tqdm

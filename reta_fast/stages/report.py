@@ -199,13 +199,15 @@ def _diagnostics_markdown(d: Optional[dict]) -> list:
         L += ["DRC at each residual injection, against re-injecting the image's own initial patch (the static "
               "anchor): share of images whose retrieved patch *is* their anchor; fit `|q - z|^2` of the teacher "
               "features and per-class scaled complexity of the retrieved vs the anchor patches; distinct retrieved "
-              "patches per class over its images (a connection without a row re-injected the static anchor: "
-              "--drc-connections).", "",
-              "| after block | own anchor | fit retrieved / anchor | complexity retrieved / anchor | distinct per class |",
-              "|---|---|---|---|---|"]
+              "patches per class over its images; the retrieved patch's mean place in the image's share of the "
+              "pool (its RDED rank // IPC: 0 is the anchor's place, the best-ranked; a connection without a row "
+              "re-injected the static anchor: --drc-connections).", "",
+              "| after block | own anchor | fit retrieved / anchor | complexity retrieved / anchor | distinct per class "
+              "| place in share |",
+              "|---|---|---|---|---|---|"]
         L += [f"| {r['block']} | {100 * r['own_anchor']:.0f}% | {r['fit_retrieved']:.4f} / {r['fit_anchor']:.4f} | "
-              f"{r['complexity_retrieved']:.3f} / {r['complexity_anchor']:.3f} | {r['distinct_per_class']:.2f} |"
-              for r in d["drc"]]
+              f"{r['complexity_retrieved']:.3f} / {r['complexity_anchor']:.3f} | {r['distinct_per_class']:.2f} | "
+              + (f"{r['share_place']:.1f} |" if "share_place" in r else "– |") for r in d["drc"]]
         L.append("")
     if d.get("grads"):
         weighed = all("topo_weight" in r for r in d["grads"])  # --pta-balance: PTA's weight set each step

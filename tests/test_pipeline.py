@@ -1380,6 +1380,8 @@ def test_drc_depth_searches_only_the_best_ranks_of_each_share_and_the_record_say
     # TINY: 8 patches per class at IPC 3, so the shares hold 3, 3 and 2 patches (places 0..2)
     assert all(0 <= d["share_place"] <= 2 for d in base["diagnostics"]["drc"])
     assert all(0 <= d["share_place"] <= 1 for d in deep["diagnostics"]["drc"])
+    whole = run(data, teacher, tmp_path / "whole", method="reta", ipc_per_batch=1, partition=False)
+    assert whole["diagnostics"]["drc"] and all("share_place" not in d for d in whole["diagnostics"]["drc"])
     assert json.loads((tmp_path / "deep" / "run.json").read_text())["config"]["drc_depth"] == 2
     assert "drc_depth" not in json.loads((tmp_path / "base" / "run.json").read_text())["config"]
     from reta_fast.stages.distill import _partitioned_retriever
@@ -1402,7 +1404,10 @@ def test_drc_depth_searches_only_the_best_ranks_of_each_share_and_the_record_say
     assert "| 1.00 | – |" in "\n".join(_diagnostics_markdown(dict(drc=[row])))
     for bad, msg in ((dict(method="fadrm"), "which this run does not use"), (dict(drc=False), "does not use"),
                      (dict(partition=False), "does not use"), (dict(drc_depth=1), r"static anchor \(--no-drc\)"),
-                     (dict(drc_depth=0), "drc_depth"), (dict(drc_depth=2.5), "drc_depth")):
+                     (dict(drc_depth=0), "drc_depth must be an integer >= 2"),
+                     (dict(drc_depth=2.5), "drc_depth must be an integer >= 2"),
+                     (dict(drc_depth=3, ipc=10, pool_per_class=30), "covers the whole pool of 30 patches per class: "
+                                                                    r".* a depth below 3 ")):
         with pytest.raises(ValueError, match=msg):
             P.DistillConfig(**dict(dict(drc_depth=2), **bad)).validate()
 

@@ -204,13 +204,17 @@ class DistillConfig:
                 raise ValueError("drc_exclude_anchor and drc_connections contradict each other: the connections "
                                  "without DRC re-inject the image's own anchor, the exclusion never injects it")
         if self.drc_depth is not None:
-            check_int_setting(self.drc_depth, "drc_depth")
             if not (self.method == "reta" and self.drc and self.partition):
                 raise ValueError("drc_depth limits DRC's partitioned search, which this run does not use (it needs "
                                  "method reta with DRC and the partition on)")
-            if self.drc_depth < 2:
-                raise ValueError(f"drc_depth {self.drc_depth} leaves each image only its own anchor: that is the "
-                                 f"static anchor (--no-drc); use 2 or more")
+            if self.drc_depth == 1 and not isinstance(self.drc_depth, bool):
+                raise ValueError("drc_depth 1 leaves each image only its own anchor: that is the static anchor "
+                                 "(--no-drc); use 2 or more")
+            check_int_setting(self.drc_depth, "drc_depth", minimum=2)
+            if self.drc_depth * self.ipc >= self.pool_per_class:
+                raise ValueError(f"drc_depth {self.drc_depth} x ipc {self.ipc} covers the whole pool of "
+                                 f"{self.pool_per_class} patches per class: every share is searched whole, as "
+                                 f"without it; use a depth below {-(-self.pool_per_class // self.ipc)} or leave it out")
         if self.drc_connections is not None:
             check_connections(self.drc_connections, self.n_blocks, self.method == "reta" and self.drc,
                               "it needs method reta with DRC on")

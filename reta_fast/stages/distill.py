@@ -138,8 +138,8 @@ class _Diagnostics:
         for h in history:
             if "drc" in h:
                 self.drc.setdefault(h["block"], []).append(h["drc"])
-            if "retrieved" in h and self.share_place is not None:
-                self.position.setdefault(h["block"], []).extend(self.share_place[h["retrieved"]].tolist())
+            if "retrieved" in h and self.share_place is not None:  # one mean per injection, as the drc rows
+                self.position.setdefault(h["block"], []).append(float(self.share_place[h["retrieved"]].mean()))
             if "grads" in h:
                 self.grads.setdefault(h["block"], []).append(h["grads"])
         if self.real is not None:
@@ -407,7 +407,7 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
                        pta_from_block=cfg.pta_from_block, pta_view=cfg.pta_view)  # validate() refuses both where PTA is off
     in_slice = {(c, i) for i in range(cfg.ipc_start, cfg.end) for c in range(C)}
     parts_log: List[dict] = []
-    diag = _Diagnostics(teachers[0].model, pool, cfg, device, ranking if drc else None)
+    diag = _Diagnostics(teachers[0].model, pool, cfg, device, ranking if drc and cfg.partition else None)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -184,6 +184,7 @@ VARIANTS.update({
     # 3-6 of the image's 30-patch share (half of them at place 0, the anchor): DRC searching only the three best
     # RDED ranks of the share (the anchor and the next two)
     "reta drc-depth 3 imagenet-batch alpha 0.3": dict(method="reta", drc_depth=3, **IMAGENET_BATCH),
+    "reta drc-depth 3": dict(method="reta", drc_depth=3),  # ... and in 100-image batches
 })
 STUDENT_SEEDS = [0, 1, 2]  # the default; its scores live in eval-<split>.json (older work folders too)
 DEFAULT_METHODS = ["random-real", "rded", "fadrm", "reta", "reta --no-drc", "reta --no-pta"]

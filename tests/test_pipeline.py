@@ -870,6 +870,66 @@ def test_torchrun_two_gloo_ranks_equal_one_process(teacher, tmp_path):
     assert rec["ranks"] == 2 and rec["written"] == 30
     ranks = [json.loads((two / "stages" / f"distill-rank{i}.json").read_text()) for i in range(2)]
     assert all(x["written"] > 0 for x in ranks)  # both ranks did work
+    # the merged record's diagnostics and loss parts are those of every unit, as one process records them
+    solo = json.loads((one / "stages" / "distill.json").read_text())
+    assert rec["diagnostics"]["betti"]["classes"] == solo["diagnostics"]["betti"]["classes"] == 10
+    assert all(x["diagnostics"]["betti"]["classes"] == 5 for x in ranks)
+    assert _nested_close(rec["diagnostics"], solo["diagnostics"], skip=("/betti/before", "/betti/after"))
+    for when in ("before", "after"):  # PTA's loss takes its image grid from every class: not one rank's to add
+        assert rec["diagnostics"]["betti"][when] == pytest.approx(
+            {k: v for k, v in solo["diagnostics"]["betti"][when].items() if k != "pta"}, rel=1e-5)
+    assert rec["loss_parts"] == pytest.approx(solo["loss_parts"], rel=1e-5) and rec["loss_units"] == 2
+
+
+def _nested_close(a, b, rel=1e-5, where="", skip=()):
+    """Equal structure, numbers within ``rel`` (pytest.approx compares flat containers only); paths in ``skip``
+    not compared."""
+    if where in skip:
+        return True
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), (where, sorted(a), sorted(b))
+        return all(_nested_close(a[k], b[k], rel, f"{where}/{k}", skip) for k in a)
+    if isinstance(a, list):
+        assert len(a) == len(b), where
+        return all(_nested_close(x, y, rel, f"{where}[{i}]", skip) for i, (x, y) in enumerate(zip(a, b)))
+    assert a == pytest.approx(b, rel=rel, abs=1e-9), (where, a, b)
+    return True
+
+
+def test_merged_rank_diagnostics_weigh_each_rank_by_its_injections_and_classes(tmp_path):
+    """merge_diagnostics: per-block means weighted by n, Betti distances by classes, PTA's loss on the set left
+    out where two ranks hold classes (its grid is the whole set's); a rank without work (or one rank) leaves the other's record as it is; merge_rank_records writes it."""
+    from reta_fast.stages.distill import merge_diagnostics
+    from reta_fast.stages.ranks import merge_rank_records, write_rank_record
+
+    drc = lambda own, n: dict(block=0, own_anchor=own, fit_retrieved=0.1, fit_anchor=0.2,  # noqa: E731
+                              complexity_retrieved=0.1, complexity_anchor=0.2, distinct_per_class=1.0,
+                              share_place=own * 10, n=n)
+    grads = lambda ce, topo, n: dict(block=1, ce=ce, bn=1.0, topo=topo, n=n,  # noqa: E731
+                                     topo_over_ce=topo / ce, topo_over_bn=topo)
+    betti = lambda c, b0, pta: dict(classes=c, k=2, points=6, before=dict(b0=b0, b1=0.0, pta=pta),  # noqa: E731
+                                    after=dict(b0=b0 / 2, b1=0.1, pta=pta / 2))
+    a = dict(drc=[drc(0.5, 3)], grads=[grads(1.0, 0.5, 1)], betti=betti(3, 0.3, 0.9))
+    b = dict(drc=[drc(0.1, 1)], grads=[grads(3.0, 0.1, 3)], betti=betti(1, 0.1, 0.1))
+    m = merge_diagnostics([a, b])
+    assert m["drc"][0]["own_anchor"] == pytest.approx(0.4) and m["drc"][0]["n"] == 4
+    assert m["drc"][0]["share_place"] == pytest.approx(4.0)
+    g = m["grads"][0]
+    assert (g["ce"], g["topo"], g["n"]) == (pytest.approx(2.5), pytest.approx(0.2), 4)
+    assert g["topo_over_ce"] == pytest.approx(0.2 / 2.5)  # of the merged means, as one process computes it
+    assert m["betti"]["classes"] == 4 and m["betti"]["before"]["b0"] == pytest.approx(0.25)
+    assert m["betti"]["after"]["b1"] == pytest.approx(0.1) and "pta" not in m["betti"]["after"]
+    idle = dict(drc=[], grads=[], betti=None)
+    assert merge_diagnostics([a, None]) == a and merge_diagnostics([None]) is None
+    assert merge_diagnostics([a, idle])["drc"] == [dict(a["drc"][0])]
+    assert merge_diagnostics([a, idle])["betti"] == a["betti"]  # one rank's classes: its PTA loss stands
+    for r, (d, lp, u) in enumerate(((a, dict(ce=1.0, bn=1.0, topo=1.0), 1), (b, dict(ce=3.0, bn=1.0, topo=0.0), 3))):
+        write_rank_record(tmp_path, "distill", r, dict(seconds=1.0 + r, peak_bytes=10, written=u, skipped=0,
+                                                       diagnostics=d, loss_parts=lp, loss_units=u))
+    merge_rank_records(tmp_path, "distill", 2)
+    rec = json.loads((tmp_path / "stages" / "distill.json").read_text())
+    assert rec["diagnostics"]["drc"][0]["own_anchor"] == pytest.approx(0.4) and rec["written"] == 4
+    assert rec["loss_parts"] == pytest.approx(dict(ce=2.5, bn=1.0, topo=0.25)) and rec["loss_units"] == 4
 
 
 def _children(pid):

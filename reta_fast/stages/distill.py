@@ -148,14 +148,15 @@ class _Diagnostics:
                 store.update({it: f[n] for n, it in enumerate(items)})
 
     def summary(self) -> dict:
+        """Per block the means over this call's injections (``drc``) and units (``grads``), ``n`` of them (what
+        :func:`merge_diagnostics` weighs ranks by); ``betti`` over the classes recovered whole."""
         mean = lambda rows, key: float(np.mean([r[key] for r in rows]))  # noqa: E731
         out = dict(
-            drc=[dict(block=b, **{k: mean(v, k) for k in v[0]},
+            drc=[dict(block=b, **{k: mean(v, k) for k in v[0]}, n=len(v),
                       **({"share_place": float(np.mean(self.position[b]))} if self.position.get(b) else {}))
                  for b, v in sorted(self.drc.items())],
-            grads=[dict(block=b, **{k: mean(v, k) for k in v[0]},
-                        topo_over_ce=mean(v, "topo") / max(mean(v, "ce"), 1e-12),
-                        topo_over_bn=mean(v, "topo") / max(mean(v, "bn"), 1e-12)) for b, v in sorted(self.grads.items())],
+            grads=[_grad_ratios(dict(block=b, **{k: mean(v, k) for k in v[0]}, n=len(v)))
+                   for b, v in sorted(self.grads.items())],
             betti=None)
         ipc, m = self.cfg.ipc, self.cfg.pta_points
         whole = sorted({c for c, _ in self.after if all((c, i) in self.after for i in range(ipc))})
@@ -167,6 +168,57 @@ class _Diagnostics:
             out["betti"] = dict(classes=len(whole), k=k, points=m,
                                 **{when: set_topology(real, syn, k) for when, syn in sets.items()})
         return out
+
+
+def _grad_ratios(row: dict) -> dict:
+    return dict(row, topo_over_ce=row["topo"] / max(row["ce"], 1e-12), topo_over_bn=row["topo"] / max(row["bn"], 1e-12))
+
+
+def merge_diagnostics(parts: Sequence[Optional[dict]]) -> Optional[dict]:
+    """One diagnostics record from those of several ranks (each over its own units and classes), equal to
+    what one process recovering every unit records: per block the means weighted by each rank's ``n``; the
+    Betti-curve distances weighted by classes. PTA's loss on the set is left out where more than one rank
+    holds classes: its persistence-image grid comes from all classes scored together, so the ranks' losses
+    do not add up to the whole set's."""
+    parts = [p for p in parts if p]
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+
+    def by_block(key):
+        rows = {}
+        for p in parts:
+            for r in p.get(key) or []:
+                rows.setdefault(r["block"], []).append(r)
+        out = []
+        for b, rs in sorted(rows.items()):
+            if len(rs) == 1:  # one rank ran this block: its row as it is
+                out.append({k: v for k, v in rs[0].items() if k not in ("topo_over_ce", "topo_over_bn")})
+                continue
+            n = [r["n"] for r in rs]
+            keys = [k for k in rs[0] if k not in ("block", "n", "topo_over_ce", "topo_over_bn")
+                    and all(k in r for r in rs)]
+            out.append(dict(block=b, **{k: float(np.average([r[k] for r in rs], weights=n)) for k in keys},
+                            n=int(sum(n))))
+        return out
+
+    merged = dict(drc=by_block("drc"), grads=[_grad_ratios(r) for r in by_block("grads")], betti=None)
+    betti = [p["betti"] for p in parts if p.get("betti")]
+    if len(betti) == 1:
+        merged["betti"] = betti[0]
+    elif betti:
+        w = [b["classes"] for b in betti]
+        merged["betti"] = dict(classes=int(sum(w)), k=betti[0]["k"], points=betti[0]["points"], **{
+            when: {key: float(np.average([b[when][key] for b in betti], weights=w)) for key in ("b0", "b1")}
+            for when in ("before", "after")})
+    return merged
+
+
+def merge_loss_parts(parts: Sequence[Optional[dict]], units: Sequence[int]) -> Optional[dict]:
+    """The ranks' final loss parts (each a mean over its units), weighted by their units."""
+    got = [(p, u) for p, u in zip(parts, units) if p and u]
+    if not got:
+        return None
+    return {k: float(np.average([p[k] for p, _ in got], weights=[u for _, u in got])) for k in ("ce", "bn", "topo")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -473,6 +525,7 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
     info["diagnostics"] = diag.summary()
     if parts_log:
         info["loss_parts"] = {key: float(np.mean([p[key] for p in parts_log])) for key in ("ce", "bn", "topo")}
+        info["loss_units"] = len(parts_log)
     info["topo_k"] = k if cfg.pta_active else None
     return info
 

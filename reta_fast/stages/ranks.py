@@ -44,10 +44,19 @@ def write_rank_record(out, stage: str, rank: int, record: dict) -> None:
 
 def merge_rank_records(out, stage: str, world: int) -> None:
     """One record for the whole stage from the ranks' (``stages/<stage>-rank<r>.json``): the slowest rank's
-    wall time, the largest peak memory, summed counts."""
+    wall time, the largest peak memory, summed counts, and the distill diagnostics and final loss parts of
+    every rank's units (not rank 0's alone)."""
+    from .distill import merge_diagnostics, merge_loss_parts
+
     recs = [read_json(Path(out) / "stages" / f"{stage}-rank{r}.json", "stage record") for r in range(world)]
     merged = dict(recs[0], seconds=max(r["seconds"] for r in recs), ranks=world,
                   peak_bytes=max(r["peak_bytes"] for r in recs),
                   written=sum(r.get("written", 0) for r in recs), skipped=sum(r.get("skipped", 0) for r in recs))
+    if any(r.get("diagnostics") for r in recs):
+        merged["diagnostics"] = merge_diagnostics([r.get("diagnostics") for r in recs])
+    if any(r.get("loss_parts") for r in recs):
+        merged["loss_parts"] = merge_loss_parts([r.get("loss_parts") for r in recs],
+                                                [r.get("loss_units", 0) for r in recs])
+        merged["loss_units"] = sum(r.get("loss_units", 0) for r in recs)
     merged.pop("stage", None)
     write_stage_record(out, stage, dict(stage=stage, **merged))

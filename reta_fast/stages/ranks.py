@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..fileio import read_json, write_json
+from .distill import merge_diagnostics, merge_loss_parts
 from .records import write_stage_record
 
 __all__ = ["rank_world", "join_process_group", "write_rank_record", "merge_rank_records"]
@@ -46,8 +47,6 @@ def merge_rank_records(out, stage: str, world: int) -> None:
     """One record for the whole stage from the ranks' (``stages/<stage>-rank<r>.json``): the slowest rank's
     wall time, the largest peak memory, summed counts, and the distill diagnostics and final loss parts of
     every rank's units (not rank 0's alone)."""
-    from .distill import merge_diagnostics, merge_loss_parts
-
     recs = [read_json(Path(out) / "stages" / f"{stage}-rank{r}.json", "stage record") for r in range(world)]
     merged = dict(recs[0], seconds=max(r["seconds"] for r in recs), ranks=world,
                   peak_bytes=max(r["peak_bytes"] for r in recs),

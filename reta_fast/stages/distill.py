@@ -459,7 +459,7 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
                        pta_from_block=cfg.pta_from_block, pta_view=cfg.pta_view)  # validate() refuses both where PTA is off
     in_slice = {(c, i) for i in range(cfg.ipc_start, cfg.end) for c in range(C)}
     parts_log: List[dict] = []
-    diag = _Diagnostics(teachers[0].model, pool, cfg, device, ranking if drc and cfg.partition else None)
+    diag = _Diagnostics(teachers[0].model, pool, cfg, device, ranking if retriever is not None else None)
     bar = None
     if progress:
         from tqdm.auto import tqdm

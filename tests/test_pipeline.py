@@ -531,6 +531,82 @@ def test_later_stages_use_the_recorded_teacher(data, teacher, tmp_path, capsys):
     assert "not the network that distilled" in capsys.readouterr().err
 
 
+class HeadFirst(nn.Module):
+    """A library-style classifier that registers its head before an MLP block: its last nn.Linear
+    (``mlp.2``, 8 outputs) is not the classifier (``fc``)."""
+
+    def __init__(self, num_classes=10, width=8):
+        super().__init__()
+        self.fc = nn.Linear(width, num_classes)
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width))
+
+    def forward(self, x):
+        f = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.fc(f + self.mlp(f))
+
+
+def test_a_named_teacher_head_reaches_every_stage_and_the_checkpoint(data, teacher, tmp_path, capsys, monkeypatch):
+    """--teacher-head names the classifier of a torchvision/timm teacher whose last nn.Linear is not it; the
+    run's manifest records it for the later stages, a checkpoint keeps it, and a wrong or missing one is
+    refused by name. torchvision is stood in for by a module whose get_model builds HeadFirst."""
+    import sys
+    import types
+
+    from reta_fast.cli import main
+    from reta_fast.models import named_feature_head, save_teacher, teacher_features, teacher_fingerprint
+
+    fake = types.ModuleType("torchvision")
+    fake.models = types.SimpleNamespace(get_model=lambda name, weights=None, num_classes=10: HeadFirst(num_classes))
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    torch.save(HeadFirst().state_dict(), weights)
+    out = tmp_path / "o"
+    common = ["--data", "digits", "--out", str(out), "--quiet", "--teacher-weights", str(weights)]
+    tiny = ["--method", "reta", "--ipc", "3", "--pool-per-class", "8", "--iterations", "2", "--blocks", "2",
+            "--points-per-class", "6", "--topo-k", "2"]
+    spec = ["--teacher", "torchvision:headfirst"]
+    assert main(["distill"] + spec + tiny + common) == 2  # its last nn.Linear predicts 8 classes, not 10
+    assert "predicts 8 classes with its last nn.Linear" in capsys.readouterr().err and not out.exists()
+    assert main(["distill"] + spec + ["--teacher-head", "nope"] + tiny + common) == 2
+    assert "no module named 'nope'; its nn.Linear layers: ['fc', 'mlp.0', 'mlp.2']" in capsys.readouterr().err
+    assert main(["distill"] + spec + ["--teacher-head", "fc,fc"] + tiny + common) == 2
+    assert "2 heads for 1 teachers" in capsys.readouterr().err
+    assert main(["distill", "--teacher-head", "fc"] + tiny + common) == 2
+    assert "names a layer of a --teacher" in capsys.readouterr().err and not out.exists()
+    assert main(["distill"] + spec + ["--teacher-head", "fc"] + tiny + common) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["teachers"][0]["feature_head"] == "fc" and run["teacher_specs"] == ["torchvision:headfirst"]
+    # the later stages name the recorded head again (the report reads the features) ...
+    assert main(["evaluate", "--eval-epochs", "1", "--no-baseline"] + common) == 0
+    assert main(["report"] + common) == 0 and "| reta |" in (out / "report.md").read_text()
+    capsys.readouterr()
+    # ... and refuse another one
+    assert main(["evaluate", "--eval-epochs", "1", "--no-baseline", "--teacher-head", "mlp.2"] + common) == 2
+    assert "with its head 'mlp.2', the data set has 10" in capsys.readouterr().err
+    # a checkpoint of the teacher keeps its head; naming another one on loading is refused
+    t = load_teacher("torchvision:headfirst", data, weights=str(weights), head="fc")
+    assert named_feature_head(t.model) == "fc"
+    path = save_teacher(tmp_path / "t.pt", t, {})
+    t2 = load_teacher(path, data)
+    assert named_feature_head(t2.model) == "fc" and load_teacher(path, data, head="fc").name == t.name
+    assert teacher_fingerprint(t2.model, features=True) == teacher_fingerprint(t.model, features=True)
+    x = torch.randn(4, 3, data.size, data.size)
+    with torch.no_grad():
+        assert torch.equal(teacher_features(t.model, x)[1], teacher_features(t2.model, x)[1])
+    with pytest.raises(ValueError, match="records the classifier head 'fc', not 'mlp.2'"):
+        load_teacher(path, data, head="mlp.2")
+    with pytest.raises(ValueError, match="name the classifier with --teacher-head"):
+        load_teacher("torchvision:headfirst", data, weights=str(weights))
+    # a head named where it is the default (the last nn.Linear) is not recorded: checkpoints stay as before
+    last = [n for n, m in teacher.model.named_modules() if isinstance(m, nn.Linear)][-1]
+    t4 = load_teacher(teacher.path, data, head=last)
+    assert named_feature_head(t4.model) is None
+    assert "feature_head" not in torch.load(save_teacher(tmp_path / "t4.pt", t4, {}), weights_only=True)
+
+
 def test_more_bad_input(data, teacher, tmp_path):
     from reta_fast.stages.report import write_report
     from reta_fast.models import load_teacher as lt

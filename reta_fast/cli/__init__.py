@@ -50,6 +50,9 @@ def _common(p, demo=False, squeeze=False):
                                           "default teacher, squeezed once and cached; for relabel/evaluate/report "
                                           "the teacher recorded in OUT/run.json")
         g.add_argument("--teacher-weights", help="state-dict file (or DEFAULT) for torchvision:/timm: teachers")
+        g.add_argument("--teacher-head", help="name of the teacher's classifier nn.Linear (its input: the features "
+                                               "DRC and PTA read) where it is not the model's last nn.Linear; one "
+                                               "name, or a comma-separated list with one per --teacher")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     if not squeeze:
         g.add_argument("--arch", choices=["convnet", "resnet18"],

@@ -11,7 +11,7 @@ import torch
 from ..data.sets import load_data
 from ..fileio import read_json, write_json
 from ..models.arch import build_arch, default_arch
-from ..models.features import teacher_fingerprint
+from ..models.features import named_feature_head, teacher_fingerprint
 from ..models.teachers import Teacher
 from ..stages.config import DistillConfig, EvalConfig
 from ..stages.distill import build_pool, distill
@@ -57,7 +57,7 @@ def _teachers(args, data):
     arch = getattr(args, "arch", None)
     kw = dict(device=args.device, seed=args.seed, weights=args.teacher_weights, arch=arch,
               epochs=getattr(args, "squeeze_epochs", None), progress=not args.quiet,
-              workers=args.workers)
+              workers=args.workers, heads=args.teacher_head)
     run_json = Path(args.out) / "run.json" if getattr(args, "out", None) else None
     if not args.teacher and args.command in ("relabel", "evaluate", "report") and run_json and run_json.is_file():
         return _recorded_teachers(args, data, run_json, kw)
@@ -80,11 +80,17 @@ def _recorded_teachers(args, data, run_json, kw):
     specs, recorded = run.get("teacher_specs") or [], run.get("teachers") or []
     if not specs:
         raise ValueError(f"{run_json} does not say which teacher distilled this set: pass --teacher")
+    if not kw["heads"] and any(r.get("feature_head") for r in recorded):
+        kw = dict(kw, heads=",".join(r.get("feature_head") or "" for r in recorded))
     teachers = resolve_teachers(",".join(specs), data, **kw)
     for t, r in zip(teachers, recorded):
         if teacher_fingerprint(t.model) != r.get("fingerprint"):
             raise ValueError(f"teacher {t.path} is not the network that distilled {args.out} (fingerprint "
                              f"{teacher_fingerprint(t.model)} vs {r.get('fingerprint')}): pass --teacher explicitly")
+        if named_feature_head(t.model) != r.get("feature_head"):
+            raise ValueError(f"{args.out} was distilled with the teacher's classifier head "
+                             f"{r.get('feature_head') or 'its last nn.Linear'!r}, not "
+                             f"{named_feature_head(t.model)!r}: drop --teacher-head or name that head")
     logger.info(f"[teacher] using the distilling teacher recorded in run.json: {specs[0]}")
     return teachers
 
@@ -233,7 +239,7 @@ def cmd_plan(args) -> int:
     arch = args.arch or default_arch(data)
     if args.teacher or default_teacher_path(data, arch, args.seed).is_file():
         teacher = resolve_teachers(args.teacher, data, device=args.device, seed=args.seed,
-                                   weights=args.teacher_weights, arch=arch)[0]
+                                   weights=args.teacher_weights, arch=arch, heads=args.teacher_head)[0]
     else:  # the step time does not depend on the weights
         model, _ = build_arch(arch, len(data.classes), data.size)
         teacher = Teacher(model, arch, data.classes, data.size, data.mean, data.std)

@@ -3,11 +3,11 @@ head) and a fingerprint of its weights."""
 from __future__ import annotations
 
 import hashlib
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
-__all__ = ["feature_head", "set_feature_head", "teacher_features", "teacher_fingerprint"]
+__all__ = ["feature_head", "named_feature_head", "set_feature_head", "teacher_features", "teacher_fingerprint"]
 
 # the attribute a teacher carries when set_feature_head named its classifier (the module's name, a str, so that
 # it is neither a parameter nor a submodule and survives copy.deepcopy)
@@ -29,7 +29,8 @@ def set_feature_head(teacher: torch.nn.Module, head: Union[str, torch.nn.Linear]
     needs this. Call it before building a pool or a :class:`reta_fast.RETALoss` with the teacher; the name
     enters the pool's fingerprint (:func:`teacher_fingerprint` with ``features=True``), so a pool built with
     another head is refused. It lives on the module (copies and ``torch.save`` of the module keep it;
-    :func:`reta_fast.models.save_teacher`, which stores the weights, does not). Returns ``teacher``."""
+    :func:`reta_fast.models.save_teacher` records it in the checkpoint, :func:`reta_fast.models.load_teacher`
+    names it again; ``--teacher-head`` on the command line). Returns ``teacher``."""
     wrapper, teacher = teacher, _unwrapped(teacher)
     by_name = dict(teacher.named_modules())
     names = {m: n for n, m in by_name.items()}
@@ -67,6 +68,17 @@ def feature_head(teacher: torch.nn.Module) -> torch.nn.Linear:
     return linears[-1]
 
 
+def named_feature_head(teacher: torch.nn.Module) -> Optional[str]:
+    """The name :func:`set_feature_head` gave the teacher's head where it is not the default (the last
+    ``nn.Linear``), else None: what a checkpoint or a run's manifest must record to give the same features."""
+    teacher = _unwrapped(teacher)
+    name = getattr(teacher, _HEAD_ATTR, None)
+    if name is None:
+        return None
+    linears = [n for n, m in teacher.named_modules() if isinstance(m, torch.nn.Linear)]
+    return None if linears and name == linears[-1] else name
+
+
 def check_head_output(teacher: torch.nn.Module, head_out, logits) -> None:
     """Refuse, naming the fix, a head whose output is not shaped as the teacher's logits ``[N, K]``: its input
     would not be the penultimate features (a last ``nn.Linear`` that is not the classifier)."""
@@ -96,11 +108,9 @@ def teacher_fingerprint(teacher: torch.nn.Module, features: bool = False) -> str
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16
                  else t.detach().float().cpu().numpy().tobytes())
-    head = getattr(teacher, _HEAD_ATTR, None) if features else None
-    if head is not None:
-        linears = [n for n, m in teacher.named_modules() if isinstance(m, torch.nn.Linear)]
-        if head != (linears[-1] if linears else None):  # naming the default changes nothing
-            h.update(f"feature head {head}".encode())
+    head = named_feature_head(teacher) if features else None
+    if head is not None:  # naming the default changes nothing
+        h.update(f"feature head {head}".encode())
     return h.hexdigest()[:16]
 
 

@@ -5,9 +5,11 @@ A reta_fast teacher checkpoint is a ``torch.save`` dict::
 
     {"format": 1, "arch": "resnet18" | "convnet" | "torchvision:<name>" | "timm:<name>",
      "arch_kwargs": {...}, "state_dict": {...}, "classes": [...], "size": int, "mean": [...],
-     "std": [...], "dataset": str, "seed": int, "accuracy": float | None, "epochs": int}
+     "std": [...], "dataset": str, "seed": int, "accuracy": float | None, "epochs": int,
+     "feature_head": str}  # only where set_feature_head named a head other than the last nn.Linear
 
-It records the class order and the normalisation, so a teacher is never used with the wrong ones.
+It records the class order and the normalisation, so a teacher is never used with the wrong ones, and the
+classifier head whose input are the features everything in reta_fast reads.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from torch import nn
 
 from ..fileio import save_torch
 from .arch import build_arch
-from .features import feature_head
+from .features import feature_head, named_feature_head, set_feature_head
 
 __all__ = ["Teacher", "load_teacher", "save_teacher", "TEACHER_FORMAT"]
 
@@ -45,6 +47,10 @@ class Teacher:
 
 
 def save_teacher(path, teacher: Teacher, arch_kwargs: dict, **meta) -> Path:
+    """Write ``teacher`` as a reta_fast checkpoint (the format above; never half-written)."""
+    head = named_feature_head(teacher.model)
+    if head is not None:
+        meta = dict(meta, feature_head=head)
     ckpt = dict(format=TEACHER_FORMAT, arch=teacher.name, arch_kwargs=arch_kwargs,
                 state_dict={k: v.detach().cpu() for k, v in teacher.model.state_dict().items()},
                 classes=teacher.classes, size=teacher.size, mean=list(teacher.mean), std=list(teacher.std),
@@ -52,17 +58,22 @@ def save_teacher(path, teacher: Teacher, arch_kwargs: dict, **meta) -> Path:
     return save_torch(path, ckpt)
 
 
-def load_teacher(spec, data=None, device="cpu", weights: Optional[str] = None) -> Teacher:
+def load_teacher(spec, data=None, device="cpu", weights: Optional[str] = None,
+                 head: Optional[str] = None) -> Teacher:
     """A teacher from a reta_fast checkpoint path, or ``torchvision:<name>`` / ``timm:<name>``
     (``weights``: a state-dict file, or torchvision's ``DEFAULT``; the class order is then the data
     set's, which must have as many classes as the model's head).
 
+    ``head``: the name of the classifier layer (:func:`reta_fast.models.set_feature_head`) where it is not the
+    model's last ``nn.Linear``; a checkpoint that recorded one names it again by itself.
+
     Raises ValueError naming the problem for an unreadable checkpoint, a class order or image size
-    that differs from ``data``'s, or a model without BatchNorm / Linear head where one is needed.
+    that differs from ``data``'s, a head the model lacks or that disagrees with the checkpoint's, or a
+    model without BatchNorm / Linear head where one is needed.
     """
     spec = str(spec)
     if spec.startswith(("torchvision:", "timm:")):
-        return _named_teacher(spec, data, device, weights)
+        return _named_teacher(spec, data, device, weights, head)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"teacher {spec!r} is neither a checkpoint file nor torchvision:<name> / timm:<name>")
@@ -80,9 +91,33 @@ def load_teacher(spec, data=None, device="cpu", weights: Optional[str] = None) -
         model.load_state_dict(sd)
     except RuntimeError as exc:
         raise ValueError(f"teacher checkpoint {str(path)!r} does not fit architecture {arch}: {exc}") from None
+    saved = ckpt.get("feature_head")
+    if head is not None and saved is not None and head != saved:
+        raise ValueError(f"teacher checkpoint {str(path)!r} records the classifier head {saved!r}, not {head!r}: "
+                         f"its features are that layer's input (drop --teacher-head, or name {saved!r})")
+    _name_head(model, head if head is not None else saved, str(path), len(classes))
     if data is not None:
         _check_against(data, classes, size, str(path))
     return Teacher(model.to(device).eval(), arch, classes, size, mean, std, ckpt.get("accuracy"), path)
+
+
+def _name_head(model: nn.Module, head: Optional[str], what: str, num_classes: int) -> None:
+    """Name ``model``'s classifier layer (None: its last nn.Linear), refusing a name it lacks, a layer that is
+    not an nn.Linear or one that does not predict ``num_classes`` classes, with the layers it could be."""
+    if head is not None:
+        try:
+            set_feature_head(model, head)
+        except ValueError as exc:
+            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            raise ValueError(f"teacher {what}: {exc}; its nn.Linear layers: {linears[-8:] or 'none'}") from None
+    if head is None and not any(isinstance(m, nn.Linear) for m in model.modules()):
+        return  # refused where the features are needed (feature_head says why)
+    out = feature_head(model).out_features
+    if out != num_classes:
+        named = f"its head {head!r}" if head is not None else "its last nn.Linear"
+        raise ValueError(f"teacher {what} predicts {out} classes with {named}, the data set has {num_classes}"
+                         + ("" if head is not None else " (if that layer is not the classifier, name the classifier "
+                                                         "with --teacher-head)"))
 
 
 def _check_against(data, classes, size, what):
@@ -120,7 +155,7 @@ def _named_model(spec: str, num_classes: int, weights: Optional[str]) -> nn.Modu
         raise ValueError(f"could not create timm model {name!r}: {exc}") from None
 
 
-def _named_teacher(spec, data, device, weights) -> Teacher:
+def _named_teacher(spec, data, device, weights, head) -> Teacher:
     if data is None:
         raise ValueError(f"teacher {spec!r} needs the data set (class order, image size)")
     if weights is None:
@@ -134,10 +169,7 @@ def _named_teacher(spec, data, device, weights) -> Teacher:
             model.load_state_dict(sd)
         except (OSError, RuntimeError, ValueError, KeyError) as exc:
             raise ValueError(f"teacher weights {weights!r} could not be loaded into {spec}: {exc}") from None
-    head = feature_head(model) if any(isinstance(m, nn.Linear) for m in model.modules()) else None
-    if head is not None and head.out_features != len(data.classes):
-        raise ValueError(f"teacher {spec} predicts {head.out_features} classes, the data set has "
-                         f"{len(data.classes)}")
+    _name_head(model, head, spec, len(data.classes))
     return Teacher(model.to(device).eval(), spec, data.classes, data.size, data.mean, data.std, None, None)
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ..data.sets import random_real_images
 from ..fileio import cache_dir, save_png, write_json
-from ..models.features import teacher_features, teacher_fingerprint
+from ..models.features import named_feature_head, teacher_features, teacher_fingerprint
 from ..recover.loop import RecoverConfig, augment, recover
 from ..recover.loss import RETALoss
 from ..retrieval.pool import PatchPool
@@ -363,6 +363,14 @@ def _warn_on_cpu_change(out: Path, device) -> None:
                        "an uninterrupted run's")
 
 
+def _teacher_entry(t) -> dict:
+    """A teacher in the run's manifest: its weights' fingerprint, and its classifier head where one was named
+    that is not its last nn.Linear (the features DRC and PTA read; later stages name it again)."""
+    entry = dict(name=t.name, fingerprint=teacher_fingerprint(t.model))
+    head = named_feature_head(t.model)
+    return entry if head is None else dict(entry, feature_head=head)
+
+
 def _start_run(data, teachers, out: Path, cfg: DistillConfig, teacher_specs) -> None:
     """Check the teachers, claim (or resume) the output folder with the run's manifest, write the class
     mapping, and remove temporaries a killed run left."""
@@ -378,7 +386,7 @@ def _start_run(data, teachers, out: Path, cfg: DistillConfig, teacher_specs) -> 
     manifest = dict(format=RUN_FORMAT, method=cfg.method, config=cfg.identity(len(data.classes)),
                     data=dict(name=data.name, fingerprint=data.fingerprint, size=S, classes=len(data.classes),
                               mean=list(data.mean), std=list(data.std)),
-                    teachers=[dict(name=t.name, fingerprint=teacher_fingerprint(t.model)) for t in teachers],
+                    teachers=[_teacher_entry(t) for t in teachers],
                     teacher_specs=list(teacher_specs) if teacher_specs else [str(t.path) for t in teachers if t.path],
                     versions=versions())
     out.mkdir(parents=True, exist_ok=True)

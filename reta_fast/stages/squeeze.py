@@ -66,9 +66,13 @@ def squeeze(data, arch: Optional[str] = None, epochs: Optional[int] = None, batc
 
 
 def resolve_teachers(specs, data, device="cpu", seed: int = 0, weights=None, arch=None, epochs=None,
-                     progress=True, workers: int = 0):
+                     progress=True, workers: int = 0, heads=None):
     """``--teacher`` (comma-separated list, round-robin over recover batches as in FADRM+) or, when
-    empty, the default teacher for ``data`` squeezed once and cached (keyed by data set, arch, seed)."""
+    empty, the default teacher for ``data`` squeezed once and cached (keyed by data set, arch, seed).
+    ``heads`` (``--teacher-head``): the classifier layer's name, one for every teacher or a comma-separated
+    list with one per teacher (an empty entry: that teacher's last nn.Linear or its checkpoint's record)."""
+    if heads and not specs:
+        raise ValueError("--teacher-head names a layer of a --teacher; the default teacher's head is its last layer")
     if not specs:
         arch = arch or default_arch(data)
         path = default_teacher_path(data, arch, seed)
@@ -79,7 +83,11 @@ def resolve_teachers(specs, data, device="cpu", seed: int = 0, weights=None, arc
         logger.info(f"[squeeze] no teacher given: training the default {arch} teacher for {data.name} (cached at {path})")
         return [squeeze(data, arch, epochs=epochs, seed=seed, device=device, out=path, progress=progress,
                         workers=workers)]
-    out = []
-    for s in [s for s in str(specs).split(",") if s]:
-        out.append(load_teacher(s, data, device, weights))
-    return out
+    specs = [s for s in str(specs).split(",") if s]
+    names = str(heads).split(",") if heads else [""]
+    if len(names) == 1:
+        names = names * len(specs)
+    if len(names) != len(specs):
+        raise ValueError(f"--teacher-head lists {len(names)} heads for {len(specs)} teachers: give one name for "
+                         f"all, or one per teacher (an empty entry keeps that teacher's own)")
+    return [load_teacher(s, data, device, weights, head=h.strip() or None) for s, h in zip(specs, names)]

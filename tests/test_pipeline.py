@@ -558,7 +558,7 @@ def test_a_named_teacher_head_reaches_every_stage_and_the_checkpoint(data, teach
     from reta_fast.models import named_feature_head, save_teacher, teacher_features, teacher_fingerprint
 
     fake = types.ModuleType("torchvision")
-    fake.models = types.SimpleNamespace(get_model=lambda name, weights=None, num_classes=10: HeadFirst(num_classes))
+    fake.models = types.SimpleNamespace(get_model=lambda name, weights=None, num_classes=1000: HeadFirst(num_classes))
     monkeypatch.setitem(sys.modules, "torchvision", fake)
     torch.manual_seed(0)
     weights = tmp_path / "w.pt"
@@ -586,6 +586,16 @@ def test_a_named_teacher_head_reaches_every_stage_and_the_checkpoint(data, teach
     # ... and refuse another one
     assert main(["evaluate", "--eval-epochs", "1", "--no-baseline", "--teacher-head", "mlp.2"] + common) == 2
     assert "with its head 'mlp.2', the data set has 10" in capsys.readouterr().err
+    # a run distilled before run.json recorded the head resumes, and its manifest gains the head
+    del run["teachers"][0]["feature_head"]
+    (out / "run.json").write_text(json.dumps(run))
+    assert main(["distill"] + spec + ["--teacher-head", "fc"] + tiny + common) == 0
+    assert json.loads((out / "run.json").read_text())["teachers"][0]["feature_head"] == "fc"
+    # a manifest that does not name a spec for every teacher is refused
+    (out / "run.json").write_text(json.dumps(dict(run, teacher_specs=["a", "b"])))
+    assert main(["report"] + common) == 2 and "2 teacher spec(s) for 1 teacher(s)" in capsys.readouterr().err
+    assert main(["plan", "--data", "digits", "--teacher-head", "fc", "--quiet"]) == 2
+    assert "names a layer of a --teacher" in capsys.readouterr().err
     # a checkpoint of the teacher keeps its head; naming another one on loading is refused
     t = load_teacher("torchvision:headfirst", data, weights=str(weights), head="fc")
     assert named_feature_head(t.model) == "fc"
@@ -600,6 +610,8 @@ def test_a_named_teacher_head_reaches_every_stage_and_the_checkpoint(data, teach
         load_teacher(path, data, head="mlp.2")
     with pytest.raises(ValueError, match="name the classifier with --teacher-head"):
         load_teacher("torchvision:headfirst", data, weights=str(weights))
+    with pytest.raises(ValueError, match="1000 classes with its head 'fc'.*pretrained weights predict their own"):
+        load_teacher("torchvision:headfirst", data, weights="DEFAULT", head="fc")
     # a head named where it is the default (the last nn.Linear) is not recorded: checkpoints stay as before
     last = [n for n, m in teacher.model.named_modules() if isinstance(m, nn.Linear)][-1]
     t4 = load_teacher(teacher.path, data, head=last)

@@ -80,6 +80,9 @@ def _recorded_teachers(args, data, run_json, kw):
     specs, recorded = run.get("teacher_specs") or [], run.get("teachers") or []
     if not specs:
         raise ValueError(f"{run_json} does not say which teacher distilled this set: pass --teacher")
+    if len(specs) != len(recorded):
+        raise ValueError(f"{run_json} names {len(specs)} teacher spec(s) for {len(recorded)} teacher(s) (a library "
+                         f"teacher without a checkpoint is not recorded): pass --teacher")
     if not kw["heads"] and any(r.get("feature_head") for r in recorded):
         kw = dict(kw, heads=",".join(r.get("feature_head") or "" for r in recorded))
     teachers = resolve_teachers(",".join(specs), data, **kw)
@@ -87,10 +90,12 @@ def _recorded_teachers(args, data, run_json, kw):
         if teacher_fingerprint(t.model) != r.get("fingerprint"):
             raise ValueError(f"teacher {t.path} is not the network that distilled {args.out} (fingerprint "
                              f"{teacher_fingerprint(t.model)} vs {r.get('fingerprint')}): pass --teacher explicitly")
-        if named_feature_head(t.model) != r.get("feature_head"):
-            raise ValueError(f"{args.out} was distilled with the teacher's classifier head "
-                             f"{r.get('feature_head') or 'its last nn.Linear'!r}, not "
-                             f"{named_feature_head(t.model)!r}: drop --teacher-head or name that head")
+        # a run made before heads were recorded has no entry: the head named now is taken on trust
+        if ("feature_head" in r or not args.teacher_head) and named_feature_head(t.model) != r.get("feature_head"):
+            def said(h):
+                return repr(h) if h else "its last nn.Linear"
+            raise ValueError(f"{args.out} was distilled with the teacher's classifier head {said(r.get('feature_head'))}, "
+                             f"not {said(named_feature_head(t.model))}: name that head with --teacher-head")
     logger.info(f"[teacher] using the distilling teacher recorded in run.json: {specs[0]}")
     return teachers
 
@@ -235,6 +240,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    if args.teacher_head and not args.teacher:
+        raise ValueError("--teacher-head names a layer of a --teacher; the default teacher's head is its last layer")
     data = _data(args)
     arch = args.arch or default_arch(data)
     if args.teacher or default_teacher_path(data, arch, args.seed).is_file():

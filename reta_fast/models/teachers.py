@@ -101,7 +101,7 @@ def load_teacher(spec, data=None, device="cpu", weights: Optional[str] = None,
     return Teacher(model.to(device).eval(), arch, classes, size, mean, std, ckpt.get("accuracy"), path)
 
 
-def _name_head(model: nn.Module, head: Optional[str], what: str, num_classes: int) -> None:
+def _name_head(model: nn.Module, head: Optional[str], what: str, num_classes: int, pretrained: bool = False) -> None:
     """Name ``model``'s classifier layer (None: its last nn.Linear), refusing a name it lacks, a layer that is
     not an nn.Linear or one that does not predict ``num_classes`` classes, with the layers it could be."""
     if head is not None:
@@ -115,9 +115,11 @@ def _name_head(model: nn.Module, head: Optional[str], what: str, num_classes: in
     out = feature_head(model).out_features
     if out != num_classes:
         named = f"its head {head!r}" if head is not None else "its last nn.Linear"
-        raise ValueError(f"teacher {what} predicts {out} classes with {named}, the data set has {num_classes}"
-                         + ("" if head is not None else " (if that layer is not the classifier, name the classifier "
-                                                         "with --teacher-head)"))
+        hint = (" (pretrained weights predict their own classes: train the head on this data set and pass its "
+                "weights with --teacher-weights FILE)" if pretrained else
+                "" if head is not None else " (if that layer is not the classifier, name the classifier with "
+                                            "--teacher-head)")
+        raise ValueError(f"teacher {what} predicts {out} classes with {named}, the data set has {num_classes}{hint}")
 
 
 def _check_against(data, classes, size, what):
@@ -169,7 +171,7 @@ def _named_teacher(spec, data, device, weights, head) -> Teacher:
             model.load_state_dict(sd)
         except (OSError, RuntimeError, ValueError, KeyError) as exc:
             raise ValueError(f"teacher weights {weights!r} could not be loaded into {spec}: {exc}") from None
-    _name_head(model, head, spec, len(data.classes))
+    _name_head(model, head, spec, len(data.classes), pretrained=weights == "DEFAULT")
     return Teacher(model.to(device).eval(), spec, data.classes, data.size, data.mean, data.std, None, None)
 
 

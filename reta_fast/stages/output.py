@@ -95,6 +95,16 @@ def load_distilled(out, classes: Sequence[str], mean, std, size: Optional[int] =
     return normalise_pixels(x, mean, std), torch.tensor(ys), ids
 
 
+def _heads_added(old_teachers, new_teachers) -> bool:
+    """Whether the new manifest's teachers are the old ones with only a ``feature_head`` entry added (a run
+    distilled before the manifest recorded a named classifier head; its teacher had one already)."""
+    if not isinstance(old_teachers, list) or not isinstance(new_teachers, list) or old_teachers == new_teachers:
+        return False
+    if any(not isinstance(t, dict) or "feature_head" in t for t in old_teachers):
+        return False
+    return old_teachers == [{k: v for k, v in t.items() if k != "feature_head"} for t in new_teachers]
+
+
 def check_run(out: Path, manifest: dict) -> None:
     """Refuse an output folder made by another run configuration; write run.json otherwise."""
     path = out / "run.json"
@@ -104,6 +114,9 @@ def check_run(out: Path, manifest: dict) -> None:
             raise RunMismatch(f"{str(out)!r} holds a run written by another reta_fast (run format "
                               f"{old.get('format', 1)}; this version writes format {manifest['format']}, whose images "
                               f"differ for the same settings): refusing to mix them. Use another --out.")
+        recorded_heads = _heads_added(old.get("teachers"), manifest["teachers"])
+        if recorded_heads:  # a run made before the manifest recorded named heads: the same networks
+            old = dict(old, teachers=manifest["teachers"])
         diffs = [k for k in ("method", "config", "data", "teachers")
                  if json.loads(json.dumps(old.get(k))) != json.loads(json.dumps(manifest[k]))]
         if diffs:
@@ -129,6 +142,8 @@ def check_run(out: Path, manifest: dict) -> None:
             hint = f" ({'; '.join(hints)})" if hints else ""
             raise RunMismatch(f"{str(out)!r} holds a run with other settings ({'; '.join(detail[:6])}): refusing to "
                               f"mix them. Use another --out, or the original settings to resume{hint}.")
+        if recorded_heads:
+            write_json(path, old)  # later stages name the heads again
         return
     foreign = [p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES and not p.name.startswith(".")]
     if foreign:

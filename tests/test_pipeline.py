@@ -638,6 +638,17 @@ def test_more_bad_input(data, teacher, tmp_path):
         lt("torchvision:resnet18", data)
 
 
+def test_an_explicit_clean_pta_view_says_it_keeps_the_fixed_weight(data, teacher, tmp_path, caplog):
+    """--pta-view clean names the default's view but not its weight: the run says so, and not where the
+    weight is given too or the view is the default's."""
+    run(data, teacher, tmp_path / "c", method="reta", pta_view="clean", iterations=2)
+    assert "explicit --pta-view clean runs PTA at the fixed weight" in caplog.text
+    caplog.clear()
+    run(data, teacher, tmp_path / "b", method="reta", pta_view="clean", pta_balance=0.1, iterations=2)
+    run(data, teacher, tmp_path / "d", method="reta", iterations=2)
+    assert "explicit --pta-view clean" not in caplog.text
+
+
 def test_multi_resolution_blocks(data, teacher, tmp_path):
     info = run(data, teacher, tmp_path / "mr", method="reta", resolutions=[12, 16, 12, 16])
     assert info["written"] == 30

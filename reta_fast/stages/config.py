@@ -110,7 +110,9 @@ class DistillConfig:
             identity when on (it changes the images).
     """
 
-    method: str = _opt("reta", "what to distil with (see the table above)", choices=METHODS)
+    method: str = _opt("reta", "what to distil with: random-real (real images), rded (teacher-ranked real "
+                               "patches), sre2l (from noise), fadrm (patches + static-anchor residual), reta (patches "
+                               "+ DRC retrieval + PTA)", choices=METHODS)
     ipc: int = _opt(10, "images per class")
     ipc_start: int = _opt(0, "first ipc index this process makes")
     ipc_end: Optional[int] = _opt(None, "one past the last ipc index (default: --ipc)")
@@ -167,8 +169,8 @@ class DistillConfig:
     pool_candidates: int = _opt(1, "RDED best-of-N crops per image")
     drc: bool = _opt(True, "ablation: static anchor instead of DRC retrieval", negation=("no-drc", False))
     pta: bool = _opt(True, "ablation: no topology alignment", negation=("no-pta", False))
-    partition: bool = _opt(True, "DRC searches only its own share of the class pool (--no-partition: the whole "
-                           "class pool, the paper's argmin)", negation=("no-partition", False))
+    partition: bool = _opt(True, "study option: DRC searches the whole class pool (the paper's argmin) instead "
+                           "of only the image's own share of it (the default)", negation=("no-partition", False))
     seed: int = _opt(0, "everything random derives from it", group="common")
     amp: Optional[str] = _opt(None, "teacher forward under bf16 autocast", choices=("bf16",), group="engine")
     channels_last: bool = _opt(False, "teacher and batch in channels-last format", group="engine")

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -453,6 +454,11 @@ def _recover_units(data, teachers, out, cfg: DistillConfig, device, pool, rankin
     if cfg.pta_on and m <= k:
         logger.warning(f"[distill] warning: PTA needs more than k={k} points per class but IPC {cfg.ipc} gives {m}: "
                        f"the topology term stays 0 (use a larger IPC or --topo-k < {m})")
+    if cfg.pta_on and cfg.pta_view == "clean" and cfg.pta_balance is None \
+            and replace(cfg, pta_view=None).pta_view_for(S) == "clean":
+        logger.warning("[distill] note: an explicit --pta-view clean runs PTA at the fixed weight --lam-topo; the "
+                       f"default at {S} px is the clean view at the gradient-balanced weight (leave --pta-view out, "
+                       "or add --pta-balance 0.1)")
     classes_per_batch, items_per_batch, groups, units = shard_units(cfg, C, rank, world_size)
     batches_per_unit = len(units[0].starts) if units else 1  # lockstep: calls per round
     criteria = _criteria(teachers, pool, cfg, batches_per_unit, device)

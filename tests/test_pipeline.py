@@ -533,11 +533,13 @@ def test_later_stages_use_the_recorded_teacher(data, teacher, tmp_path, capsys):
 
 class HeadFirst(nn.Module):
     """A library-style classifier that registers its head before an MLP block: its last nn.Linear
-    (``mlp.2``, 8 outputs) is not the classifier (``fc``)."""
+    (``mlp.2``, 8 outputs) is not the classifier (``fc``); ``aux`` is an auxiliary classifier the forward
+    pass does not use (as Inception's in eval mode)."""
 
     def __init__(self, num_classes=10, width=8):
         super().__init__()
         self.fc = nn.Linear(width, num_classes)
+        self.aux = nn.Linear(width, num_classes)
         self.conv = nn.Conv2d(3, width, 3, padding=1)
         self.bn = nn.BatchNorm2d(width)
         self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width))
@@ -571,7 +573,7 @@ def test_a_named_teacher_head_reaches_every_stage_and_the_checkpoint(data, teach
     assert main(["distill"] + spec + tiny + common) == 2  # its last nn.Linear predicts 8 classes, not 10
     assert "predicts 8 classes with its last nn.Linear" in capsys.readouterr().err and not out.exists()
     assert main(["distill"] + spec + ["--teacher-head", "nope"] + tiny + common) == 2
-    assert "no module named 'nope'; its nn.Linear layers: ['fc', 'mlp.0', 'mlp.2']" in capsys.readouterr().err
+    assert "no module named 'nope'; its nn.Linear layers: ['fc', 'aux', 'mlp.0', 'mlp.2']" in capsys.readouterr().err
     assert main(["distill"] + spec + ["--teacher-head", "fc,fc"] + tiny + common) == 2
     assert "2 heads for 1 teachers" in capsys.readouterr().err
     assert main(["distill", "--teacher-head", "fc"] + tiny + common) == 2
@@ -586,6 +588,8 @@ def test_a_named_teacher_head_reaches_every_stage_and_the_checkpoint(data, teach
     # ... and refuse another one
     assert main(["evaluate", "--eval-epochs", "1", "--no-baseline", "--teacher-head", "mlp.2"] + common) == 2
     assert "with its head 'mlp.2', the data set has 10" in capsys.readouterr().err
+    assert main(["evaluate", "--eval-epochs", "1", "--no-baseline", "--teacher-head", "aux"] + common) == 2
+    assert "distilled with the teacher's classifier head 'fc', not 'aux'" in capsys.readouterr().err
     # a run distilled before run.json recorded the head resumes, and its manifest gains the head
     del run["teachers"][0]["feature_head"]
     (out / "run.json").write_text(json.dumps(run))

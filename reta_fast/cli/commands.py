@@ -91,13 +91,16 @@ def _recorded_teachers(args, data, run_json, kw):
             raise ValueError(f"teacher {t.path} is not the network that distilled {args.out} (fingerprint "
                              f"{teacher_fingerprint(t.model)} vs {r.get('fingerprint')}): pass --teacher explicitly")
         # a run made before heads were recorded has no entry: the head named now is taken on trust
-        if ("feature_head" in r or not args.teacher_head) and named_feature_head(t.model) != r.get("feature_head"):
-            def said(h):
-                return repr(h) if h else "its last nn.Linear"
-            raise ValueError(f"{args.out} was distilled with the teacher's classifier head {said(r.get('feature_head'))}, "
-                             f"not {said(named_feature_head(t.model))}: name that head with --teacher-head")
+        head, recorded_head = named_feature_head(t.model), r.get("feature_head")
+        if ("feature_head" in r or not args.teacher_head) and head != recorded_head:
+            raise ValueError(f"{args.out} was distilled with the teacher's classifier head "
+                             f"{_head_words(recorded_head)}, not {_head_words(head)}: name that head with --teacher-head")
     logger.info(f"[teacher] using the distilling teacher recorded in run.json: {specs[0]}")
     return teachers
+
+
+def _head_words(head) -> str:
+    return repr(head) if head else "its last nn.Linear"
 
 
 def _keep_squeeze_record(args):
